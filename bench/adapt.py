@@ -1,0 +1,353 @@
+"""Benchmark: unsupervised re-adaptation + label-free validation on real data.
+
+Settings (each over several seeds; a seed draws the splits and the source training):
+
+* photos -> photos under a site condition: a model trained on Emotion6 photos (train split);
+  the site is OTHER Emotion6 photos under ``night``, ``blur``, ... Half of the site photos are
+  the unlabelled adaptation set, the other half (labelled) measures site accuracy.
+* faces -> photos (the paper's setting): trained on CK+48 faces (6 shared classes, happy ->
+  joy); the site is Emotion6 photos. A change of concept: the verdict must never be "pass".
+
+Per method: site accuracy on held-out site images, source-only / clean / oracle references,
+the share of the gap recovered, source validation accuracy drop, gates, verdict, seconds.
+
+    gap recovered (clean)  = (acc_method - acc_source_only) / (acc_clean - acc_source_only)
+        acc_clean: the source model on the SAME site test photos without the condition; this is
+        "the share of the accuracy lost to the condition that adaptation wins back".
+    gap recovered (oracle) = (acc_method - acc_source_only) / (acc_oracle - acc_source_only)
+        acc_oracle: the source model fine-tuned with the site adaptation images' LABELS
+        (source CE + site CE, same steps and optimiser as mmd).
+
+Frozen activations (the same for every model: the frozen part is the ImageNet backbone) are
+cached under --cache-dir, so a rerun skips the slow part.
+
+    .venv/bin/python bench/adapt.py --data-dir /work/shared/data
+    .venv/bin/python bench/adapt.py --data-dir ... --seeds 0 --conditions night --methods mmd
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from models.adapt import (  # noqa: E402
+    AdaptConfig,
+    available_adapters,
+    cached_outputs,
+    get_adapter,
+)
+from models.conditions import apply_condition  # noqa: E402
+from models.data import load_rgb, read_image_folder, split_records, stratified_split  # noqa: E402
+from models.network import EmotionNet, NetConfig, preprocessing_for  # noqa: E402
+from models.validate import ValidationConfig, validate_candidate  # noqa: E402
+
+E6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
+CONDITION_IDS = {"clean": 0, "night": 1, "blur": 2, "jpeg": 3, "colour_cast": 4, "greyscale": 5}
+
+
+# --- cached frozen activations ------------------------------------------------------------------
+def _key(paths: list[Path], *parts: object) -> str:
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(str(p).encode())
+    for x in parts:
+        h.update(repr(x).encode())
+    return h.hexdigest()[:16]
+
+
+def _cached(cache_dir: Path, name: str, key: str, compute) -> torch.Tensor:
+    path = cache_dir / f"{name}-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    t = time.perf_counter()
+    h = compute()
+    secs = time.perf_counter() - t
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(h, path)
+    log(f"cached {name}: {tuple(h.shape)} in {secs:.0f} s ({h.shape[0] / secs:.1f} img/s)")
+    (cache_dir / f"{name}-{key}.json").write_text(json.dumps(
+        {"seconds": secs, "n": int(h.shape[0])}))
+    return h
+
+
+def views_activations(model, records, cache_dir, name, cfg_train) -> torch.Tensor:
+    """(N, V, C, s, s) float16: the image, its mirror and random crops (train.py's views)."""
+    from models.train import _Source, cache_activations
+
+    prep = preprocessing_for(model.config)
+    paths = [r.path for r in records]
+    key = _key(paths, "views", cfg_train.flip, cfg_train.crops, cfg_train.crop_scale,
+               model.config.img_size, model.config.trainable_blocks)
+
+    def compute():
+        src = _Source(labels=np.array([r.label for r in records]), records=list(records))
+        return cache_activations(model, src, prep, cfg_train, True, 0)
+
+    return _cached(cache_dir, name, key, compute)
+
+
+def condition_activations(model, records, cache_dir, name, condition, severity) -> torch.Tensor:
+    """(N, C, s, s) float16 of each image under ``condition`` (applied at full resolution,
+    before resizing, with a per-image seed: the same site photo always gets the same noise)."""
+    prep = preprocessing_for(model.config)
+    paths = [r.path for r in records]
+    key = _key(paths, condition, severity, model.config.img_size, model.config.trainable_blocks)
+
+    @torch.no_grad()
+    def compute():
+        out = []
+        cid = CONDITION_IDS[condition]
+        for s in range(0, len(paths), 32):
+            arrs = []
+            for i in range(s, min(len(paths), s + 32)):
+                img = load_rgb(paths[i])
+                if condition != "clean":
+                    img = apply_condition(img, condition, severity, np.random.default_rng([cid, i]))
+                arrs.append(prep.to_array(img))
+            out.append(model.frozen_forward(prep.normalize(np.stack(arrs))).to(torch.float16))
+        return torch.cat(out)
+
+    return _cached(cache_dir, f"{name}-{condition}{severity if condition != 'clean' else ''}",
+                   key, compute)
+
+
+# --- training / references ----------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def train_model(h_tr_views, y_tr, h_va, y_va, seed, epochs) -> EmotionNet:
+    """Source training on cached views with models.train's loop (same recipe as train_source)."""
+    from models.train import TrainConfig, _fit
+
+    cfg = TrainConfig(seed=seed, epochs=epochs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = EmotionNet(NetConfig(num_classes=len(E6_CLASSES)))
+        _, best_state, best_epoch = _fit(model, h_tr_views, np.asarray(y_tr),
+                                         h_va[:, None], np.asarray(y_va), cfg, None)
+    model.load_state_dict(best_state)
+    model.eval()
+    log(f"trained source model (seed {seed}), best epoch {best_epoch}")
+    return model
+
+
+def oracle(model, h_src, y_src, h_site, y_site, cfg: AdaptConfig) -> EmotionNet:
+    """Upper reference: fine-tune WITH the site labels (source CE + site CE), mmd's budget."""
+    m = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed)
+        m.train()
+        groups = [{"params": list(m.bottleneck.parameters()) + list(m.head.parameters()),
+                   "lr": cfg.lr}]
+        if cfg.top_lr_mult > 0:
+            groups.append({"params": list(m.top.parameters()), "lr": cfg.lr * cfg.top_lr_mult})
+        opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+        bs = cfg.batch_size
+        for _ in range(cfg.steps):
+            i = torch.randint(0, len(h_src), (bs,), generator=g)
+            j = torch.randint(0, len(h_site), (bs,), generator=g)
+            _, logits = m.forward_cached(torch.cat([h_src[i], h_site[j]]))
+            loss = F.cross_entropy(logits[:bs], y_src[i]) + F.cross_entropy(logits[bs:], y_site[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    m.eval()
+    return m
+
+
+def accuracy(model, h, y) -> float:
+    return float((cached_outputs(model, h)[1].argmax(1) == np.asarray(y)).mean())
+
+
+# --- one setting, one seed ----------------------------------------------------------------------
+def run_site(setting, seed, model, src_views, y_src, h_va, y_va, h_adapt, h_test, y_test,
+             h_test_clean, y_adapt, methods, acfg, vcfg, rows) -> None:
+    h_src = src_views[:, :2].flatten(0, 1).float()  # image + mirror: (2N, C, s, s)
+    ys = torch.as_tensor(np.repeat(np.asarray(y_src), 2))
+    h_adapt, h_test, h_va = h_adapt.float(), h_test.float(), h_va.float()
+    y_test_t = torch.as_tensor(y_test)
+    base = {"setting": setting, "seed": seed}
+    acc_src_only = accuracy(model, h_test, y_test)
+    acc_clean = accuracy(model, h_test_clean.float(), y_test) if h_test_clean is not None else float("nan")
+    src_acc0 = accuracy(model, h_va, y_va)
+    t = time.perf_counter()
+    orc = oracle(model, h_src, ys, h_adapt, torch.as_tensor(y_adapt), acfg)
+    acc_oracle = accuracy(orc, h_test, y_test)
+    log(f"{setting} seed {seed}: source-only {acc_src_only:.3f} clean {acc_clean:.3f} "
+        f"oracle {acc_oracle:.3f} ({time.perf_counter() - t:.0f} s)")
+    ref = {"acc_source_only": acc_src_only, "acc_clean": acc_clean, "acc_oracle": acc_oracle,
+           "source_acc_before": src_acc0}
+    rows.append({**base, **ref, "method": "source-only", "acc": acc_src_only, "source_drop": 0.0,
+                 "verdict": "-", "seconds": 0.0})
+    for name in methods:
+        ad = get_adapter(name)
+        cfg = copy.deepcopy(acfg)
+        if name == "coral" and cfg.coral_weight <= 0:
+            cfg.coral_weight = ad.default_config().coral_weight
+        cfg.seed = seed
+        res = ad.adapt(model, (h_src, ys) if ad.needs_source else None, h_adapt, cfg)
+        rep = validate_candidate(res.model, model, (h_va, torch.as_tensor(y_va)), h_adapt, vcfg)
+        acc = accuracy(res.model, h_test, y_test_t)
+        row = {**base, **ref, "method": name, "acc": acc,
+               "source_drop": rep.champion_source_acc - rep.source_acc,
+               "verdict": rep.verdict, "seconds": res.seconds,
+               "dev_risk": rep.dev.risk, "dev_champion": rep.champion_dev.risk,
+               "dev_auc": rep.dev.domain_auc, "dev_auc_champion": rep.champion_dev.domain_auc,
+               "dev_ess": rep.dev.ess_fraction, "dev_unverifiable": rep.dev.unverifiable,
+               "champion_unverifiable": rep.champion_dev.unverifiable,
+               "mmd2_before": rep.mmd2_before, "mmd2_after": rep.mmd2_after,
+               **{f"gate_{k}": g["passed"] for k, g in rep.gates.items()},
+               **{f"gv_{k}": g["value"] for k, g in rep.gates.items()}}
+        rows.append(row)
+        log(f"  {name:8s} acc {acc:.3f} src-drop {row['source_drop']:+.3f} {rep.verdict} "
+            f"auc {rep.dev.domain_auc:.3f}/{rep.champion_dev.domain_auc:.3f} "
+            f"ess {rep.dev.ess_fraction:.2f} dev {rep.dev.risk:.3f}/{rep.champion_dev.risk:.3f} "
+            f"mmd2 {rep.mmd2_before:.4f}->{rep.mmd2_after:.4f} "
+            f"gates {[k for k, g in rep.gates.items() if not g['passed']]} {res.seconds:.0f} s")
+
+
+# --- tables ---------------------------------------------------------------------------------------
+def _ms(v: list[float], pct: bool = True) -> str:
+    a = np.asarray([x for x in v if x == x], dtype=float)
+    if a.size == 0:
+        return "n/a"
+    k = 100.0 if pct else 1.0
+    return f"{k * a.mean():.1f} ± {k * a.std(ddof=1) if a.size > 1 else 0.0:.1f}"
+
+
+def print_tables(rows: list[dict]) -> None:
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    print("\n| setting | method | site acc % | clean % | oracle % | gap rec. vs clean % "
+          "| gap rec. vs oracle % | source drop pts | verdicts | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for s in settings:
+        rs = [r for r in rows if r["setting"] == s]
+        for m in dict.fromkeys(r["method"] for r in rs):
+            g = [r for r in rs if r["method"] == m]
+            rec_c = [(r["acc"] - r["acc_source_only"]) / (r["acc_clean"] - r["acc_source_only"])
+                     if r["acc_clean"] == r["acc_clean"] and abs(r["acc_clean"] - r["acc_source_only"]) > 1e-9
+                     else float("nan") for r in g]
+            rec_o = [(r["acc"] - r["acc_source_only"]) / (r["acc_oracle"] - r["acc_source_only"])
+                     if abs(r["acc_oracle"] - r["acc_source_only"]) > 1e-9 else float("nan") for r in g]
+            verd = ",".join(sorted({str(r["verdict"]) for r in g}))
+            counts = {v: sum(r["verdict"] == v for r in g) for v in ("pass", "fail", "unverifiable")}
+            vtxt = verd if m == "source-only" else " ".join(f"{k}:{n}" for k, n in counts.items() if n)
+            print(f"| {s} | {m} | {_ms([r['acc'] for r in g])} | {_ms([r['acc_clean'] for r in g])} "
+                  f"| {_ms([r['acc_oracle'] for r in g])} | {_ms(rec_c)} | {_ms(rec_o)} "
+                  f"| {_ms([r['source_drop'] for r in g])} | {vtxt} "
+                  f"| {_ms([r['seconds'] for r in g], pct=False)} |")
+    gated = [r for r in rows if r["method"] != "source-only"]
+    if gated:
+        print("\n| setting | method | gates failed (count over seeds) | DEV AUC cand/champ | ESS frac "
+              "| DEV risk cand/champ | MMD² before→after |")
+        print("|---|---|---|---|---|---|---|")
+        for s in settings:
+            rs = [r for r in gated if r["setting"] == s]
+            for m in dict.fromkeys(r["method"] for r in rs):
+                g = [r for r in rs if r["method"] == m]
+                fails = {k[5:]: sum(not r[k] for r in g) for k in g[0] if k.startswith("gate_")}
+                ftxt = ", ".join(f"{k}:{n}" for k, n in fails.items() if n) or "-"
+                print(f"| {s} | {m} | {ftxt} | {np.mean([r['dev_auc'] for r in g]):.3f}/"
+                      f"{np.mean([r['dev_auc_champion'] for r in g]):.3f} "
+                      f"| {np.mean([r['dev_ess'] for r in g]):.2f} "
+                      f"| {np.mean([r['dev_risk'] for r in g]):.3f}/{np.mean([r['dev_champion'] for r in g]):.3f} "
+                      f"| {np.mean([r['mmd2_before'] for r in g]):.4f}→{np.mean([r['mmd2_after'] for r in g]):.4f} |")
+
+
+# --- main -------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--cache-dir", type=Path, default=REPO / ".emowatch" / "cache" / "bench")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--conditions", nargs="+", default=["night", "blur"],
+                    choices=[c for c in CONDITION_IDS if c != "clean"])
+    ap.add_argument("--severity", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=["mmd", "coral", "adabn", "shot-im", "tent"],
+                    choices=available_adapters())
+    ap.add_argument("--settings", nargs="+", default=["photos", "faces"], choices=["photos", "faces"])
+    ap.add_argument("--steps", type=int, default=None, help="override AdaptConfig.steps")
+    ap.add_argument("--top-lr-mult", type=float, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--mmd-weight", type=float, default=None)
+    ap.add_argument("--final-bn", choices=["keep", "target"], default=None)
+    ap.add_argument("--epochs", type=int, default=40, help="source training epochs (max)")
+    ap.add_argument("--cache-only", action="store_true")
+    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from models.train import TrainConfig
+
+    acfg = AdaptConfig()
+    for a, f in (("steps", "steps"), ("top_lr_mult", "top_lr_mult"), ("lr", "lr"),
+                 ("mmd_weight", "mmd_weight"), ("final_bn", "final_bn")):
+        if getattr(args, a) is not None:
+            setattr(acfg, f, getattr(args, a))
+    vcfg = ValidationConfig()
+    log(f"AdaptConfig {acfg.to_dict()}")
+
+    e6 = read_image_folder(args.data_dir / "emotion6", classes=E6_CLASSES)
+    ck = read_image_folder(args.data_dir / "ckplus48", classes=E6_CLASSES, aliases={"happy": "joy"})
+    fmodel = EmotionNet(NetConfig(num_classes=len(E6_CLASSES)))  # frozen part only is used
+    fmodel.eval()
+    tcfg = TrainConfig()
+    cache = args.cache_dir
+    with torch.no_grad():
+        e6_views = views_activations(fmodel, e6.records, cache, "e6-views", tcfg)
+        cond_h = {c: condition_activations(fmodel, e6.records, cache, "e6", c, args.severity)
+                  for c in args.conditions} if "photos" in args.settings else {}
+        ck_views = views_activations(fmodel, ck.records, cache, "ck-views", tcfg) if "faces" in args.settings else None
+    if args.cache_only:
+        return
+    y6 = e6.labels
+    rows: list[dict] = []
+    for seed in args.seeds:
+        if "photos" in args.settings:
+            # 35% of the photos are the site (half adaptation, half labelled test), the rest
+            # is the source: 85/15 train/validation.
+            src_idx, site_idx = stratified_split(e6.records, 0.35, seed)
+            tr_rel, va_rel = stratified_split([e6.records[i] for i in src_idx], 0.15, seed + 100)
+            tr, va = [src_idx[i] for i in tr_rel], [src_idx[i] for i in va_rel]
+            ad_rel, te_rel = stratified_split([e6.records[i] for i in site_idx], 0.5, seed + 200)
+            ad, te = [site_idx[i] for i in ad_rel], [site_idx[i] for i in te_rel]
+            model = train_model(e6_views[tr], y6[tr], e6_views[va, 0], y6[va], seed, args.epochs)
+            log(f"photos seed {seed}: train {len(tr)} val {len(va)} site adapt {len(ad)} test {len(te)}; "
+                f"source val acc {accuracy(model, e6_views[va, 0].float(), y6[va]):.3f}")
+            for c in args.conditions:
+                run_site(f"photos→{c}{args.severity}", seed, model, e6_views[tr], y6[tr],
+                         e6_views[va, 0], y6[va], cond_h[c][ad], cond_h[c][te], y6[te],
+                         e6_views[te, 0], y6[ad], args.methods, acfg, vcfg, rows)
+        if "faces" in args.settings:
+            yc = ck.labels
+            tr, va = split_records(ck.records, 0.2, seed)
+            ad, te = stratified_split(e6.records, 0.5, seed + 300)
+            model = train_model(ck_views[tr], yc[tr], ck_views[va, 0], yc[va], seed, args.epochs)
+            log(f"faces seed {seed}: CK+ train {len(tr)} val {len(va)} "
+                f"(val acc {accuracy(model, ck_views[va, 0].float(), yc[va]):.3f}); photos adapt {len(ad)} test {len(te)}")
+            run_site("faces→photos", seed, model, ck_views[tr], yc[tr], ck_views[va, 0], yc[va],
+                     e6_views[ad, 0], e6_views[te, 0], y6[te], None, y6[ad], args.methods,
+                     acfg, vcfg, rows)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(rows, indent=1, default=float))
+    print_tables(rows)
+
+
+if __name__ == "__main__":
+    main()

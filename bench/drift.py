@@ -1,0 +1,481 @@
+"""Drift-detection benchmark on real photos: false alarms, detection power, cost.
+
+    .venv/bin/python bench/drift.py [--data-dir DIR] [--trials 50] [--null-trials 200]
+
+Setup (printed at the top of the output):
+* Emotion6 photos are split (stratified, seeded) into train 40% / reference 25% / test 35%.
+  A model is trained on the train part with ``models.train.train_source`` (EfficientNet-Lite0,
+  224 px). The *reference profile* is the model's features on the reference part -- images the
+  model never trained on; the "reference = training images" row shows why that matters.
+* Current batches are drawn from the test part: clean (no shift), with a site condition
+  (models.conditions) applied to the whole batch or to 30% of it, with a class-prior shift
+  (70% of the batch from two classes), or CK+48 faces instead of photos.
+* Methods: emowatch's decision (MMD on features + BBSD on softmax, Bonferroni), each half
+  alone, MMD with the plain median-heuristic bandwidth, Evidently's DataDriftPreset dataset
+  decision on the compact view (10 PCA components, predicted class, confidence, quality
+  statistics; computed with Evidently's own per-column tests, see tasks.report), and Evidently's
+  default embeddings-drift method on the raw features.
+
+Features are cached under .emowatch/cache/bench/drift/ (delete it to recompute). The first run
+extracts ~5,000 images through EfficientNet-Lite0 on CPU (~10-20 min on 2 cores); later runs
+take a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models.conditions import CONDITIONS, apply_condition  # noqa: E402
+from models.drift import BBSDDrift, CombinedDrift, DriftConfig, MMDDrift  # noqa: E402
+from models.quality import STAT_NAMES, describe_shift, image_stats  # noqa: E402
+
+ALPHA = 0.05
+SIZES = (20, 50, 100, 200)
+# Evidently's embeddings method costs ~1-2 s a call (100 sklearn ROC AUCs of random guesses when
+# the reference has < 1000 rows), so it runs at two sizes and on fewer trials.
+EMB_SIZES = (50, 200)
+SPLIT_SEED = 0
+REF_FRAC, TEST_FRAC = 0.25, 0.35
+N_FACES = 300
+PRIOR_CLASSES = ("joy", "sadness")  # the prior-shift site sees mostly these two classes
+PRIOR_SHARE = 0.7
+
+
+# --- features --------------------------------------------------------------------------------------
+@dataclass
+class Feats:
+    z: np.ndarray  # (N, D) float32 bottleneck features
+    probs: np.ndarray  # (N, K) float32 softmax
+    q: np.ndarray  # (N, len(STAT_NAMES)) quality statistics of the image as stored
+    labels: np.ndarray  # (N,) int, -1 when unknown
+
+    def take(self, idx: np.ndarray) -> Feats:
+        return Feats(self.z[idx], self.probs[idx], self.q[idx], self.labels[idx])
+
+    def quality(self) -> dict[str, np.ndarray]:
+        return {k: self.q[:, i] for i, k in enumerate(STAT_NAMES)}
+
+    def save(self, path: Path) -> None:
+        np.savez(path, z=self.z, probs=self.probs, q=self.q, labels=self.labels)
+
+    @classmethod
+    def load(cls, path: Path) -> Feats:
+        with np.load(path) as f:
+            return cls(f["z"], f["probs"], f["q"], f["labels"])
+
+
+def _concat(parts: Sequence[Feats]) -> Feats:
+    return Feats(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("z", "probs", "q", "labels")))
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _extract(ckpt, paths: Sequence[Path], labels: np.ndarray,
+             transform: Callable | None = None, chunk: int = 64) -> Feats:
+    """Decode, optionally transform, then quality statistics + model features, in chunks."""
+    from models.data import load_rgb
+    from models.evaluate import extract_features
+
+    zs, ps, qs = [], [], []
+    for s in range(0, len(paths), chunk):
+        imgs = [load_rgb(p) for p in paths[s:s + chunk]]
+        if transform is not None:
+            imgs = [transform(im, s + i) for i, im in enumerate(imgs)]
+        qs.append(np.asarray([[image_stats(im)[k] for k in STAT_NAMES] for im in imgs]))
+        z, p = extract_features(ckpt, imgs, batch_size=32)
+        zs.append(z)
+        ps.append(p)
+    return Feats(np.concatenate(zs), np.concatenate(ps), np.concatenate(qs), np.asarray(labels))
+
+
+class FeatureStore:
+    """Everything the benchmark needs, computed once and cached as .npz files."""
+
+    def __init__(self, data_dir: Path, cache_root: Path, train_crops: int) -> None:
+        from models.data import read_image_folder, three_way_split
+
+        self.data_dir = data_dir
+        self.e6 = read_image_folder(data_dir / "emotion6")
+        self.classes = list(self.e6.classes)
+        tr, ref, te = three_way_split(self.e6.records, REF_FRAC, TEST_FRAC, SPLIT_SEED)
+        self.split = {"train": tr, "reference": ref, "test": te}
+        key = hashlib.sha1(json.dumps(
+            {"split": [SPLIT_SEED, REF_FRAC, TEST_FRAC], "n": len(self.e6), "crops": train_crops,
+             "v": 1}).encode()).hexdigest()[:10]
+        self.dir = cache_root / f"e6-{key}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.train_crops = train_crops
+        self._ckpt = None
+        self.train_info: dict = {}
+
+    def checkpoint(self):
+        from models.network import load_checkpoint, save_checkpoint
+
+        if self._ckpt is not None:
+            return self._ckpt
+        path, info = self.dir / "model.pt", self.dir / "train.json"
+        if path.exists():
+            self._ckpt = load_checkpoint(path)
+            self.train_info = json.loads(info.read_text())
+            return self._ckpt
+        from models.train import TrainConfig, train_source
+
+        _log(f"training on {len(self.split['train'])} Emotion6 photos (cached afterwards) ...")
+        res = train_source(self.e6.subset(self.split["train"]), config=TrainConfig(crops=self.train_crops))
+        save_checkpoint(res.checkpoint, path)
+        self.train_info = {"val_accuracy": res.val_metrics.accuracy, "best_epoch": res.best_epoch,
+                           "n_train": res.n_train, "n_val": res.n_val,
+                           "seconds": round(res.total_seconds, 1)}
+        info.write_text(json.dumps(self.train_info))
+        self._ckpt = res.checkpoint
+        return self._ckpt
+
+    def _cached(self, name: str, make: Callable[[], Feats]) -> Feats:
+        path = self.dir / f"{name}.npz"
+        if path.exists():
+            return Feats.load(path)
+        t = time.perf_counter()
+        f = make()
+        f.save(path)
+        _log(f"features {name}: {len(f.z)} images in {time.perf_counter() - t:.0f} s")
+        return f
+
+    def _records(self, part: str):
+        recs = [self.e6.records[i] for i in self.split[part]]
+        return [r.path for r in recs], np.asarray([r.label for r in recs])
+
+    def clean(self, part: str) -> Feats:
+        return self._cached(part, lambda: _extract(self.checkpoint(), *self._records(part)))
+
+    def condition(self, name: str, severity: int) -> Feats:
+        """The TEST part with a condition applied to every image (aligned with clean('test'))."""
+        ci = list(CONDITIONS).index(name)
+
+        def tf(im, i):
+            return apply_condition(im, name, severity, np.random.default_rng([SPLIT_SEED, ci, severity, i]))
+
+        return self._cached(f"test-{name}-{severity}",
+                            lambda: _extract(self.checkpoint(), *self._records("test"), transform=tf))
+
+    def faces(self) -> Feats:
+        from models.data import read_image_folder
+
+        def make() -> Feats:
+            ck = read_image_folder(self.data_dir / "ckplus48")
+            idx = np.sort(np.random.default_rng(SPLIT_SEED).choice(len(ck), N_FACES, replace=False))
+            paths = [ck.records[i].path for i in idx]
+            return _extract(self.checkpoint(), paths, np.full(len(paths), -1))
+
+        return self._cached("faces-ckplus48", make)
+
+
+# --- statistics helpers ------------------------------------------------------------------------------
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    den = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / den
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def fmt_rate(k: int, n: int, ci: bool = False) -> str:
+    if n == 0:
+        return "–"
+    if not ci:
+        return f"{k / n:.2f}"
+    lo, hi = wilson(k, n)
+    return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+# --- methods -------------------------------------------------------------------------------------------
+METHODS = ("emowatch MMD+BBSD", "MMD multi-scale", "BBSD", "MMD median", "Evidently preset",
+           "Evidently embeddings")
+
+
+class Panel:
+    """All methods, fitted once on a reference; ``decide(cur)`` -> {method: bool}."""
+
+    def __init__(self, ref: Feats, classes: list[str], min_samples: int, embeddings: bool = True):
+        from tasks.report import PCAProjection, monitoring_frame
+
+        self.ref, self.classes, self.embeddings = ref, classes, embeddings
+        cfg = DriftConfig(alpha=ALPHA, min_samples=min_samples)
+        self.combined = CombinedDrift(cfg, (ref.z, ref.probs), class_names=classes)
+        self.mmd_median = MMDDrift(DriftConfig(alpha=ALPHA, min_samples=min_samples,
+                                               bandwidth_multipliers=(1.0,)), ref.z)
+        self.pca = PCAProjection.fit(ref.z, 10)
+        self._frame = lambda f: monitoring_frame(f.z, f.probs, classes, self.pca, f.quality())
+        self.ref_frame = self._frame(ref)
+
+    def decide(self, cur: Feats, skip: Sequence[str] = ()) -> dict[str, bool]:
+        from tasks.report import evidently_decision, evidently_embeddings_decision
+
+        r = self.combined.predict((cur.z, cur.probs))
+        out = {
+            "emowatch MMD+BBSD": bool(r.is_drift),
+            "MMD multi-scale": r.details["mmd"]["p_value"] <= ALPHA,
+            "BBSD": r.details["bbsd"]["p_value"] <= ALPHA,
+            "MMD median": bool(self.mmd_median.predict(cur.z).is_drift),
+        }
+        if "Evidently preset" not in skip:
+            out["Evidently preset"] = evidently_decision(self.ref_frame, self._frame(cur), fast=True)["is_drift"]
+        if self.embeddings and "Evidently embeddings" not in skip:
+            out["Evidently embeddings"] = evidently_embeddings_decision(self.ref.z, cur.z)["is_drift"]
+        return out
+
+
+@dataclass
+class Scenario:
+    name: str
+    draw: Callable[[np.random.Generator, int], Feats | None]  # None: not enough images
+
+
+def mixed(clean: Feats, shifted: Feats, frac: float) -> Callable:
+    """Batches of n distinct test images, round(frac*n) of them with the condition."""
+    def draw(rng: np.random.Generator, n: int) -> Feats | None:
+        if n > len(clean.z):
+            return None
+        idx = rng.choice(len(clean.z), n, replace=False)
+        k = int(round(frac * n))
+        return _concat([shifted.take(idx[:k]), clean.take(idx[k:])])
+    return draw
+
+
+def subset_draw(pool: Feats) -> Callable:
+    def draw(rng: np.random.Generator, n: int) -> Feats | None:
+        return None if n > len(pool.z) else pool.take(rng.choice(len(pool.z), n, replace=False))
+    return draw
+
+
+def prior_draw(clean: Feats, classes: list[str]) -> Callable:
+    favoured = np.isin(clean.labels, [classes.index(c) for c in PRIOR_CLASSES])
+    fav, other = np.flatnonzero(favoured), np.flatnonzero(~favoured)
+
+    def draw(rng: np.random.Generator, n: int) -> Feats | None:
+        k = int(round(PRIOR_SHARE * n))
+        if k > len(fav) or n - k > len(other):
+            return None
+        idx = np.concatenate([rng.choice(fav, k, replace=False), rng.choice(other, n - k, replace=False)])
+        return clean.take(idx)
+    return draw
+
+
+def run_cells(panel: Panel, scenarios: Sequence[Scenario], trials: int, seed: int,
+              emb_trials: int) -> dict[tuple[str, int], dict[str, tuple[int, int]]]:
+    """{(scenario, n): {method: (hits, trials)}}."""
+    out = {}
+    for si, sc in enumerate(scenarios):
+        t = time.perf_counter()
+        for n in SIZES:
+            rng = np.random.default_rng([seed, si, n])
+            counts = {m: [0, 0] for m in METHODS}
+            for trial in range(trials):
+                cur = sc.draw(rng, n)
+                if cur is None:
+                    break
+                emb = trial < emb_trials and n in EMB_SIZES
+                skip = () if emb else ("Evidently embeddings",)
+                for m, d in panel.decide(cur, skip).items():
+                    counts[m][0] += int(d)
+                    counts[m][1] += 1
+            out[(sc.name, n)] = {m: (h, k) for m, (h, k) in counts.items()}
+        _log(f"{sc.name}: {time.perf_counter() - t:.0f} s")
+    return out
+
+
+# --- tables ----------------------------------------------------------------------------------------------
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def accuracy(f: Feats) -> float:
+    ok = f.labels >= 0
+    return float((f.probs[ok].argmax(1) == f.labels[ok]).mean())
+
+
+def timing_section(store: FeatureStore, pool: Feats, classes: list[str], quick: bool) -> str:
+    from tasks.report import (
+        PCAProjection,
+        build_drift_report,
+        evidently_decision,
+        evidently_embeddings_decision,
+        monitoring_frame,
+        save_report,
+    )
+
+    rng = np.random.default_rng(123)
+
+    def sample(n: int) -> Feats:  # real features, resampled with replacement to reach n
+        return pool.take(rng.choice(len(pool.z), n, replace=True))
+
+    def clock(fn: Callable[[], object], reps: int) -> float:
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    rows = []
+    for n_ref, n_cur, reps in ((1000, 500, 5), (5000, 5000, 1 if quick else 3)):
+        ref, cur = sample(n_ref), sample(n_cur)
+        for label, cfg in (
+            ("MMD multi-scale, P=500, max_ref=2000", DriftConfig()),
+            ("MMD multi-scale, P=500, full reference", DriftConfig(max_ref=None)),
+            ("MMD median, P=500, max_ref=2000", DriftConfig(bandwidth_multipliers=(1.0,))),
+        ):
+            if n_ref <= 2000 and "full" in label:
+                continue
+            t_fit = clock(lambda cfg=cfg, ref=ref: MMDDrift(cfg, ref.z), 1)
+            det = MMDDrift(cfg, ref.z)
+            rows.append([label, f"{n_ref} vs {n_cur}", f"{t_fit:.2f}",
+                         f"{clock(lambda det=det, cur=cur: det.predict(cur.z), reps):.3f}"])
+        bb = BBSDDrift(DriftConfig(), ref.probs)
+        rows.append(["BBSD", f"{n_ref} vs {n_cur}", "0.00",
+                     f"{clock(lambda bb=bb, cur=cur: bb.predict(cur.probs), reps):.3f}"])
+        comb = CombinedDrift(DriftConfig(), (ref.z, ref.probs))
+        rows.append(["emowatch MMD+BBSD (combined)", f"{n_ref} vs {n_cur}", "–",
+                     f"{clock(lambda comb=comb, cur=cur: comb.predict((cur.z, cur.probs)), reps):.3f}"])
+        pca = PCAProjection.fit(ref.z, 10)
+        rf = monitoring_frame(ref.z, ref.probs, classes, pca, ref.quality())
+        cf = monitoring_frame(cur.z, cur.probs, classes, pca, cur.quality())
+        rows.append(["Evidently preset decision (fast path: same per-column tests)",
+                     f"{n_ref} vs {n_cur}", "–",
+                     f"{clock(lambda rf=rf, cf=cf: evidently_decision(rf, cf, fast=True), reps):.3f}"])
+        rows.append(["Evidently Report (DataDriftPreset on compact view), build",
+                     f"{n_ref} vs {n_cur}", "–",
+                     f"{clock(lambda rf=rf, cf=cf: build_drift_report(rf, cf), min(reps, 2)):.2f}"])
+        snap = build_drift_report(rf, cf)
+        tmp = store.dir / "timing"
+        rows.append(["Evidently Report, save HTML + JSON", f"{n_ref} vs {n_cur}", "–",
+                     f"{clock(lambda snap=snap, tmp=tmp: save_report(snap, tmp / 'r.html', tmp / 'r.json'), 1):.2f}"])
+        rows.append(["Evidently embeddings method (default: domain classifier)", f"{n_ref} vs {n_cur}",
+                     "–", f"{clock(lambda ref=ref, cur=cur: evidently_embeddings_decision(ref.z, cur.z), 1):.2f}"])
+        if n_ref == 1000 and not quick:
+            zf = monitoring_frame(ref.z, ref.probs, classes, pca, ref.quality(), include_embeddings=True)
+            zc = monitoring_frame(cur.z, cur.probs, classes, pca, cur.quality(), include_embeddings=True)
+            rows.append(["Evidently Report + EmbeddingsDrift metric (fits a t-SNE)", f"{n_ref} vs {n_cur}",
+                         "–", f"{clock(lambda zf=zf, zc=zc: build_drift_report(zf, zc, embeddings=True), 1):.1f}"])
+    return table(["check", "n_ref vs n_cur", "fit s", "check s (median)"], rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    default_data = os.environ.get("EMOWATCH_DATA_DIR") or str(REPO.parent / "shared" / "data")
+    ap.add_argument("--data-dir", type=Path, default=Path(default_data))
+    ap.add_argument("--cache-dir", type=Path, default=REPO / ".emowatch" / "cache" / "bench" / "drift")
+    ap.add_argument("--trials", type=int, default=50, help="trials per (shift, n) cell")
+    ap.add_argument("--null-trials", type=int, default=200, help="trials per n without shift")
+    ap.add_argument("--emb-trials", type=int, default=10,
+                    help="trials per cell for Evidently's embeddings method (slow)")
+    ap.add_argument("--train-crops", type=int, default=1, help="random-crop views per training image")
+    ap.add_argument("--extract-only", action="store_true", help="compute and cache features, then stop")
+    ap.add_argument("--quick", action="store_true", help="fewer conditions and trials (smoke run)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    if not (args.data_dir / "emotion6").is_dir():
+        sys.exit(f"Emotion6 not found under {args.data_dir} (set --data-dir or EMOWATCH_DATA_DIR)")
+    t_start = time.perf_counter()
+    store = FeatureStore(args.data_dir, args.cache_dir, args.train_crops)
+    classes = store.classes
+    conds = [(c, s) for c in CONDITIONS for s in (1, 2)]
+    if args.quick:
+        conds = [("night", 2), ("blur", 2)]
+    train_f, ref_f, test_f = store.clean("train"), store.clean("reference"), store.clean("test")
+    cond_f = {cs: store.condition(*cs) for cs in conds}
+    faces_f = store.faces()
+    if args.extract_only:
+        _log("features cached")
+        return
+
+    out: list[str] = []
+    out.append("## Drift detection benchmark (bench/drift.py)\n")
+    info = store.train_info or json.loads((store.dir / "train.json").read_text())
+    out.append(
+        f"Emotion6 split (seed {SPLIT_SEED}): train {len(train_f.z)} / reference {len(ref_f.z)} / "
+        f"test {len(test_f.z)} photos; CK+48 faces: {len(faces_f.z)}. Model: EfficientNet-Lite0 "
+        f"224 px trained with models.train.train_source on the train part "
+        f"(val accuracy {info.get('val_accuracy', float('nan')):.3f}); features = 256-D bottleneck. "
+        f"alpha = {ALPHA}. Detectors use min_samples=20 here so that n=20 is tested "
+        f"(the DriftConfig default, 30, would answer insufficient_data at n=20).\n"
+    )
+    acc_rows = [["clean", f"{accuracy(test_f):.3f}", "–"]]
+    for (c, s), f in cond_f.items():
+        words = "; ".join(describe_shift(test_f.quality(), f.quality()))
+        acc_rows.append([f"{c} {s}", f"{accuracy(f):.3f}", words])
+    acc_rows.append(["CK+48 faces", "–", "; ".join(describe_shift(test_f.quality(), faces_f.quality()))])
+    out.append("### Model accuracy on the test photos under each condition (and what quality stats say)\n")
+    out.append(table(["condition", "accuracy", "describe_shift (test clean -> condition)"], acc_rows))
+
+    # --- null ---
+    panel = Panel(ref_f, classes, min_samples=20)
+    panel_train = Panel(train_f, classes, min_samples=20, embeddings=False)
+    null_trials = 50 if args.quick else args.null_trials
+    null = run_cells(panel, [Scenario("no shift", subset_draw(test_f))], null_trials, args.seed,
+                     emb_trials=min(null_trials, 100))
+    null_train = run_cells(panel_train, [Scenario("no shift (ref = training images)", subset_draw(test_f))],
+                           min(null_trials, 100), args.seed, emb_trials=0)
+    rows = []
+    for m in METHODS:
+        rows.append([m] + [fmt_rate(*null[("no shift", n)][m], ci=True) for n in SIZES])
+    for m in ("MMD multi-scale", "BBSD", "emowatch MMD+BBSD", "Evidently preset"):
+        k = ("no shift (ref = training images)", 0)
+        rows.append([f"{m}, reference = the model's TRAINING images"]
+                    + [fmt_rate(*null_train[(k[0], n)][m], ci=True) for n in SIZES])
+    out.append(f"\n### False-alarm rate without shift ({null_trials} trials per n; "
+               "rate [95% Wilson CI]; trials share one reference and a test pool of "
+               f"{len(test_f.z)} photos, so they are not fully independent; Evidently embeddings: "
+               f"{min(null_trials, 100)} trials at n={EMB_SIZES})\n")
+    out.append(table(["method"] + [f"n={n}" for n in SIZES], rows))
+
+    # --- power ---
+    scenarios = []
+    for (c, s), f in cond_f.items():
+        scenarios.append(Scenario(f"{c} {s}, 100%", mixed(test_f, f, 1.0)))
+        scenarios.append(Scenario(f"{c} {s}, 30%", mixed(test_f, f, 0.3)))
+    scenarios.append(Scenario(f"class prior ({PRIOR_SHARE:.0%} {'+'.join(PRIOR_CLASSES)})",
+                              prior_draw(test_f, classes)))
+    scenarios.append(Scenario("CK+48 faces instead of photos", subset_draw(faces_f)))
+    trials = 20 if args.quick else args.trials
+    power = run_cells(panel, scenarios, trials, args.seed + 1, emb_trials=min(args.emb_trials, trials))
+    out.append(f"\n### Detection rate ({trials} trials per cell; Evidently embeddings: "
+               f"{min(args.emb_trials, trials)} trials per cell at n={EMB_SIZES})\n")
+    for n in SIZES:
+        rows = []
+        for sc in scenarios:
+            cell = power[(sc.name, n)]
+            rows.append([sc.name] + [fmt_rate(*cell[m]) for m in METHODS])
+        out.append(f"\n**n_cur = {n}** (reference: {len(ref_f.z)} photos)\n")
+        out.append(table(["shift"] + list(METHODS), rows))
+
+    # --- cost ---
+    out.append("\n### Seconds per check (2 CPU cores shared with other jobs: pessimistic; "
+               "features resampled with replacement from the real test features)\n")
+    out.append(timing_section(store, _concat([test_f, *cond_f.values()]), classes, args.quick))
+    out.append(f"\nTotal benchmark time: {time.perf_counter() - t_start:.0f} s")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""`emowatch serve`: Prefect deployments built from the sites file.
+
+* one ``monitor-<site>`` deployment per site, on the site's cron schedule;
+* ``readapt`` triggered by the ``emowatch.drift.detected`` event (the site comes from the event
+  payload), only for sites whose ``adapt.auto`` is true (the monitor flow decides to emit);
+* ``train-source`` and ``promote`` on demand (``prefect deployment run ...``).
+
+Schedules need a real Prefect server (``prefect server start``; ``PREFECT_API_URL`` pointing at
+it): the ephemeral API that plain flow runs use does not run schedules or automations.
+For work pools and several workers see ``deployments/prefect.yaml``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emowatch.sites import Site
+
+DRIFT_EVENT = "emowatch.drift.detected"
+SITE_RESOURCE_PREFIX = "emowatch.site."
+
+
+def drift_trigger():
+    """The trigger that starts ``readapt_site`` for the site named in the drift event."""
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name="readapt-on-drift",
+        expect={DRIFT_EVENT},
+        match={"prefect.resource.id": f"{SITE_RESOURCE_PREFIX}*"},
+        for_each={"prefect.resource.id"},
+        parameters={"site": "{{ event.payload.site }}", "drift_check_id": "{{ event.payload.check_id }}"},
+    )
+
+
+def build_deployments(sites: dict[str, Site]) -> list[Any]:
+    """RunnerDeployments for every site (nothing is sent to a server here)."""
+    from flows.monitor import monitor_site
+    from flows.promote import promote
+    from flows.readapt import readapt_site
+    from flows.train import train_source
+
+    deps = [
+        monitor_site.to_deployment(
+            name=f"monitor-{s.name}",
+            cron=s.schedule,
+            parameters={"site": s.name},
+            tags=["emowatch", "monitor", f"site:{s.name}"],
+            description=f"Ingest and drift-test site {s.name} ({s.inbox}).",
+        )
+        for s in sites.values()
+    ]
+    deps.append(
+        readapt_site.to_deployment(
+            name="readapt",
+            triggers=[drift_trigger()],
+            tags=["emowatch", "adapt"],
+            description="Unsupervised re-adaptation of a drifted site; registers a challenger.",
+        )
+    )
+    deps.append(train_source.to_deployment(name="train-source", tags=["emowatch", "train"]))
+    deps.append(promote.to_deployment(name="promote", tags=["emowatch", "promote"]))
+    return deps
+
+
+def describe(deps: list[Any]) -> dict[str, Any]:
+    out = []
+    for d in deps:
+        schedules = []
+        for s in d.schedules or []:
+            sch = getattr(s, "schedule", s)
+            schedules.append(getattr(sch, "cron", None) or str(sch))
+        triggers = [
+            {"expect": sorted(t.expect), "match": dict(t.match), "parameters": t.parameters}
+            for t in (d.triggers or [])
+        ]
+        out.append({
+            "name": d.name,
+            "flow": d.flow_name,
+            "schedules": schedules,
+            "triggers": triggers,
+            "parameters": d.parameters,
+            "tags": d.tags,
+        })
+    return {"deployments": out}
+
+
+def serve_all(deps: list[Any]) -> None:  # pragma: no cover - blocks until interrupted
+    from prefect import serve
+
+    serve(*deps)

@@ -1,0 +1,115 @@
+"""The one Settings object of emowatch.
+
+Every value can be set by an environment variable with the prefix ``EMOWATCH_``
+(e.g. ``EMOWATCH_DATABASE_URL``) or in a ``.env`` file. Nothing here touches the disk,
+the network or a database at import time: paths are *computed*, and created only by
+``Settings.ensure_dirs()`` which the CLI and the flows call when they start work.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EMOWATCH_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- where state lives ------------------------------------------------------------
+    home: Path = Field(Path(".emowatch"), description="Root of all runtime state.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of our database; default: SQLite file under home."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking/registry URI; default: SQLite store under home."
+    )
+    sites_file: Path = Field(Path("sites.toml"), description="The sites configuration file.")
+    data_dir: Path | None = Field(
+        None, description="Folder with the real data sets (ckplus48/, emotion6/), if any."
+    )
+    require_data: bool = Field(
+        False, description="Fail (do not fall back to generated data) when data_dir is missing."
+    )
+
+    # --- ingestion limits ----------------------------------------------------------------
+    max_file_bytes: int = Field(50 * 2**20, ge=1, description="Larger files are too-large.")
+    # Pillow's own bomb limit is ~89 Mpx; 40 Mpx is above any camera a site would use
+    # (a 7000x5000 photo is 35 Mpx) and keeps one decode under ~160 MB of RAM.
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Width*height above: too-large.")
+    min_image_side: int = Field(16, ge=1, description="Either side below: too-small.")
+
+    # --- e-mail ---------------------------------------------------------------------------
+    smtp_host: str | None = Field(None, description="SMTP server; unset: keep .eml files only.")
+    smtp_port: int = 25
+    smtp_security: Literal["none", "starttls", "ssl"] = "none"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_timeout_s: float = Field(10.0, gt=0)
+    mail_from: str = "emowatch@localhost"
+    alert_cooldown_minutes: int = Field(
+        60, ge=0, description="At most one drift alert per site per this many minutes."
+    )
+
+    # --- compute ----------------------------------------------------------------------------
+    device: str = Field("cpu", description="torch device for training/featurizing.")
+    num_threads: int | None = Field(None, ge=1, description="torch threads; default: torch's.")
+    task_runner: Literal["thread", "dask"] = "thread"
+    dask_address: str | None = Field(
+        None, description="Scheduler address for the dask task runner; unset: local cluster."
+    )
+    featurize_batch: int = Field(64, ge=1, le=4096)
+
+    # --- derived locations (no I/O) ---------------------------------------------------------
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'emowatch.db').resolve()}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return (self.home / "mlartifacts").resolve()
+
+    @property
+    def store_dir(self) -> Path:
+        """Content-addressed copies of ingested images (``ab/cdef...``)."""
+        return self.home / "store"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.home / "outbox"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def evidently_workspace(self) -> Path:
+        return self.home / "evidently"
+
+    def ensure_dirs(self) -> None:
+        for p in (self.home, self.store_dir, self.reports_dir, self.outbox_dir, self.cache_dir):
+            p.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read from the environment on first call)."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests change the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,184 @@
+"""The sites file: which sites exist, where their images arrive, and their policies.
+
+``load_sites(path)`` reads a TOML file and returns validated :class:`Site` objects, or raises
+:class:`SitesFileError` whose message names the line, the field and why it is wrong.
+See ``deployments/sites.example.toml`` for a commented example.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$|^[^@\s]+@localhost$")
+
+
+class DriftThresholds(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = Field(0.05, gt=0, le=0.5, description="Significance level of the drift test.")
+    min_samples: int = Field(30, ge=5, le=100_000, description="Below: insufficient_data.")
+    window: int = Field(500, ge=5, le=100_000, description="Most recent images tested.")
+    permutations: int = Field(500, ge=50, le=20_000, description="MMD permutation count.")
+    cooldown_minutes: int | None = Field(
+        None, ge=0, description="Alert cool-down; default: Settings.alert_cooldown_minutes."
+    )
+
+    @model_validator(mode="after")
+    def _window_holds_min(self) -> DriftThresholds:
+        if self.window < self.min_samples:
+            raise ValueError(f"window ({self.window}) must be >= min_samples ({self.min_samples})")
+        return self
+
+
+class AdaptOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["mmd", "adabn", "shot-im", "tent", "coral"] = "mmd"
+    source_free: bool = Field(False, description="Training data may not be used at this site.")
+    max_images: int = Field(500, ge=10, le=100_000)
+    time_budget_s: float = Field(600.0, gt=0)
+    auto: bool = Field(True, description="Re-adapt automatically when drift is detected.")
+
+
+class GateTolerances(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_source_acc_drop: float = Field(0.03, ge=0, le=1)
+    min_explanation_rank_corr: float = Field(0.5, ge=-1, le=1)
+    min_explanation_topk_overlap: float = Field(0.5, ge=0, le=1)
+    max_faithfulness_drop: float = Field(0.05, ge=0, le=1)
+    min_effective_sample_size: float = Field(30.0, ge=1)
+    min_prediction_entropy_ratio: float = Field(0.5, ge=0, le=1)
+
+
+class Site(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    inbox: Path
+    schedule: str = "0 * * * *"
+    approvers: list[str] = Field(default_factory=list)
+    policy: Literal["manual", "auto"] = "manual"
+    audit: Path | None = None
+    drift: DriftThresholds = Field(default_factory=DriftThresholds)
+    adapt: AdaptOptions = Field(default_factory=AdaptOptions)
+    gates: GateTolerances = Field(default_factory=GateTolerances)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not SITE_NAME.match(v):
+            raise ValueError(
+                "site names are 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+            )
+        if v == "source":
+            raise ValueError("'source' is reserved (emowatch-source is the training-domain model)")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from cronsim import CronSim, CronSimError  # small, already a Prefect dependency
+        from datetime import datetime, timezone
+
+        if len(v.split()) != 5:
+            raise ValueError(f"{v!r} is not a 5-field cron expression (minute hour day month weekday)")
+        try:
+            CronSim(v, datetime.now(timezone.utc))
+        except CronSimError as e:
+            raise ValueError(f"{v!r} is not a valid cron expression: {e}") from None
+        return v
+
+    @field_validator("approvers")
+    @classmethod
+    def _emails(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not EMAIL.match(a):
+                raise ValueError(f"{a!r} is not an e-mail address")
+        return v
+
+    @property
+    def model_name(self) -> str:
+        """Registered MLflow model of this site."""
+        return f"emowatch-{self.name}"
+
+
+class SitesFileError(ValueError):
+    """An invalid sites file; the message says where and why."""
+
+
+def _line_of(text: str, site: str | None, field: str | None) -> int | None:
+    """Best-effort line number of ``field`` in the table of ``site`` (1-based)."""
+    lines = text.splitlines()
+    start = 0
+    if site is not None:
+        hdr = re.compile(rf"^\s*\[\s*sites\s*\.\s*\"?{re.escape(site)}\"?\s*(\.|\])")
+        for i, ln in enumerate(lines):
+            if hdr.match(ln):
+                start = i
+                if field is None:
+                    return i + 1
+                break
+    if field is not None:
+        key = re.compile(rf"^\s*\"?{re.escape(field)}\"?\s*=")
+        sub = re.compile(rf"^\s*\[.*\.{re.escape(field)}\s*\]")
+        for i in range(start, len(lines)):
+            if key.match(lines[i]) or sub.match(lines[i]):
+                return i + 1
+    return start + 1 if site is not None else None
+
+
+def parse_sites(text: str, *, source: str = "<sites>", base_dir: Path | None = None) -> dict[str, Site]:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SitesFileError(f"{source}: not valid TOML: {e}") from None
+    unknown = set(raw) - {"sites"}
+    if unknown:
+        k = sorted(unknown)[0]
+        ln = _line_of(text, None, k)
+        raise SitesFileError(f"{source}:{ln}: unknown top-level key {k!r} (only [sites.<name>] tables)")
+    sites_raw = raw.get("sites", {})
+    if not isinstance(sites_raw, dict):
+        raise SitesFileError(f"{source}: 'sites' must be a table of [sites.<name>] tables")
+    out: dict[str, Site] = {}
+    for name, body in sites_raw.items():
+        if not isinstance(body, dict):
+            raise SitesFileError(f"{source}:{_line_of(text, None, name)}: sites.{name} must be a table")
+        try:
+            site = Site(name=name, **body)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = [str(p) for p in err["loc"]]
+            field = loc[-1] if loc and not loc[-1].isdigit() else (loc[-2] if len(loc) > 1 else None)
+            ln = _line_of(text, name, field if field != "name" else None)
+            where = ".".join(["sites", name, *loc]) if loc and loc != ["name"] else f"sites.{name}"
+            msg = err["msg"].removeprefix("Value error, ")
+            raise SitesFileError(f"{source}:{ln}: {where}: {msg}") from None
+        if base_dir is not None:
+            if not site.inbox.is_absolute():
+                site.inbox = (base_dir / site.inbox).resolve()
+            if site.audit is not None and not site.audit.is_absolute():
+                site.audit = (base_dir / site.audit).resolve()
+        out[name] = site
+    return out
+
+
+def load_sites(path: Path) -> dict[str, Site]:
+    """Read and validate the sites file. Relative paths are relative to the file's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise SitesFileError(
+            f"{path}: sites file not found (set EMOWATCH_SITES_FILE or run 'emowatch init')"
+        )
+    return parse_sites(path.read_text(encoding="utf-8"), source=str(path), base_dir=path.parent.resolve())
+
+
+def get_site(sites: dict[str, Site], name: str) -> Site:
+    try:
+        return sites[name]
+    except KeyError:
+        known = ", ".join(sorted(sites)) or "none"
+        raise SitesFileError(f"unknown site {name!r} (known: {known})") from None

@@ -1,0 +1,144 @@
+"""``emowatch demo``: the whole loop on embedded defaults, with a summary table.
+
+train the source model -> three sites (one like the training domain, two with other cameras)
+-> ingest + monitor each -> re-adapt the drifted ones (no labels) -> gates incl. explanation
+stability -> challengers in MLflow -> promotion per policy (auto site by itself; the demo acts
+as the approver of a manual site whose challenger passed) -> audit accuracy -> summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.monitor import monitor_site
+from flows.promote import promote
+from flows.readapt import readapt_site
+from flows.runner import default_runner
+from flows.train import train_source
+
+
+def _say(msg: str) -> None:
+    # Progress for the person watching (stderr, so --json output stays clean).
+    import sys
+
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+@flow(name="demo", task_runner=default_runner(), log_prints=False)
+def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> dict[str, Any]:
+    from emowatch.settings import get_settings, reset_settings
+    from tasks.demo import prepare_demo
+    from tasks.predict import evaluate_folder
+
+    log = get_run_logger()
+    t_start = time.perf_counter()
+    settings = get_settings()
+    data_dir = None if fast else settings.data_dir
+    if settings.require_data and data_dir is None:
+        raise ValueError("EMOWATCH_REQUIRE_DATA is set but EMOWATCH_DATA_DIR is not")
+    _say(f"preparing data in {workdir} ({'real photos from ' + str(data_dir) if data_dir else 'generated faces'})")
+    data = prepare_demo(Path(workdir), data_dir, seed=seed)
+    # The demo's sites file and its own state folder (a fresh registry, database and outbox
+    # every run) are what every flow below reads; the user's own .emowatch state is untouched.
+    os.environ["EMOWATCH_SITES_FILE"] = str(data.sites_file)
+    os.environ["EMOWATCH_HOME"] = str(Path(workdir).resolve() / "state")
+    for var in ("EMOWATCH_DATABASE_URL", "EMOWATCH_MLFLOW_TRACKING_URI"):
+        os.environ.pop(var, None)
+    reset_settings()
+    settings = get_settings()
+
+    _say(f"1/5 training the source model ({data.backbone}) on {data.source_dir}")
+    trained = train_source(data=str(data.source_dir), backbone=data.backbone, img_size=data.img_size,
+                           epochs=(8 if data.kind == "generated" else None), seed=seed, promote=True)
+    _say(f"    emowatch-source v{trained['version']}: test accuracy {trained['test_accuracy']:.3f}")
+
+    rows: list[dict[str, Any]] = []
+    for s in data.sites:
+        name = s["name"]
+        before = evaluate_folder(settings, name, s["audit"])  # source champion on the audit set
+        _say(f"2/5 monitoring {name} (camera: {s['condition']})")
+        mon = monitor_site(site=name)
+        _say(f"    {name}: {mon['decision']} (p={_f(mon['p_value'])}, n={mon['n_cur']})"
+             + (f"; {', '.join(mon['quality_shift'])}" if mon["quality_shift"] else ""))
+        row = {"site": name, "camera": s["condition"], "policy": s["policy"],
+               "decision": mon["decision"], "p_value": mon["p_value"], "n_cur": mon["n_cur"],
+               "report_html": mon["report_html"], "alert_id": mon["alert_id"],
+               "audit_acc_before": before["accuracy"], "method": None, "verdict": None,
+               "gates": None, "challenger": None, "promoted": False}
+        if mon["decision"] == "drift":
+            _say(f"3/5 re-adapting {name} without labels (mmd)")
+            ad = readapt_site(site=name, method="mmd", seed=seed)
+            failed = [k for k, v in ad["gates"].items() if not v["passed"]]
+            row.update(method=ad["method"], verdict=ad["verdict"], challenger=ad["version"],
+                       gates=f"{len(ad['gates']) - len(failed)}/{len(ad['gates'])}",
+                       failed_gates=failed, plots=ad["plots"])
+            _say(f"    {name}: challenger v{ad['version']} verdict {ad['verdict']}"
+                 + (f" (failed: {', '.join(failed)})" if failed else ""))
+            if ad.get("promotion"):
+                row["promoted"] = True
+                _say(f"4/5 {name}: auto-promoted (policy auto, every gate passed)")
+            elif s["policy"] == "manual" and ad["verdict"] in ("pass", "unverifiable"):
+                _say(f"4/5 {name}: the demo approves v{ad['version']} as its approver")
+                promote(site=name, version=ad["version"], action="approve", actor="demo-approver",
+                        reason=f"demo: verdict {ad['verdict']}, gates {row['gates']}")
+                row["promoted"] = True
+            else:
+                _say(f"4/5 {name}: challenger v{ad['version']} waits (verdict {ad['verdict']}; "
+                     f"policy {s['policy']})")
+        after = evaluate_folder(settings, name, s["audit"])
+        row["audit_acc_after"] = after["accuracy"]
+        row["champion"] = after["model"]
+        rows.append(row)
+
+    _say("5/5 summary")
+    seconds = time.perf_counter() - t_start
+    text = summary_text(rows, trained, data.kind, settings, seconds)
+    log.info("demo finished in %.0f s", seconds)
+    return {"data": data.kind, "source": trained, "sites": rows, "seconds": round(seconds, 1),
+            "summary_text": text, "sites_file": str(data.sites_file)}
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.2g}" if x < 0.001 else f"{x:.3f}")
+
+
+def summary_text(rows: list[dict[str, Any]], trained: dict[str, Any], kind: str, settings: Any,
+                 seconds: float) -> str:
+    head = ["site", "camera", "decision", "p-value", "method", "gates", "verdict", "champion",
+            "audit acc before -> after"]
+    table = [head]
+    for r in rows:
+        table.append([
+            r["site"], r["camera"], r["decision"], _f(r["p_value"]), r["method"] or "-",
+            r["gates"] or "-", r["verdict"] or "-",
+            r["champion"].split("/", 1)[1] if r.get("champion") else "-",
+            f"{r['audit_acc_before']:.2f} -> {r['audit_acc_after']:.2f}",
+        ])
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    home = Path(settings.home).resolve()
+    out = [
+        "",
+        f"emowatch demo ({kind} data) finished in {seconds / 60:.1f} min. Source model "
+        f"{trained['model']} v{trained['version']}: test accuracy {trained['test_accuracy']:.3f}.",
+        "",
+        *lines,
+        "",
+        "(audit acc = accuracy of the site's champion on the site's labelled audit photos, which",
+        " are never used for adaptation; 'champion' = model/version serving the site now)",
+        "",
+        f"Evidently reports:  {home / 'reports'}/<site>/drift-*.html",
+        f"Evidently UI:       evidently ui --workspace {home / 'evidently'}",
+        f"Explanation plots:  {home / 'reports'}/<site>/adapt-v*/explanations.png",
+        f"E-mails (.eml):     {home / 'outbox'}",
+        f"MLflow UI:          mlflow ui --backend-store-uri {settings.tracking_uri}",
+        f"Our database:       {settings.db_url}",
+        "Next: emowatch status --json; emowatch approve <site> <version> --by <you>; emowatch rollback <site>",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,89 @@
+"""``readapt_site``: unsupervised re-adaptation of a drifted site, validated and registered as
+a challenger (never the champion); then approval e-mail or auto-promotion per site policy."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.runner import default_runner
+from tasks import readapt as t
+from tasks.context import ensure_site_model, load_site
+
+
+@flow(name="readapt_site", task_runner=default_runner(), log_prints=True)
+def readapt_site(site: str, method: str | None = None, drift_check_id: int | None = None,
+                 seed: int = 0) -> dict[str, Any]:
+    """Returns ``{site, method, version, gates: {name: {passed, value, threshold}}, verdict}``."""
+    from emowatch.settings import get_settings
+    from tasks.notify import deliver_alerts
+    from tasks.promote import promote_version_task, request_approval_task
+
+    log = get_run_logger()
+    settings = get_settings()
+    cfg, site_id = load_site(site, settings)
+    m = t.resolve_method(cfg, method)
+    served = ensure_site_model(cfg, site_id, settings)
+    owner = t.owner_id()
+    t.acquire(settings, cfg, owner)  # one adaptation per site at a time (database lock)
+    run_id = t.start_run(settings, site_id, m, served.key, _as_int(drift_check_id))
+    t0 = time.perf_counter()
+    try:
+        inputs = t.load_inputs(settings, cfg, site_id, served.name, served.version,
+                               source_free=m not in ("mmd", "coral"))
+        result = t.run_adaptation(inputs, m, cfg, seed)
+        validation = t.validate(inputs, result, cfg)
+        reg = t.register_challenger(settings, cfg, inputs, result, validation, m)
+        t.finish_run(settings, run_id, status="done", candidate_version=reg["version"],
+                     verdict=validation["verdict"], gates=validation["gates"],
+                     n_site_images=len(inputs.site_h), seconds=time.perf_counter() - t0,
+                     mlflow_run_id=reg["run_id"])
+    except BaseException as e:
+        t.finish_run(settings, run_id, status="failed", error=f"{type(e).__name__}: {e}",
+                     seconds=time.perf_counter() - t0)
+        raise
+    finally:
+        t.release(settings, cfg, owner)
+
+    verdict = validation["verdict"]
+    promotion = alert_id = None
+    if cfg.policy == "auto" and verdict == "pass":
+        promotion = promote_version_task(cfg, site_id, reg["version"], action="auto",
+                                         actor="emowatch-auto", reason="every gate passed")
+    else:
+        attachments = [p for p in reg["plots"].values()]
+        alert_id = request_approval_task(cfg, site_id, reg["version"], verdict,
+                                         validation["gates"], attachments,
+                                         audit=validation.get("audit"))
+    deliver_alerts(settings=settings)  # a mail server that is down never fails the flow
+    log.info("site %s: challenger %s/%s verdict %s", site, cfg.model_name, reg["version"], verdict)
+    return {
+        "site": site,
+        "method": m,
+        "version": reg["version"],
+        "model": cfg.model_name,
+        "base_model": served.key,
+        "gates": validation["gates"],
+        "verdict": verdict,
+        "dev": validation["dev"],
+        "source_acc": validation["source_acc"],
+        "champion_source_acc": validation["champion_source_acc"],
+        "audit": validation.get("audit"),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "adapt_seconds": round(result.seconds, 1),
+        "n_site_images": len(inputs.site_h),
+        "plots": reg["plots"],
+        "promotion": promotion,
+        "approval_alert_id": alert_id,
+        "adaptation_run_id": run_id,
+    }
+
+
+def _as_int(x: Any) -> int | None:
+    """Trigger parameters arrive rendered as strings ("12", "None", "")."""
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,42 @@
+"""Task runners: Prefect's thread pool by default, Dask when ``EMOWATCH_TASK_RUNNER=dask``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emowatch.settings import Settings, get_settings
+
+# 2 threads: on a 2-core machine more would only contend with torch's own threads.
+THREADS = 2
+
+
+def default_runner() -> Any:
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=THREADS)
+
+
+def task_runner(settings: Settings | None = None) -> Any:
+    """The runner the settings ask for.
+
+    ``task_runner = "dask"`` with ``dask_address = "tcp://scheduler:8786"`` runs featurization
+    chunks on an existing Dask cluster; without an address, a local cluster of 2 worker
+    processes is started for the flow run and closed after it.
+    """
+    settings = settings or get_settings()
+    if settings.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if settings.dask_address:
+            return DaskTaskRunner(address=settings.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return default_runner()
+
+
+def configured(flow_obj: Any, settings: Settings | None = None) -> Any:
+    """``flow_obj`` with the task runner of the settings (flows are declared with threads)."""
+    settings = settings or get_settings()
+    if settings.task_runner == "thread":
+        return flow_obj
+    return flow_obj.with_options(task_runner=task_runner(settings))

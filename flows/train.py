@@ -1,0 +1,45 @@
+"""``train_source``: labelled training domain -> model + reference profile -> MLflow registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.runner import default_runner
+from tasks import training as t
+
+
+@flow(name="train_source", task_runner=default_runner(), log_prints=True)
+def train_source(
+    data: str,
+    classes: list[str] | None = None,
+    aliases: dict[str, str] | None = None,
+    epochs: int | None = None,
+    backbone: str = "efficientnet-lite0",
+    img_size: int | None = None,
+    split: str = "auto",
+    seed: int = 0,
+    promote: bool | None = None,
+) -> dict[str, Any]:
+    """Train on ``<data>/<class>/<image>`` and register ``emowatch-source`` (the first version
+    becomes champion). Returns ``{model, version, val_accuracy, classes, ...}``."""
+    from tasks.context import prepare
+
+    prepare()
+    spec = t.SourceSpec(data=data, classes=classes, aliases=aliases, split=split, seed=seed)  # type: ignore[arg-type]
+    splits = t.load_source_task(spec)
+    net_cfg, train_cfg = t.train_configs(backbone, img_size, epochs, seed, len(splits.data.classes))
+    result = t.fit(splits, net_cfg, train_cfg)
+    t.attach_config(result, spec, train_cfg)
+    test_metrics = t.evaluate_test(result.checkpoint, splits)
+    profile = t.reference_profile(result.checkpoint, splits, seed)
+    reg = t.register(result, test_metrics, profile, spec, promote)
+    return {
+        **reg,
+        "classes": list(result.checkpoint.classes),
+        "n_train": result.n_train,
+        "n_val": result.n_val,
+        "n_test": test_metrics.n,
+        "per_class_test": test_metrics.per_class,
+    }

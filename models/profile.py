@@ -1,0 +1,89 @@
+"""The reference profile: what the training domain looks like to one model version.
+
+Bottleneck features and softmax outputs of a HELD-OUT sample of the training domain (never
+trained on, so the reference is not tighter than fresh data from the same domain would be;
+otherwise the drift test would fire on clean data), plus per-image quality statistics so a
+drift report can say *how* site images differ. Saved with every model (``to_npz``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "emowatch-reference-profile/1"
+
+
+@dataclass
+class ReferenceProfile:
+    features: np.ndarray  # (n, D) float32 bottleneck features
+    probs: np.ndarray  # (n, K) float32 softmax outputs
+    classes: list[str]
+    quality: dict[str, np.ndarray] | None = None  # stat name -> (n,) float64
+    info: dict[str, Any] = field(default_factory=dict)  # model key, sample description, ...
+
+    def __post_init__(self) -> None:
+        self.features = np.asarray(self.features, dtype=np.float32)
+        self.probs = np.asarray(self.probs, dtype=np.float32)
+        if self.features.ndim != 2 or self.probs.ndim != 2:
+            raise ValueError("features and probs must be 2-D (n, D) and (n, K)")
+        if len(self.features) != len(self.probs):
+            raise ValueError(f"{len(self.features)} feature rows but {len(self.probs)} prob rows")
+        if self.probs.shape[1] != len(self.classes):
+            raise ValueError(f"probs have {self.probs.shape[1]} columns for {len(self.classes)} classes")
+        if self.quality is not None:
+            self.quality = {k: np.asarray(v, dtype=np.float64) for k, v in self.quality.items()}
+            bad = [k for k, v in self.quality.items() if len(v) != len(self.features)]
+            if bad:
+                raise ValueError(f"quality statistics {bad} do not have {len(self.features)} values")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @classmethod
+    def from_arrays(cls, features: Any, probs: Any, classes: list[str],
+                    quality: dict[str, Any] | None = None, info: dict[str, Any] | None = None
+                    ) -> ReferenceProfile:
+        return cls(np.asarray(features), np.asarray(probs), list(classes),
+                   None if quality is None else dict(quality), dict(info or {}))
+
+    # --- explicit save / load ---------------------------------------------------------------
+    def to_npz(self, path: str | Path) -> None:
+        arrays: dict[str, Any] = {"features": self.features, "probs": self.probs}
+        for k, v in (self.quality or {}).items():
+            arrays[f"quality__{k}"] = v
+        meta = {"format": FORMAT, "classes": self.classes, "info": self.info}
+        np.savez_compressed(Path(path), meta=np.asarray(json.dumps(meta)), **arrays)
+
+    @classmethod
+    def from_npz(cls, path: str | Path) -> ReferenceProfile:
+        with np.load(Path(path), allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: not an emowatch reference profile")
+            quality = {k.removeprefix("quality__"): z[k] for k in z.files if k.startswith("quality__")}
+            return cls(z["features"], z["probs"], list(meta["classes"]), quality or None,
+                       dict(meta.get("info", {})))
+
+
+def build_reference_profile(checkpoint: Any, images: Any, max_n: int = 1000, seed: int = 0,
+                            batch_size: int = 32) -> ReferenceProfile:
+    """Features and softmax of up to ``max_n`` held-out images (seeded subsample).
+
+    images: anything :func:`models.evaluate.extract_features` takes (paths, records, uint8)."""
+    from models.evaluate import extract_features
+
+    n = len(images)
+    if n < 2:
+        raise ValueError(f"a reference profile needs at least 2 held-out images, got {n}")
+    idx = np.arange(n)
+    if n > max_n:
+        idx = np.sort(np.random.default_rng(seed).choice(n, max_n, replace=False))
+        images = images[idx] if isinstance(images, np.ndarray) else [images[i] for i in idx]
+    z, p = extract_features(checkpoint, images, batch_size=batch_size)
+    return ReferenceProfile(z, p, list(checkpoint.classes),
+                            info={"n": int(len(z)), "seed": seed, "subsampled_from": int(n)})

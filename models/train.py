@@ -1,0 +1,473 @@
+"""Supervised training of EmotionNet on the source (training) domain.
+
+Fast path: the frozen part of the backbone never changes, so its output ``h`` is computed
+once per image *view* (the image, its mirror image and a few random crops) and kept in
+memory (float16). Epochs then run only the top blocks, the bottleneck and the head on
+``h`` (``EmotionNet.forward_cached``): each epoch draws one cached view per image, which
+is the data augmentation. On 2 CPU cores caching costs one frozen forward per view; an
+epoch over ~1000 images costs seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from models.data import ImageRecord, LabelledSet, load_rgb, split_records, stratified_split
+from models.evaluate import EvalResult, metrics_from_predictions
+from models.network import Checkpoint, EmotionNet, NetConfig, Preprocessing, preprocessing_for
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    # Early stopping on the validation split usually ends Emotion6 runs at 10-20 epochs;
+    # 40 is the ceiling, and the cosine schedule is laid out over it.
+    epochs: int = 40
+    batch_size: int = 32
+    # New layers (bottleneck, head) start from random weights and need a larger step than
+    # the ImageNet-pretrained top blocks, which should move only a little (~10x smaller).
+    lr_head: float = 1e-3
+    lr_top: float = 1e-4
+    # AdamW decoupled decay; ~1000 training photos overfit a 3M-parameter top quickly.
+    weight_decay: float = 0.05
+    # Folder labels of Emotion6 agree with the annotators' majority for only about half
+    # of the photos: do not push the softmax to one-hot.
+    label_smoothing: float = 0.1
+    warmup_epochs: int = 1
+    # Stop when validation accuracy has not improved for this many epochs; the best epoch's
+    # weights are kept.
+    patience: int = 8
+    # Used only when no validation set is passed: this fraction of the training data,
+    # split by subject when file names carry one (CK+), stratified otherwise.
+    val_frac: float = 0.15
+    seed: int = 0
+    # Cached views per training image: the image, its mirror image (facial and scene
+    # emotions are left-right symmetric) and `crops` random crops (each mirrored with p=0.5).
+    flip: bool = True
+    crops: int = 2
+    # Area fraction of a random crop: large crops keep the face or scene content.
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    # Images per frozen forward while caching (memory, not results, depends on it).
+    cache_batch: int = 32
+    num_threads: int | None = None  # torch threads; None: leave torch's setting
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["crop_scale"] = list(self.crop_scale)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "crop_scale" in kw:
+            kw["crop_scale"] = tuple(kw["crop_scale"])
+        return cls(**kw)
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        if min(self.lr_head, self.lr_top) < 0 or self.weight_decay < 0:
+            raise ValueError("learning rates and weight decay must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.crops < 0:
+            raise ValueError(f"crops must be >= 0, got {self.crops}")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Checkpoint
+    history: list[dict[str, float]]  # one row per epoch
+    val_metrics: EvalResult  # of the kept (best) epoch
+    best_epoch: int
+    cache_seconds: float  # frozen forwards of every view (incl. decoding)
+    train_seconds: float  # the epochs
+    n_train: int
+    n_val: int
+    # Indices into the passed training data when the validation split was made here.
+    split: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.cache_seconds + self.train_seconds
+
+
+# --- input sources ---------------------------------------------------------------------------
+@dataclass
+class _Source:
+    """Uniform access to file records or in-memory uint8 images."""
+
+    labels: np.ndarray  # (N,)
+    records: list[ImageRecord] | None = None
+    images: np.ndarray | Sequence[np.ndarray] | None = None  # uint8 (N,H,W,3)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pil(self, i: int) -> Image.Image:
+        if self.records is not None:
+            return load_rgb(self.records[i].path)
+        a = np.asarray(self.images[i])
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        return Image.fromarray(a)
+
+    def subset(self, idx: Sequence[int]) -> _Source:
+        idx = list(idx)
+        return _Source(
+            labels=self.labels[idx],
+            records=[self.records[i] for i in idx] if self.records is not None else None,
+            images=[self.images[i] for i in idx] if self.images is not None else None,
+        )
+
+
+def _as_source(data: Any, labels: Any = None) -> tuple[_Source, list[str] | None]:
+    """LabelledSet | [ImageRecord] | object with .images/.labels | (images, labels)."""
+    if isinstance(data, LabelledSet):
+        return _Source(labels=data.labels, records=list(data.records)), list(data.classes)
+    if isinstance(data, tuple) and len(data) == 2 and labels is None:
+        data, labels = data
+    if hasattr(data, "images") and hasattr(data, "labels") and labels is None:
+        classes = list(data.classes) if hasattr(data, "classes") else None
+        return _as_source(data.images, data.labels)[0], classes
+    if isinstance(data, Sequence) and data and isinstance(data[0], ImageRecord):
+        return _Source(labels=np.array([r.label for r in data]), records=list(data)), None
+    if isinstance(data, np.ndarray) or (isinstance(data, Sequence) and data
+                                        and isinstance(data[0], np.ndarray)):
+        if labels is None:
+            raise ValueError("in-memory images need labels: pass (images, labels)")
+        y = np.asarray(labels, dtype=np.int64).ravel()
+        if len(y) != len(data):
+            raise ValueError(f"{len(data)} images but {len(y)} labels")
+        first = np.asarray(data[0]) if len(data) else None
+        if first is not None and first.dtype != np.uint8:
+            raise ValueError(f"in-memory images must be uint8 (N,H,W,3), got {first.dtype}")
+        return _Source(labels=y, images=data), None
+    raise ValueError(
+        "training data must be a LabelledSet, a list of ImageRecord, an object with "
+        ".images/.labels, or (uint8 images (N,H,W,3), labels)"
+    )
+
+
+# --- view generation and caching -------------------------------------------------------------
+def _random_crop(img: Image.Image, scale: tuple[float, float], rng: np.random.Generator) -> Image.Image:
+    w, h = img.size
+    area = w * h * rng.uniform(*scale)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw = int(round(min(w, math.sqrt(area * ratio))))
+    ch = int(round(min(h, math.sqrt(area / ratio))))
+    x0 = int(rng.integers(0, w - cw + 1))
+    y0 = int(rng.integers(0, h - ch + 1))
+    return img.crop((x0, y0, x0 + cw, y0 + ch))
+
+
+def _views(img: Image.Image, prep: Preprocessing, cfg: TrainConfig, rng: np.random.Generator,
+           augment: bool) -> list[np.ndarray]:
+    base = prep.to_array(img)  # (S,S,3)
+    if not augment:
+        return [base]
+    out = [base]
+    if cfg.flip:
+        out.append(base[:, ::-1])
+    for _ in range(cfg.crops):
+        v = prep.to_array(_random_crop(img, cfg.crop_scale, rng))
+        if cfg.flip and rng.random() < 0.5:
+            v = v[:, ::-1]
+        out.append(v)
+    return out
+
+
+def n_views(cfg: TrainConfig) -> int:
+    return 1 + int(cfg.flip) + cfg.crops
+
+
+@torch.no_grad()
+def cache_activations(
+    model: EmotionNet,
+    src: _Source,
+    prep: Preprocessing,
+    cfg: TrainConfig,
+    augment: bool,
+    seed: int,
+    progress: Progress | None = None,
+    stage: str = "cache",
+) -> torch.Tensor:
+    """Frozen activations of every view: (N, V, C, h, w) float16 (V = 1 without augment)."""
+    rng = np.random.default_rng(seed)
+    v = n_views(cfg) if augment else 1
+    model.eval()
+    out: torch.Tensor | None = None
+    n = len(src)
+    for s in range(0, n, cfg.cache_batch):
+        arrs = []
+        for i in range(s, min(n, s + cfg.cache_batch)):
+            arrs.extend(_views(src.pil(i), prep, cfg, rng, augment))
+        h = model.frozen_forward(prep.normalize(np.ascontiguousarray(np.stack(arrs))))
+        h = h.to(torch.float16).view(-1, v, *h.shape[1:])
+        if out is None:
+            out = torch.empty((n, v, *h.shape[2:]), dtype=torch.float16)
+        out[s:s + h.shape[0]] = h
+        if progress:
+            progress({"stage": stage, "done": min(n, s + cfg.cache_batch), "total": n})
+    assert out is not None
+    return out
+
+
+# --- training --------------------------------------------------------------------------------
+def _param_groups(model: EmotionNet, cfg: TrainConfig) -> list[dict[str, Any]]:
+    top = [p for p in model.top.parameters() if p.requires_grad]
+    new = list(model.bottleneck.parameters()) + list(model.head.parameters())
+    # No weight decay on norms and biases (1-D): decaying BN scales only hurts.
+    groups = []
+    for params, lr in ((top, cfg.lr_top), (new, cfg.lr_head)):
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups.append({"params": decay, "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay})
+        groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+@torch.no_grad()
+def _eval_cached(model: EmotionNet, h: torch.Tensor, y: torch.Tensor, bs: int = 256
+                 ) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy and predictions on cached (N, 1, ...) activations."""
+    model.eval()
+    losses, preds = [], []
+    for s in range(0, h.shape[0], bs):
+        _, logits = model.forward_cached(h[s:s + bs, 0].float())
+        losses.append(nn.functional.cross_entropy(logits, y[s:s + bs], reduction="sum").item())
+        preds.append(logits.argmax(1).numpy())
+    return sum(losses) / h.shape[0], np.concatenate(preds)
+
+
+def train_source(
+    train: Any,
+    classes: Sequence[str] | None = None,
+    net_config: NetConfig | None = None,
+    config: TrainConfig | None = None,
+    *,
+    val: Any = None,
+    labels: Any = None,
+    progress: Progress | bool | None = None,
+) -> TrainResult:
+    """Fine-tune EmotionNet's top blocks, bottleneck and head on labelled source images.
+
+    train / val: a LabelledSet, a list of ImageRecord, an object with ``.images``/``.labels``
+        (e.g. SyntheticFaces) or a tuple (uint8 images (N,H,W,3), labels). Without ``val`` a
+        validation split is cut from ``train`` (by subject for CK+-style names).
+    classes: class names in label order; default: those of ``train``.
+    progress: True for tqdm bars on stderr, a callable receiving event dicts
+        ({"stage": "cache"|"cache-val"|"epoch", ...}), or None for silence.
+    """
+    cfg = config or TrainConfig()
+    cfg.validate()
+    src, found_classes = _as_source(train, labels)
+    classes = list(classes or found_classes or [])
+    if not classes:
+        raise ValueError("class names are required (pass classes=[...])")
+    k = len(classes)
+    if len(src) == 0:
+        raise ValueError("no training images")
+    if src.labels.min() < 0 or src.labels.max() >= k:
+        raise ValueError(f"labels must be in [0, {k}) for classes {classes}")
+    present = np.bincount(src.labels, minlength=k)
+    if (present > 0).sum() < 2:
+        raise ValueError(f"training data has fewer than two classes present: {dict(zip(classes, present.tolist()))}")
+
+    split: dict[str, list[int]] = {}
+    if val is None:
+        if src.records is not None:
+            tr_idx, va_idx = split_records(src.records, cfg.val_frac, cfg.seed)
+        else:
+            recs = [ImageRecord(path=None, label=int(y), group=str(i))  # type: ignore[arg-type]
+                    for i, y in enumerate(src.labels)]
+            tr_idx, va_idx = stratified_split(recs, cfg.val_frac, cfg.seed)
+        split = {"train": tr_idx, "val": va_idx}
+        src_tr, src_va = src.subset(tr_idx), src.subset(va_idx)
+    else:
+        src_tr = src
+        src_va, _ = _as_source(val)
+    if len(src_va) == 0:
+        raise ValueError("validation set is empty")
+    if src_va.labels.min() < 0 or src_va.labels.max() >= k:
+        raise ValueError(f"validation labels must be in [0, {k})")
+
+    ncfg = dataclasses.replace(net_config or NetConfig(), num_classes=k)
+    prep = preprocessing_for(ncfg)
+    report = _progress_fn(progress)
+    old_threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = EmotionNet(ncfg)
+            t0 = time.perf_counter()
+            h_tr = cache_activations(model, src_tr, prep, cfg, True, cfg.seed, report, "cache")
+            h_va = cache_activations(model, src_va, prep, cfg, False, cfg.seed, report, "cache-val")
+            cache_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            history, best_state, best_epoch = _fit(model, h_tr, src_tr.labels, h_va,
+                                                   src_va.labels, cfg, report)
+            train_s = time.perf_counter() - t1
+    finally:
+        torch.set_num_threads(old_threads)
+        if isinstance(report, _Bars):
+            report.close()
+
+    model.load_state_dict(best_state)
+    model.eval()
+    _, pred = _eval_cached(model, h_va, torch.as_tensor(src_va.labels))
+    val_metrics = metrics_from_predictions(src_va.labels, pred, classes)
+    ckpt = Checkpoint(
+        model=model,
+        classes=classes,
+        preprocessing=prep,
+        config={
+            "train": cfg.to_dict(),
+            "net": ncfg.to_dict(),
+            "best_epoch": best_epoch,
+            "val_accuracy": val_metrics.accuracy,
+            "val_macro_f1": val_metrics.macro_f1,
+            "n_train": len(src_tr),
+            "n_val": len(src_va),
+        },
+    )
+    return TrainResult(
+        checkpoint=ckpt,
+        history=history,
+        val_metrics=val_metrics,
+        best_epoch=best_epoch,
+        cache_seconds=cache_s,
+        train_seconds=train_s,
+        n_train=len(src_tr),
+        n_val=len(src_va),
+        split=split,
+    )
+
+
+def _fit(
+    model: EmotionNet,
+    h_tr: torch.Tensor,
+    y_tr_np: np.ndarray,
+    h_va: torch.Tensor,
+    y_va_np: np.ndarray,
+    cfg: TrainConfig,
+    report: Progress | None,
+) -> tuple[list[dict[str, float]], dict[str, torch.Tensor], int]:
+    rng = np.random.default_rng(cfg.seed + 1)
+    y_tr, y_va = torch.as_tensor(y_tr_np), torch.as_tensor(y_va_np)
+    n, v = h_tr.shape[:2]
+    bs = min(cfg.batch_size, n)
+    steps_per_epoch = max(1, n // bs)  # drop the ragged last batch (BatchNorm needs > 1)
+    total = steps_per_epoch * cfg.epochs
+    warm = steps_per_epoch * cfg.warmup_epochs
+    opt = torch.optim.AdamW(_param_groups(model, cfg))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    history: list[dict[str, float]] = []
+    best_key: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] = copy.deepcopy(model.state_dict())
+    best_epoch, since_best, step = 0, 0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        t = time.perf_counter()
+        model.train()
+        order = rng.permutation(n)
+        view = rng.integers(0, v, size=n)
+        tot_loss, correct, seen = 0.0, 0, 0
+        for b in range(steps_per_epoch):
+            idx = order[b * bs:(b + 1) * bs]
+            hb = h_tr[idx, view[idx]].float()
+            yb = y_tr[idx]
+            f = _lr_factor(step, total, warm)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * f
+            _, logits = model.forward_cached(hb)
+            loss = loss_fn(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            tot_loss += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(idx)
+        val_loss, pred = _eval_cached(model, h_va, y_va)
+        val_acc = float((pred == y_va_np).mean())
+        row = {
+            "epoch": epoch,
+            "train_loss": tot_loss / seen,
+            "train_acc": correct / seen,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr_head": cfg.lr_head * _lr_factor(step - 1, total, warm),
+            "seconds": time.perf_counter() - t,
+        }
+        history.append(row)
+        key = (val_acc, -val_loss)
+        if best_key is None or key > best_key:
+            best_key, best_epoch, since_best = key, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since_best += 1
+        if report:
+            report({"stage": "epoch", **row, "best_epoch": best_epoch, "total": cfg.epochs})
+        if since_best >= cfg.patience:
+            break
+    return history, best_state, best_epoch
+
+
+class _Bars:
+    """tqdm bars for the progress events (one per stage)."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        from tqdm.auto import tqdm
+
+        stage = ev["stage"]
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=ev["total"], desc=stage, leave=False)
+        if stage == "epoch":
+            bar.update(1)
+            bar.set_postfix(loss=f"{ev['train_loss']:.3f}", val_acc=f"{ev['val_acc']:.3f}",
+                            best=ev["best_epoch"])
+        else:
+            bar.update(ev["done"] - bar.n)
+
+    def close(self) -> None:
+        for b in self.bars.values():
+            b.close()
+
+
+def _progress_fn(progress: Progress | bool | None) -> Progress | None:
+    if progress is True:
+        return _Bars()
+    if progress in (None, False):
+        return None
+    if not callable(progress):
+        raise ValueError("progress must be True, None or a callable")
+    return progress

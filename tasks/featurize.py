@@ -1,0 +1,118 @@
+"""Featurize site images with a model version, cached in ``image_features`` by sha256 + model.
+
+Large batches are split into chunks; each chunk is a Prefect task, so the flow's task runner
+decides where they run (threads by default, a Dask cluster with ``EMOWATCH_TASK_RUNNER=dask``).
+A chunk loads the model once per worker process, decodes each image once (quality statistics
+on the full-resolution image, features on the model's input grid) and writes to the cache;
+re-checks of the same images under the same model version cost one SELECT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from models.quality import STAT_NAMES
+
+
+@dataclass
+class FeatureSet:
+    """Features of N images, aligned with ``shas``."""
+
+    shas: list[str]
+    z: np.ndarray  # (N, D) float32 bottleneck features
+    probs: np.ndarray  # (N, K) float32 softmax outputs
+    quality: dict[str, np.ndarray]  # stat name -> (N,) float64
+
+    def __len__(self) -> int:
+        return len(self.shas)
+
+
+def compute_chunk(model_name: str, version: str, items: Sequence[tuple[str, str]],
+                  batch_size: int = 32) -> int:
+    """Featurize ``(sha256, path)`` pairs and cache them; returns how many were written.
+
+    Images that can no longer be decoded are skipped (they were validated at ingestion, so this
+    only happens when the content store was tampered with) and logged by the caller."""
+    from db import queries
+    from db.session import session_scope
+    from models.data import load_rgb
+    from models.evaluate import extract_features
+    from models.quality import image_stats
+    from tasks.context import load_model, prepare
+
+    _, engine = prepare()
+    ckpt, _ = load_model(model_name, version)
+    prep = ckpt.preprocessing
+    shas, grids, quals = [], [], []
+    for sha, path in items:
+        try:
+            img = load_rgb(path)
+        except Exception:  # noqa: BLE001 - reported as missing by featurize_images
+            continue
+        quals.append(image_stats(img))
+        grids.append(prep.to_array(img))
+        shas.append(sha)
+    if not shas:
+        return 0
+    z, p = extract_features(ckpt, np.stack(grids), batch_size=batch_size)
+    with session_scope(engine) as s:
+        return queries.put_features(
+            s, f"{model_name}/{version}", list(zip(shas, z, p, quals, strict=True))
+        )
+
+
+@task(name="featurize-chunk", retries=1, retry_delay_seconds=5)
+def featurize_chunk(model_name: str, version: str, items: list[tuple[str, str]], batch_size: int) -> int:
+    return compute_chunk(model_name, version, items, batch_size)
+
+
+def load_cached(model_key: str, shas: Sequence[str]) -> dict:
+    from db import queries
+    from db.session import session_scope
+    from tasks.context import prepare
+
+    _, engine = prepare()
+    with session_scope(engine) as s:
+        return queries.get_features(s, shas, model_key)
+
+
+@task(name="featurize-images")
+def featurize_images(model_name: str, version: str, items: list[tuple[str, str]],
+                     chunk_size: int = 256, batch_size: int = 32) -> FeatureSet:
+    """Features of every ``(sha256, store_path)``, computing only what is not cached yet.
+
+    Runs the missing chunks through the flow's task runner (parallel on Dask)."""
+    log = get_run_logger()
+    key = f"{model_name}/{version}"
+    shas = [s for s, _ in items]
+    cached = load_cached(key, shas)
+    missing = [(s, p) for s, p in items if s not in cached]
+    if missing:
+        chunks = [missing[i:i + chunk_size] for i in range(0, len(missing), chunk_size)]
+        log.info("featurizing %d new images with %s in %d chunk(s) (%d cached)",
+                 len(missing), key, len(chunks), len(cached))
+        futures = [featurize_chunk.submit(model_name, version, c, batch_size) for c in chunks]
+        written = sum(f.result() for f in futures)
+        log.info("featurized %d images", written)
+        cached = load_cached(key, shas)
+    lost = [s for s in shas if s not in cached]
+    if lost:
+        log.warning("%d images could not be decoded from the content store and are left out: %s",
+                    len(lost), ", ".join(lost[:5]))
+    kept = [s for s in shas if s in cached]
+    return assemble(kept, cached)
+
+
+def assemble(shas: list[str], cached: dict) -> FeatureSet:
+    if not shas:
+        return FeatureSet([], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32),
+                          {k: np.zeros(0) for k in STAT_NAMES})
+    z = np.stack([cached[s].features for s in shas]).astype(np.float32)
+    p = np.stack([cached[s].probs for s in shas]).astype(np.float32)
+    q = {k: np.asarray([cached[s].quality.get(k, np.nan) for s in shas], dtype=np.float64)
+         for k in STAT_NAMES}
+    return FeatureSet(shas, z, p, q)

@@ -1,0 +1,356 @@
+"""E-mail alerts through an outbox table: written first, delivered later, never lost.
+
+    queue_email(session, ...)        -> an ``alerts`` row (status ``pending``), in the caller's
+                                        transaction: the alert exists once that commits.
+    deliver_pending(engine, settings) -> sends every ``pending``/``failed`` row below
+                                        ``max_attempts`` and records the outcome on the row.
+
+Statuses: ``pending`` (queued) -> ``sending`` (claimed by one deliverer) -> ``sent`` |
+``failed`` (retried by the next run until ``max_attempts``) | ``kept`` (no SMTP server is
+configured: the ``.eml`` file in ``settings.outbox_dir`` *is* the delivery). A ``sending`` row
+whose deliverer died is claimable again after ``STALE_SENDING``.
+
+Every delivery attempt also writes the message as ``<outbox_dir>/alert-<id>-<kind>.eml``: the
+exact bytes sent, readable by people (any mail client opens it) even when the mail server is
+down or mis-configured; ``Alert.eml_path`` points at it.
+
+Delivery is at-least-once: a crash between the server's "250 OK" and the database update sends
+the message again on the next run. The Message-ID is fixed per alert, so mail clients show such
+a duplicate once.
+
+We use :mod:`smtplib` directly rather than prefect-email's ``email_send_message``: that task is
+async, needs an ``EmailServerCredentials`` block stored in the Prefect server, and raises out of
+the flow on a down server, while the outbox must work from the CLI and from tests without a
+Prefect server, handle each message's failure on its own row and keep timeouts and TLS exact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import mimetypes
+import os
+import smtplib
+import ssl
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, getaddresses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from db.models import Alert, utcnow
+
+if TYPE_CHECKING:
+    from emowatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = ("pending", "failed")
+# A deliverer that claimed a row and then died leaves it "sending"; after this long another run
+# may take it over. Far above one SMTP exchange (timeout 10 s by default), so a slow but live
+# deliverer is never doubled.
+STALE_SENDING = dt.timedelta(minutes=15)
+_MAX_ERROR_CHARS = 2000
+
+SessionSource = Engine | Callable[[], Session]
+
+
+@dataclass(frozen=True)
+class DeliverySummary:
+    sent: int = 0
+    kept: int = 0  # written to the outbox folder only (no SMTP server configured)
+    failed: int = 0  # tried this run and failed; retried next run below max_attempts
+    skipped: int = 0  # claimed by a concurrent deliverer meanwhile
+    exhausted: int = 0  # failed rows at max_attempts (all time): need a person
+
+
+# --- queueing -------------------------------------------------------------------------------------
+def queue_email(
+    session: Session,
+    *,
+    site_id: int | None,
+    kind: str,
+    recipients: Sequence[str],
+    subject: str,
+    body: str,
+    attachments: Iterable[str | Path] = (),
+) -> Alert:
+    """Add a pending alert to the outbox (flushed, not committed: the caller's transaction owns it).
+
+    Attachments are file paths, read when the message is sent (reports are written before
+    the alert and not changed afterwards).
+    """
+    rcpts = [r.strip() for r in recipients if r and r.strip()]
+    if not rcpts:
+        raise ValueError(f"alert {kind!r} has no recipients")
+    bad = [r for r in rcpts if "@" not in getaddresses([r])[0][1]]
+    if bad:
+        raise ValueError(f"not e-mail addresses: {', '.join(bad)}")
+    if not kind or len(kind) > 32:
+        raise ValueError(f"alert kind must be 1-32 characters, got {kind!r}")
+    if "\n" in subject or "\r" in subject:
+        raise ValueError("the subject must be one line")
+    paths = [Path(a).resolve() for a in attachments]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"attachments not found: {', '.join(missing)}")
+    alert = Alert(site_id=site_id, kind=kind, recipients=rcpts, subject=subject, body=body,
+                  attachments=[str(p) for p in paths], status="pending", attempts=0)
+    session.add(alert)
+    session.flush()  # assigns alert.id
+    return alert
+
+
+def should_alert(session: Session, site_id: int | None, kind: str, cooldown_minutes: float) -> bool:
+    """False when an alert of ``kind`` for this site was queued within the cool-down.
+
+    Counts alerts in every status: a queued-but-undelivered alert is still the alert for its
+    period. Two flows checking at the same instant may both get True (no lock; harmless).
+    """
+    if cooldown_minutes < 0:
+        raise ValueError(f"cooldown_minutes must be >= 0, got {cooldown_minutes}")
+    if cooldown_minutes == 0:
+        return True
+    since = utcnow() - dt.timedelta(minutes=cooldown_minutes)
+    site_clause = Alert.site_id.is_(None) if site_id is None else Alert.site_id == site_id
+    q = sa.select(sa.func.count()).select_from(Alert).where(
+        site_clause, Alert.kind == kind, Alert.created_at >= since
+    )
+    return session.scalar(q) == 0
+
+
+# --- messages -------------------------------------------------------------------------------------
+def build_message(alert: Alert, mail_from: str) -> EmailMessage:
+    """The e-mail of an alert: text body plus its attachments with their MIME types."""
+    msg = EmailMessage()
+    msg["From"] = mail_from
+    msg["To"] = ", ".join(alert.recipients)
+    msg["Subject"] = alert.subject
+    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    domain = mail_from.rpartition("@")[2] or "localhost"
+    created = alert.created_at.strftime("%Y%m%d%H%M%S") if alert.created_at else "0"
+    # Fixed per alert: a re-send after a crash is the same message to mail clients.
+    msg["Message-ID"] = f"<emowatch-alert-{alert.id}-{created}@{domain}>"
+    msg["X-Emowatch-Alert"] = f"{alert.id}; kind={alert.kind}; site={alert.site_id}"
+    body = alert.body
+    files = []
+    for a in alert.attachments or []:
+        p = Path(a)
+        if p.is_file():
+            files.append(p)
+        else:  # a deleted report must not block the alert itself
+            body += f"\n\n[attachment missing when sent: {p}]"
+    msg.set_content(body)
+    for p in files:
+        ctype, encoding = mimetypes.guess_type(p.name)
+        if ctype is None or encoding is not None:  # unknown, or compressed (.gz)
+            ctype = "application/octet-stream"
+        maintype, subtype = ctype.split("/", 1)
+        msg.add_attachment(p.read_bytes(), maintype=maintype, subtype=subtype, filename=p.name)
+    return msg
+
+
+def _write_eml(msg: EmailMessage, alert: Alert, outbox: Path) -> Path:
+    outbox.mkdir(parents=True, exist_ok=True)
+    path = outbox / f"alert-{alert.id:06d}-{_safe(alert.kind)}.eml"
+    tmp = path.with_suffix(".eml.tmp")
+    tmp.write_bytes(msg.as_bytes())
+    os.replace(tmp, path)  # readers never see half a file
+    return path
+
+
+def _safe(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in s)
+
+
+# --- SMTP ------------------------------------------------------------------------------------------
+def _connect(settings: Settings, ssl_context: ssl.SSLContext | None) -> smtplib.SMTP:
+    host, port, timeout = settings.smtp_host, settings.smtp_port, settings.smtp_timeout_s
+    if settings.smtp_security == "ssl":
+        ctx = ssl_context or ssl.create_default_context()
+        smtp: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout, context=ctx)
+    else:
+        smtp = smtplib.SMTP(host, port, timeout=timeout)
+    try:
+        if settings.smtp_security == "starttls":
+            smtp.ehlo()
+            smtp.starttls(context=ssl_context or ssl.create_default_context())
+            smtp.ehlo()
+        if settings.smtp_username:
+            pw = settings.smtp_password.get_secret_value() if settings.smtp_password else ""
+            smtp.login(settings.smtp_username, pw)
+    except BaseException:
+        _close(smtp)
+        raise
+    return smtp
+
+
+def _close(smtp: smtplib.SMTP | None) -> None:
+    if smtp is None:
+        return
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:_MAX_ERROR_CHARS]
+
+
+# --- delivery --------------------------------------------------------------------------------------
+def _sessions(source: SessionSource) -> Callable[[], Session]:
+    if isinstance(source, Engine):
+        return lambda: Session(source, expire_on_commit=False)
+    return source
+
+
+def _deliverable(max_attempts: int, now: dt.datetime) -> Any:
+    # A stale "sending" row is taken over whatever its attempts: its deliverer died mid-way and
+    # the row would otherwise stay "sending" for ever.
+    return sa.or_(
+        sa.and_(Alert.status.in_(RETRYABLE), Alert.attempts < max_attempts),
+        sa.and_(Alert.status == "sending", Alert.updated_at < now - STALE_SENDING),
+    )
+
+
+def _claim(make: Callable[[], Session], alert_id: int, max_attempts: int) -> Alert | None:
+    """Atomically take one row (status -> sending, attempts + 1); None if another run has it."""
+    now = utcnow()
+    with make() as s, s.begin():
+        res = s.execute(
+            sa.update(Alert)
+            .where(Alert.id == alert_id, _deliverable(max_attempts, now))
+            .values(status="sending", attempts=Alert.attempts + 1, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:
+            return None
+        alert = s.get(Alert, alert_id)
+        s.expunge(alert)
+        return alert
+
+
+def _finish(make: Callable[[], Session], alert_id: int, **values: Any) -> None:
+    with make() as s, s.begin():
+        s.execute(sa.update(Alert).where(Alert.id == alert_id)
+                  .values(updated_at=utcnow(), **values)
+                  .execution_options(synchronize_session=False))
+
+
+def deliver_pending(
+    sessions: SessionSource,
+    settings: Settings,
+    max_attempts: int = 5,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> DeliverySummary:
+    """Send every deliverable alert; SMTP trouble is recorded on the rows, never raised.
+
+    ``sessions``: an Engine or a session factory. ``ssl_context``: for STARTTLS/SSL (default:
+    the system's trust store; tests pass one that trusts their own certificate). Database
+    errors do raise: without the outbox nothing can be recorded.
+    """
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    make = _sessions(sessions)
+    now = utcnow()
+    with make() as s:
+        ids = s.scalars(
+            sa.select(Alert.id)
+            .where(_deliverable(max_attempts, now))
+            .order_by(Alert.id)
+        ).all()
+
+    counts = {"sent": 0, "kept": 0, "failed": 0, "skipped": 0}
+    smtp: smtplib.SMTP | None = None
+    connect_error: str | None = None  # one refused connection fails the rest of this run fast
+    try:
+        for alert_id in ids:
+            alert = _claim(make, alert_id, max_attempts)
+            if alert is None:
+                counts["skipped"] += 1
+                continue
+            try:
+                msg = build_message(alert, settings.mail_from)
+                eml = str(_write_eml(msg, alert, Path(settings.outbox_dir)))
+            except (OSError, ValueError) as e:  # unreadable attachment, full disk, bad header
+                _finish(make, alert_id, status="failed", last_error=_describe(e))
+                counts["failed"] += 1
+                log.warning("alert %s: cannot build message: %s", alert_id, e)
+                continue
+            if not settings.smtp_host:
+                _finish(make, alert_id, status="kept", eml_path=eml, last_error=None)
+                counts["kept"] += 1
+                continue
+            if smtp is None and connect_error is None:
+                try:
+                    smtp = _connect(settings, ssl_context)
+                except (smtplib.SMTPException, OSError) as e:
+                    connect_error = f"connect {settings.smtp_host}:{settings.smtp_port}: {_describe(e)}"
+                    log.warning("no SMTP session: %s", connect_error)
+            if connect_error is not None:
+                _finish(make, alert_id, status="failed", eml_path=eml, last_error=connect_error)
+                counts["failed"] += 1
+                continue
+            assert smtp is not None
+            try:
+                refused = smtp.send_message(msg, from_addr=settings.mail_from,
+                                            to_addrs=list(alert.recipients))
+            except (smtplib.SMTPException, OSError) as e:
+                _finish(make, alert_id, status="failed", eml_path=eml, last_error=_describe(e))
+                counts["failed"] += 1
+                log.warning("alert %s not sent: %s", alert_id, e)
+                if isinstance(e, smtplib.SMTPServerDisconnected | OSError):
+                    _close(smtp)
+                    smtp = None  # reconnect for the next message
+                continue
+            # Some recipients refused (others accepted): sent, with the refusals on record.
+            note = f"refused: {refused}"[:_MAX_ERROR_CHARS] if refused else None
+            _finish(make, alert_id, status="sent", sent_at=utcnow(), eml_path=eml, last_error=note)
+            counts["sent"] += 1
+    finally:
+        _close(smtp)
+
+    with make() as s:
+        exhausted = s.scalar(sa.select(sa.func.count()).select_from(Alert).where(
+            Alert.status == "failed", Alert.attempts >= max_attempts))
+    if exhausted:
+        log.error("%d alert(s) failed %d times and are no longer retried", exhausted, max_attempts)
+    return DeliverySummary(**counts, exhausted=int(exhausted or 0))
+
+
+# --- Prefect ----------------------------------------------------------------------------------------
+@task(name="deliver-alerts", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
+def deliver_alerts(
+    sessions: SessionSource | None = None,
+    settings: Settings | None = None,
+    max_attempts: int = 5,
+) -> DeliverySummary:
+    """Prefect task around :func:`deliver_pending`.
+
+    A down mail server does not fail this task (the outbox retries on the next run); the
+    Prefect retries cover what does raise: a database that is briefly unreachable or locked.
+    """
+    if settings is None:
+        from emowatch.settings import get_settings
+
+        settings = get_settings()
+    if sessions is None:
+        from db.session import get_engine
+
+        sessions = get_engine(settings.db_url)
+    return deliver_pending(sessions, settings, max_attempts)
+
+
+__all__ = [
+    "DeliverySummary", "queue_email", "should_alert", "build_message", "deliver_pending",
+    "deliver_alerts", "STALE_SENDING",
+]

@@ -1,0 +1,281 @@
+"""Evidently reports for a site's drift check (evidently 0.7.x API).
+
+Evidently's column-wise tests are built for tables, not for 256-D image features, so the report
+shows a *compact view* of each image:
+
+* ``pc_1..pc_k``      the first k principal components of the bottleneck features, fitted on
+                        the reference (a fixed projection, so reports over time are comparable);
+* ``pred_class``      the model's predicted class (categorical) and ``confidence`` (max softmax);
+* quality statistics  brightness, contrast, sharpness, ... (models.quality), the columns a
+                        site operator understands;
+* ``z_0..z_{D-1}``    optionally the raw features, for Evidently's own embeddings-drift metric.
+
+The decision emowatch acts on is models.drift (MMD + BBSD); this report is what a person reads,
+and bench/drift.py measures how Evidently's own decisions on the same data compare.
+
+Functions here are pure (DataFrames/arrays in, Evidently objects out) except ``save_report``
+and ``add_to_workspace``, which write files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models.quality import STAT_NAMES
+
+# 10 components keep most of the variance of a 256-D bottleneck on our data while keeping the
+# report readable (one drift row per component) and Evidently's per-column tests well-powered.
+DEFAULT_PCA_COMPONENTS = 10
+# Evidently's default: the dataset is "drifted" when >= half the columns drifted.
+DEFAULT_DRIFT_SHARE = 0.5
+EMBEDDINGS_NAME = "bottleneck"
+
+
+@dataclass(frozen=True)
+class PCAProjection:
+    """A linear projection fitted on the reference features (numpy, no sklearn state)."""
+
+    mean: np.ndarray  # (D,)
+    components: np.ndarray  # (k, D) orthonormal rows, by decreasing variance
+    explained_variance_ratio: np.ndarray  # (k,)
+
+    @classmethod
+    def fit(cls, z_ref: np.ndarray, n_components: int = DEFAULT_PCA_COMPONENTS) -> PCAProjection:
+        z = np.asarray(z_ref, dtype=np.float64)
+        if z.ndim != 2 or len(z) < 2:
+            raise ValueError(f"z_ref must be (N>=2, D), got shape {z.shape}")
+        k = min(n_components, z.shape[1], len(z) - 1)
+        mean = z.mean(0)
+        _, s, vt = np.linalg.svd(z - mean, full_matrices=False)
+        var = s**2
+        # Sign convention: the largest loading of each component is positive (stable across runs).
+        signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])
+        vt = vt * signs[:, None]
+        return cls(mean, vt[:k], var[:k] / var.sum())
+
+    def transform(self, z: np.ndarray) -> np.ndarray:
+        z = np.asarray(z, dtype=np.float64)
+        if z.ndim != 2 or z.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"features must be (N, {self.mean.shape[0]}), got shape {z.shape}")
+        return (z - self.mean) @ self.components.T  # (N, k)
+
+
+def monitoring_frame(
+    z: np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    pca: PCAProjection,
+    quality: Mapping[str, Sequence[float] | np.ndarray] | None = None,
+    include_embeddings: bool = False,
+) -> pd.DataFrame:
+    """The compact per-image view a report is built on (one row per image)."""
+    z, probs = np.asarray(z), np.asarray(probs)
+    if len(z) != len(probs):
+        raise ValueError(f"{len(z)} feature rows but {len(probs)} probability rows")
+    if probs.ndim != 2 or probs.shape[1] != len(classes):
+        raise ValueError(f"probs must be (N, {len(classes)}), got shape {probs.shape}")
+    pcs = pca.transform(z)
+    cols: dict[str, Any] = {f"pc_{i + 1}": pcs[:, i] for i in range(pcs.shape[1])}
+    cols["pred_class"] = np.asarray(classes, dtype=object)[probs.argmax(1)]
+    cols["confidence"] = probs.max(1).astype(np.float64)
+    for name in STAT_NAMES if quality is not None else ():
+        if name in quality:
+            v = np.asarray(quality[name], dtype=np.float64)
+            if len(v) != len(z):
+                raise ValueError(f"quality[{name!r}] has {len(v)} values for {len(z)} images")
+            cols[name] = v
+    if include_embeddings:
+        cols.update({f"z_{j}": z[:, j].astype(np.float64) for j in range(z.shape[1])})
+    return pd.DataFrame(cols)
+
+
+def _split_columns(frame: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
+    """(numerical, categorical, embedding) columns of a monitoring frame."""
+    emb = [c for c in frame.columns if c.startswith("z_")]
+    cat = [c for c in frame.columns if c == "pred_class"]
+    num = [c for c in frame.columns if c not in emb and c not in cat]
+    return num, cat, emb
+
+
+def _datasets(ref_frame: pd.DataFrame, cur_frame: pd.DataFrame, with_embeddings: bool):
+    from evidently import DataDefinition, Dataset
+
+    if list(ref_frame.columns) != list(cur_frame.columns):
+        raise ValueError("reference and current frames must have the same columns")
+    if len(ref_frame) < 2 or len(cur_frame) < 2:
+        raise ValueError("reference and current frames need at least 2 rows each")
+    num, cat, emb = _split_columns(ref_frame)
+    definition = DataDefinition(
+        numerical_columns=num,
+        categorical_columns=cat,
+        embeddings={EMBEDDINGS_NAME: emb} if (emb and with_embeddings) else None,
+    )
+    return (
+        Dataset.from_pandas(ref_frame, data_definition=definition),
+        Dataset.from_pandas(cur_frame, data_definition=definition),
+        num + cat,
+        emb,
+    )
+
+
+def build_drift_report(
+    ref_frame: pd.DataFrame,
+    cur_frame: pd.DataFrame,
+    embeddings: bool = False,
+    drift_share: float = DEFAULT_DRIFT_SHARE,
+    timestamp: datetime | None = None,
+    name: str | None = None,
+    metadata: Mapping[str, str | float | int] | None = None,
+):
+    """Evidently snapshot: DataDriftPreset on the compact columns (+ EmbeddingsDrift on z_*).
+
+    ``timestamp`` places the snapshot on the workspace's time axis (default: now).
+    ``embeddings=True`` adds Evidently's EmbeddingsDrift metric on the z_* columns; it is off by
+    default because that metric always fits a t-SNE for its plot (~15-60 s on 2 cores for a
+    few hundred images), far more than the rest of the report (~1 s).
+    """
+    from evidently import Report
+    from evidently.metrics import EmbeddingsDrift
+    from evidently.presets import DataDriftPreset
+
+    if list(ref_frame.columns) != list(cur_frame.columns):
+        raise ValueError("reference and current frames must have the same columns")
+    if not embeddings:
+        keep = [c for c in ref_frame.columns if not c.startswith("z_")]
+        ref_frame, cur_frame = ref_frame[keep], cur_frame[keep]
+    ref, cur, columns, emb = _datasets(ref_frame, cur_frame, embeddings)
+    metrics: list[Any] = [DataDriftPreset(columns=columns, drift_share=drift_share)]
+    if embeddings and emb:
+        metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDINGS_NAME))
+    report = Report(metrics, metadata=dict(metadata or {}))
+    return report.run(cur, ref, timestamp=timestamp, name=name)
+
+
+def dataset_drift(snapshot: Any) -> dict[str, Any]:
+    """The preset's own dataset-level decision, read from a snapshot.
+
+    Evidently calls the dataset drifted when the share of drifted columns >= drift_share
+    (legacy/calculations/data_drift.py); per-column values are the p-values (or distances, for
+    references over 1000 rows) of the automatically chosen tests.
+    """
+    out: dict[str, Any] = {"per_column": {}}
+    for m in snapshot.dict()["metrics"]:
+        cfg, val = m["config"], m["value"]
+        kind = cfg.get("type", "")
+        if kind.endswith(":DriftedColumnsCount"):
+            out.update(
+                n_drifted=int(val["count"]), share=float(val["share"]),
+                drift_share=float(cfg["drift_share"]),
+            )
+        elif kind.endswith(":ValueDrift"):
+            out["per_column"][cfg["column"]] = {
+                "method": cfg.get("method"), "value": float(val), "threshold": cfg.get("threshold")
+            }
+        elif kind.endswith(":EmbeddingsDrift"):
+            out["embeddings_score"] = float(val)
+    if "share" not in out:
+        raise ValueError("snapshot has no DataDriftPreset result")
+    out["is_drift"] = bool(out["share"] >= out["drift_share"])
+    return out
+
+
+def evidently_decision(
+    ref_frame: pd.DataFrame,
+    cur_frame: pd.DataFrame,
+    drift_share: float = DEFAULT_DRIFT_SHARE,
+    fast: bool = False,
+) -> dict[str, Any]:
+    """DataDriftPreset's dataset-drift decision on the compact columns (z_* ignored).
+
+    ``fast=True`` runs the same per-column tests (Evidently's automatic choice of test and its
+    default thresholds, via its own stattest registry, as legacy ``get_one_column_drift`` does)
+    without building a Report: ~50x faster, for benchmarks; tests check that both agree.
+    """
+    if not fast:
+        snap = build_drift_report(ref_frame, cur_frame, embeddings=False, drift_share=drift_share)
+        return dataset_drift(snap)
+    from evidently.legacy.calculations.stattests import get_stattest
+    from evidently.legacy.core import ColumnType
+
+    if list(ref_frame.columns) != list(cur_frame.columns):
+        raise ValueError("reference and current frames must have the same columns")
+    num, cat, _ = _split_columns(ref_frame)
+    per_column: dict[str, Any] = {}
+    for col in num + cat:
+        kind = ColumnType.Numerical if col in num else ColumnType.Categorical
+        r = ref_frame[col].replace([-np.inf, np.inf], np.nan).dropna()
+        c = cur_frame[col].replace([-np.inf, np.inf], np.nan).dropna()
+        test = get_stattest(r, c, kind, None)
+        res = test(r, c, kind, None)
+        per_column[col] = {"method": test.display_name, "value": float(res.drift_score),
+                           "threshold": float(res.actual_threshold), "drifted": bool(res.drifted)}
+    n = sum(v["drifted"] for v in per_column.values())
+    share = n / len(per_column)
+    return {"per_column": per_column, "n_drifted": n, "share": share, "drift_share": drift_share,
+            "is_drift": bool(share >= drift_share)}
+
+
+def evidently_embeddings_decision(
+    z_ref: np.ndarray, z_cur: np.ndarray, method: str = "default"
+) -> dict[str, Any]:
+    """Evidently's embeddings-drift method on raw features: {score, is_drift, method}.
+
+    ``method="default"`` is what ``EmbeddingsDrift`` uses when given none: a domain classifier
+    (SGD logistic regression) whose ROC AUC is compared with 0.55, or, for references under 1000
+    rows, with the 95th percentile of AUCs of random guesses. "mmd", "distance", "ratio" and
+    "model" are Evidently's other methods with their default settings.
+    """
+    from evidently.legacy.metrics.data_drift import embedding_drift_methods as edm
+
+    ref = pd.DataFrame(np.asarray(z_ref, dtype=np.float64))
+    cur = pd.DataFrame(np.asarray(z_cur, dtype=np.float64))
+    makers = {
+        "default": lambda: edm.model(bootstrap=len(ref) < 1000),
+        "model": edm.model,
+        "mmd": edm.mmd,
+        "distance": edm.distance,
+        "ratio": edm.ratio,
+    }
+    if method not in makers:
+        raise ValueError(f"unknown method {method!r}; one of {sorted(makers)}")
+    score, drifted, name = makers[method]()(cur, ref)
+    return {"score": float(score), "is_drift": bool(drifted), "method": str(name)}
+
+
+# --- I/O -----------------------------------------------------------------------------------------
+def save_report(snapshot: Any, html_path: str | Path | None, json_path: str | Path | None) -> None:
+    """Write the snapshot as a standalone HTML page and/or its JSON results."""
+    for p in (html_path, json_path):
+        if p is not None:
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+    if html_path is not None:
+        snapshot.save_html(str(html_path))
+    if json_path is not None:
+        snapshot.save_json(str(json_path))
+
+
+def add_to_workspace(
+    workspace_dir: str | Path, project_name: str, snapshot: Any, description: str | None = None
+) -> str:
+    """Add the snapshot to the local Evidently workspace, one project per site (created once).
+
+    ``evidently ui --workspace <workspace_dir>`` then shows each site's reports over time.
+    Returns the snapshot id.
+    """
+    from evidently.ui.workspace import Workspace
+
+    Path(workspace_dir).mkdir(parents=True, exist_ok=True)
+    ws = Workspace(str(workspace_dir))
+    found = ws.search_project(project_name)
+    project = found[0] if found else ws.create_project(
+        project_name, description=description or f"emowatch drift reports for site {project_name}"
+    )
+    ref = ws.add_run(project.id, snapshot)
+    return str(ref.id)

@@ -1,0 +1,216 @@
+"""Unsupervised re-adaptation (models/adapt.py) on a tiny backbone and a synthetic site shift.
+
+The toy: 4 classes, each a bright square in one quadrant of a noisy 32 px image; the site
+sees the same scenes darker, lower-contrast, noisier and with a red cast (a "night camera").
+The source model is near-perfect on the source and at chance on the site.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.adapt import (
+    AdaptConfig,
+    AdaptResult,
+    CachedSet,
+    adapt,
+    available_adapters,
+    cached_outputs,
+    coral_loss,
+    get_adapter,
+    mk_mmd2,
+    rampup,
+)
+from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
+
+K, S = 4, 16
+
+
+def make_scenes(n: int, seed: int, site: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    x = 0.5 * torch.randn(n, 3, S, S, generator=g)
+    for c in range(K):
+        r, q = divmod(c, 2)
+        x[y == c, :, r * S // 2:(r + 1) * S // 2, q * S // 2:(q + 1) * S // 2] += 1.0
+    if site:
+        x = 0.3 * x - 1.0 + 0.3 * torch.randn(x.shape, generator=g)
+        x[:, 0] += 0.8
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """(model, source (h,y), source-val (h,y), site (h,y)); tiny backbone: h is the image."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = EmotionNet(NetConfig(backbone="tiny", img_size=S, num_classes=K, pretrained=False))
+        xs, ys = make_scenes(384, 0)
+        opt = torch.optim.Adam(model.trainable_parameters(), 3e-3)
+        model.train()
+        for _ in range(120):
+            i = torch.randint(0, len(xs), (64,))
+            loss = F.cross_entropy(model(xs[i]), ys[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model, (xs, ys), make_scenes(192, 1), make_scenes(192, 2, site=True)
+
+
+def acc(model, h, y) -> float:
+    return float((cached_outputs(model, h)[1].argmax(1) == y.numpy()).mean())
+
+
+def mmd2(a, b) -> float:
+    return float(mk_mmd2(torch.as_tensor(a), torch.as_tensor(b)))
+
+
+def quick(method: str, **kw) -> AdaptConfig:
+    cfg = get_adapter(method).default_config()
+    cfg.steps = kw.pop("steps", 40)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_toy_is_a_real_shift(toy):
+    model, src, val, site = toy
+    assert acc(model, *val) > 0.9
+    assert acc(model, *site) < 0.5
+
+
+def test_registry():
+    assert {"mmd", "coral", "adabn", "shot-im", "tent"} <= set(available_adapters())
+    with pytest.raises(ValueError, match="unknown adaptation method"):
+        get_adapter("nope")
+    assert AdaptConfig().to_dict()["steps"] == AdaptConfig().steps
+
+
+@pytest.mark.parametrize("method", ["mmd", "coral"])
+def test_discrepancy_methods_align_features_and_help(toy, method):
+    model, src, val, site = toy
+    res = adapt(model, src, site[0], method, quick(method, lr=1e-3))
+    before = mmd2(cached_outputs(model, val[0])[0], cached_outputs(model, site[0])[0])
+    after = mmd2(cached_outputs(res.model, val[0])[0], cached_outputs(res.model, site[0])[0])
+    assert after < 0.95 * before, (before, after)
+    assert acc(res.model, *site) > acc(model, *site) + 0.2
+    assert acc(res.model, *val) > 0.9  # source kept
+    assert res.method == method and res.steps_done == 40 and not res.stopped_early
+    assert len(res.history) == 4 and {"loss", "ce", "mmd", "coral", "lam"} <= set(res.history[-1])
+    assert all(np.isfinite(r["loss"]) for r in res.history)
+
+
+@pytest.mark.parametrize("method", ["adabn", "shot-im", "tent"])
+def test_source_free_methods_run_without_source_and_move_site_features(toy, method):
+    model, src, val, site = toy
+    res = get_adapter(method).adapt(model, None, site[0], quick(method))
+    # The site's features under the adapted model move toward the source reference profile
+    # (source features under the deployed model), which is what the drift monitor watches.
+    z_ref = cached_outputs(model, val[0])[0]
+    before = mmd2(z_ref, cached_outputs(model, site[0])[0])
+    after = mmd2(z_ref, cached_outputs(res.model, site[0])[0])
+    assert after < 0.5 * before, (before, after)
+    assert acc(res.model, *site) > acc(model, *site) + 0.2
+
+
+def test_discrepancy_methods_need_labelled_source(toy):
+    model, src, _, site = toy
+    with pytest.raises(ValueError, match="needs labelled source"):
+        adapt(model, None, site[0], "mmd", quick("mmd"))
+    with pytest.raises(ValueError, match="needs labelled source"):
+        adapt(model, src[0], site[0], "mmd", quick("mmd"))  # no labels
+    with pytest.raises(ValueError, match="different shapes"):
+        adapt(model, (src[0][:, :, :16, :16], src[1]), site[0], "mmd", quick("mmd"))
+    with pytest.raises(ValueError, match="labels must be in"):
+        adapt(model, (src[0], src[1] + 10), site[0], "mmd", quick("mmd"))
+    with pytest.raises(ValueError, match="coral_weight"):
+        adapt(model, src, site[0], "coral", AdaptConfig(steps=2))
+
+
+def test_bad_config_is_rejected(toy):
+    model, src, _, site = toy
+    for bad in ({"batch_size": 1}, {"lr": 0.0}, {"kernel_multipliers": ()}, {"final_bn": "x"},
+                {"time_budget_s": 0.0}, {"mmd_weight": -1.0}):
+        with pytest.raises(ValueError):
+            adapt(model, src, site[0], "mmd", AdaptConfig(steps=1, **bad))
+    with pytest.raises(ValueError, match="target.images"):
+        adapt(model, None, site[0], "adabn", AdaptConfig(adabn_scope="all"))
+
+
+@pytest.mark.parametrize("method", ["mmd", "shot-im"])
+def test_input_model_is_not_mutated(toy, method):
+    model, src, _, site = toy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = Checkpoint(model=model, classes=list("abcd"), preprocessing=preprocessing_for(model.config))
+    res = adapt(ckpt, src, site[0], method, quick(method, steps=5))
+    assert res.model is not model and isinstance(res.model, EmotionNet)
+    assert not res.model.training and not model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    changed = any(not torch.equal(before[k], v) for k, v in res.model.state_dict().items())
+    assert changed
+    out = res.to_checkpoint(ckpt)
+    assert out.model is res.model and out.config["adaptation"]["method"] == method
+
+
+def test_reproducible_with_seed(toy):
+    model, src, _, site = toy
+    a = adapt(model, src, site[0], "mmd", quick("mmd", steps=8, seed=3))
+    b = adapt(model, src, site[0], "mmd", quick("mmd", steps=8, seed=3))
+    c = adapt(model, src, site[0], "mmd", quick("mmd", steps=8, seed=4))
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+
+
+def test_global_rng_untouched(toy):
+    model, src, _, site = toy
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    adapt(model, src, site[0], "mmd", quick("mmd", steps=2))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_time_budget_stops_early_and_progress_is_reported(toy):
+    model, src, _, site = toy
+    seen = []
+    res = adapt(model, src, site[0], "mmd", quick("mmd", steps=10_000, time_budget_s=0.5, log_every=1),
+                progress=lambda step, total, rec: seen.append((step, total, rec["loss"])))
+    assert res.stopped_early and 0 < res.steps_done < 10_000
+    assert seen and seen[-1][0] == res.steps_done and seen[0][1] == 10_000
+
+
+def test_frozen_top_fast_path(toy):
+    model, src, val, site = toy
+    res = adapt(model, src, site[0], "mmd", quick("mmd", top_lr_mult=0.0))
+    top0, top1 = model.top.state_dict(), res.model.top.state_dict()
+    assert all(torch.equal(top0[k], top1[k]) for k in top0)
+    assert all(p.requires_grad for p in res.model.top.parameters())
+    assert acc(res.model, *site) > acc(model, *site)
+
+
+def test_adabn_all_scope_uses_images(toy):
+    model, _, _, site = toy
+    # tiny backbone: the frozen part has no BN, so nothing there changes
+    res = adapt(model, None, CachedSet(h=site[0], images=site[0]), "adabn",
+                AdaptConfig(adabn_scope="all"))
+    assert not res.frozen_changed and res.steps_done == 1
+
+
+def test_discrepancies():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g)
+    assert abs(float(mk_mmd2(a, b))) < 0.01
+    assert float(mk_mmd2(a, b + 1.0)) > 0.1
+    # median-scaled kernels: rescaling both samples leaves MMD unchanged (no collapse shortcut)
+    assert float(mk_mmd2(3 * a, 3 * (b + 1))) == pytest.approx(float(mk_mmd2(a, b + 1.0)), rel=1e-4)
+    assert float(coral_loss(a, b)) < float(coral_loss(a, 2.0 * b))
+    assert rampup(0, 100, 10.0) == 0.0 and rampup(100, 100, 10.0) > 0.99 and rampup(5, 100, 0.0) == 1.0
+    with pytest.raises(ValueError):
+        mk_mmd2(a[:1], b)
