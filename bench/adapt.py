@@ -129,11 +129,22 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def train_model(h_tr_views, y_tr, h_va, y_va, seed, epochs) -> EmotionNet:
-    """Source training on cached views with models.train's loop (same recipe as train_source)."""
+def train_model(h_tr_views, y_tr, h_va, y_va, seed, epochs, cache_dir: Path | None = None,
+                name: str = "model") -> EmotionNet:
+    """Source training on cached views with models.train's loop (same recipe as train_source);
+    the weights are cached too (keyed by the data and the seed)."""
     from models.train import TrainConfig, _fit
 
     cfg = TrainConfig(seed=seed, epochs=epochs)
+    key = hashlib.sha1(np.asarray(y_tr).tobytes() + np.asarray(y_va).tobytes()
+                       + repr((seed, epochs, tuple(h_tr_views.shape), float(h_tr_views[:, 0].float().sum()),
+                               cfg.to_dict())).encode()).hexdigest()[:16]
+    path = cache_dir / f"{name}-{key}.pt" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        model = EmotionNet(NetConfig(num_classes=len(E6_CLASSES)))
+        model.load_state_dict(torch.load(path, weights_only=True))
+        model.eval()
+        return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = EmotionNet(NetConfig(num_classes=len(E6_CLASSES)))
@@ -142,6 +153,9 @@ def train_model(h_tr_views, y_tr, h_va, y_va, seed, epochs) -> EmotionNet:
     model.load_state_dict(best_state)
     model.eval()
     log(f"trained source model (seed {seed}), best epoch {best_epoch}")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
     return model
 
 
@@ -327,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
             tr, va = [src_idx[i] for i in tr_rel], [src_idx[i] for i in va_rel]
             ad_rel, te_rel = stratified_split([e6.records[i] for i in site_idx], 0.5, seed + 200)
             ad, te = [site_idx[i] for i in ad_rel], [site_idx[i] for i in te_rel]
-            model = train_model(e6_views[tr], y6[tr], e6_views[va, 0], y6[va], seed, args.epochs)
+            model = train_model(e6_views[tr], y6[tr], e6_views[va, 0], y6[va], seed, args.epochs,
+                                cache, "model-photos")
             log(f"photos seed {seed}: train {len(tr)} val {len(va)} site adapt {len(ad)} test {len(te)}; "
                 f"source val acc {accuracy(model, e6_views[va, 0].float(), y6[va]):.3f}")
             for c in args.conditions:
@@ -338,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
             yc = ck.labels
             tr, va = split_records(ck.records, 0.2, seed)
             ad, te = stratified_split(e6.records, 0.5, seed + 300)
-            model = train_model(ck_views[tr], yc[tr], ck_views[va, 0], yc[va], seed, args.epochs)
+            model = train_model(ck_views[tr], yc[tr], ck_views[va, 0], yc[va], seed, args.epochs,
+                                cache, "model-faces")
             log(f"faces seed {seed}: CK+ train {len(tr)} val {len(va)} "
                 f"(val acc {accuracy(model, ck_views[va, 0].float(), yc[va]):.3f}); photos adapt {len(ad)} test {len(te)}")
             run_site("faces→photos", seed, model, ck_views[tr], yc[tr], ck_views[va, 0], yc[va],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from datetime import UTC
 from pathlib import Path
 from typing import Literal
 
@@ -80,13 +81,14 @@ class Site(BaseModel):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, v: str) -> str:
+        from datetime import datetime
+
         from cronsim import CronSim, CronSimError  # small, already a Prefect dependency
-        from datetime import datetime, timezone
 
         if len(v.split()) != 5:
             raise ValueError(f"{v!r} is not a 5-field cron expression (minute hour day month weekday)")
         try:
-            CronSim(v, datetime.now(timezone.utc))
+            CronSim(v, datetime.now(UTC))
         except CronSimError as e:
             raise ValueError(f"{v!r} is not a valid cron expression: {e}") from None
         return v

@@ -30,7 +30,7 @@ def monitor_site(site: str, ingest: bool = True) -> dict[str, Any]:
     items, ids, oldest, newest = t.select_window(site_id, cfg.drift.window)
     fs = featurize_images(served.name, served.version, items, batch_size=settings.featurize_batch)
     result, phrases = t.drift_test(cfg, profile, fs)
-    stamp = dt.datetime.now(dt.timezone.utc)
+    stamp = dt.datetime.now(dt.UTC)
     reports = t.evidently_report(settings, cfg, profile, fs, stamp, result.decision)
     id_of = {sha: i for i, (sha, _) in zip(ids, items, strict=True)}
     tested_ids = [id_of[sha] for sha in fs.shas]

@@ -24,11 +24,18 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
     log = get_run_logger()
     settings = get_settings()
     cfg, site_id = load_site(site, settings)
+    check_id = _as_int(drift_check_id)
+    if check_id is not None:  # started by the drift event, not by a person
+        skip = t.auto_adapt_blocker(cfg)
+        if skip:
+            log.info("site %s: not re-adapting on drift check %s: %s", site, check_id, skip)
+            return {"site": site, "method": method or cfg.adapt.method, "version": None,
+                    "gates": {}, "verdict": None, "skipped": skip}
     m = t.resolve_method(cfg, method)
     served = ensure_site_model(cfg, site_id, settings)
     owner = t.owner_id()
     t.acquire(settings, cfg, owner)  # one adaptation per site at a time (database lock)
-    run_id = t.start_run(settings, site_id, m, served.key, _as_int(drift_check_id))
+    run_id = t.start_run(settings, site_id, m, served.key, check_id)
     t0 = time.perf_counter()
     try:
         inputs = t.load_inputs(settings, cfg, site_id, served.name, served.version,

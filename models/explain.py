@@ -45,8 +45,8 @@ Properties (proved below; tested in tests/test_explain.py)
     We use (g_C(0) + g_C(1)) / 2 instead. Both equal g_C(1/2) when g_C is affine in z, so
     ``psi = Owen`` at every node whenever no Harsanyi dividend of the game touches a child of a
     node together with >= 2 different blocks outside that node. This holds for additive games,
-    for ALL games with interactions of order <= 2 (any pairs, not only siblings) in a binary
-    tree, and for interactions inside sibling groups; then every residual is 0 and the leaf
+    for ALL games with interactions of order <= 2 (any pairs, not only siblings; binary or quad
+    tree), and for interactions inside sibling groups; then every residual is 0 and the leaf
     values ARE the Owen values. Otherwise, with delta(C) = psi(C) - Owen(C) and e = phi - Owen:
     ``sum_C |e(C)| <= |e(N)| + 2 sum_C |delta(C)|``, hence
 
@@ -449,12 +449,17 @@ class Explainer:
             raise ValueError("model must be callable: (B,3,H,W) normalised images -> logits")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if partition not in ("binary", "quad"):
+            raise ValueError(f"partition must be 'binary' or 'quad', got {partition!r}")
+        max_depth = 10 if partition == "binary" else 5  # 1024 regions
+        if not 1 <= depth <= max_depth:
+            raise ValueError(f"depth must be in [1, {max_depth}] for a {partition} partition, "
+                             f"got {depth}")
         self.model = model
         self.depth = int(depth)
         self.partition = partition
         self.batch_size = int(batch_size)
         self.blur_sigma = float(blur_sigma)
-        image_partition(2 ** 8, 2 ** 8, self.depth, partition)  # validates depth/partition
 
     def attribute(self, images: torch.Tensor | np.ndarray, target: int | Sequence[int] | None = None,
                   baseline: BaselineSpec = "blur") -> Attribution:
@@ -476,7 +481,12 @@ class Explainer:
             if target is None:
                 targets = logits.argmax(1).numpy().astype(np.int64)
             else:
-                targets = np.broadcast_to(np.asarray(target, np.int64), (x.shape[0],)).copy()
+                targets = np.asarray(target, np.int64).reshape(-1)
+                if targets.size == 1:
+                    targets = np.repeat(targets, x.shape[0])
+                if targets.shape[0] != x.shape[0]:
+                    raise ValueError(f"target: one class or one per image ({x.shape[0]}), "
+                                     f"got {targets.shape[0]}")
                 if ((targets < 0) | (targets >= k)).any():
                     raise ValueError(f"target must be in [0, {k}), got {np.unique(targets)}")
             p_img = torch.softmax(logits.double(), 1)[torch.arange(x.shape[0]), targets].numpy()

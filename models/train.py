@@ -46,6 +46,10 @@ class TrainConfig:
     # of the photos: do not push the softmax to one-hot.
     label_smoothing: float = 0.1
     warmup_epochs: int = 1
+    # LP-FT (Kumar et al., ICLR 2022): train only the new layers for this many epochs before
+    # the top blocks move, so that a random head does not send large gradients into the
+    # pre-trained features.
+    head_epochs: int = 0
     # Stop when validation accuracy has not improved for this many epochs; the best epoch's
     # weights are kept.
     patience: int = 8
@@ -235,11 +239,11 @@ def _param_groups(model: EmotionNet, cfg: TrainConfig) -> list[dict[str, Any]]:
     new = list(model.bottleneck.parameters()) + list(model.head.parameters())
     # No weight decay on norms and biases (1-D): decaying BN scales only hurts.
     groups = []
-    for params, lr in ((top, cfg.lr_top), (new, cfg.lr_head)):
+    for params, lr, is_top in ((top, cfg.lr_top, True), (new, cfg.lr_head, False)):
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
-        groups.append({"params": decay, "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay})
-        groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0})
+        for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+            groups.append({"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd, "top": is_top})
     return [g for g in groups if g["params"]]
 
 
@@ -386,6 +390,7 @@ def _fit(
     total = steps_per_epoch * cfg.epochs
     warm = steps_per_epoch * cfg.warmup_epochs
     opt = torch.optim.AdamW(_param_groups(model, cfg))
+    top_params = [p for g in opt.param_groups if g["top"] for p in g["params"]]
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history: list[dict[str, float]] = []
     best_key: tuple[float, float] | None = None
@@ -393,7 +398,12 @@ def _fit(
     best_epoch, since_best, step = 0, 0, 0
     for epoch in range(1, cfg.epochs + 1):
         t = time.perf_counter()
+        head_only = epoch <= cfg.head_epochs
         model.train()
+        for p in top_params:  # no gradients through the top while only the head learns
+            p.requires_grad_(not head_only)
+        if head_only:
+            model.top.eval()  # BN statistics of the pre-trained blocks stay put too
         order = rng.permutation(n)
         view = rng.integers(0, v, size=n)
         tot_loss, correct, seen = 0.0, 0, 0
@@ -433,8 +443,10 @@ def _fit(
             since_best += 1
         if report:
             report({"stage": "epoch", **row, "best_epoch": best_epoch, "total": cfg.epochs})
-        if since_best >= cfg.patience:
+        if since_best >= cfg.patience and epoch > cfg.head_epochs:
             break
+    for p in top_params:
+        p.requires_grad_(True)
     return history, best_state, best_epoch
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from models.quality import STAT_NAMES
 
@@ -65,7 +66,7 @@ def compute_chunk(model_name: str, version: str, items: Sequence[tuple[str, str]
         )
 
 
-@task(name="featurize-chunk", retries=1, retry_delay_seconds=5)
+@task(name="featurize-chunk", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def featurize_chunk(model_name: str, version: str, items: list[tuple[str, str]], batch_size: int) -> int:
     return compute_chunk(model_name, version, items, batch_size)
 
@@ -80,7 +81,7 @@ def load_cached(model_key: str, shas: Sequence[str]) -> dict:
         return queries.get_features(s, shas, model_key)
 
 
-@task(name="featurize-images")
+@task(name="featurize-images", cache_policy=NO_CACHE)
 def featurize_images(model_name: str, version: str, items: list[tuple[str, str]],
                      chunk_size: int = 256, batch_size: int = 32) -> FeatureSet:
     """Features of every ``(sha256, store_path)``, computing only what is not cached yet.

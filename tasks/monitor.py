@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from emowatch.settings import Settings
 from emowatch.sites import Site
@@ -33,7 +34,7 @@ def window_items(site_id: int, window: int) -> tuple[list[tuple[str, str]], list
     return items, ids, (min(times) if times else None), (max(times) if times else None)
 
 
-@task(name="select-window")
+@task(name="select-window", cache_policy=NO_CACHE)
 def select_window(site_id: int, window: int):
     return window_items(site_id, window)
 
@@ -61,7 +62,7 @@ def test_drift(site: Site, profile: Any, fs: FeatureSet) -> tuple[DriftResult, l
     return result, phrases
 
 
-@task(name="drift-test")
+@task(name="drift-test", cache_policy=NO_CACHE)
 def drift_test(site: Site, profile: Any, fs: FeatureSet) -> tuple[DriftResult, list[str]]:
     result, phrases = test_drift(site, profile, fs)
     get_run_logger().info(
@@ -75,7 +76,7 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
-@task(name="evidently-report", retries=1, retry_delay_seconds=2)
+@task(name="evidently-report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def evidently_report(settings: Settings, site: Site, profile: Any, fs: FeatureSet,
                      stamp: dt.datetime, decision: str) -> dict[str, str | None]:
     """Evidently report (HTML + JSON) on PCA components, predicted classes and image quality,
@@ -111,7 +112,7 @@ def evidently_report(settings: Settings, site: Site, profile: Any, fs: FeatureSe
         return {"html": None, "json": None, "error": str(e)}
 
 
-@task(name="record-drift-check")
+@task(name="record-drift-check", cache_policy=NO_CACHE)
 def record_check(site_id: int, model_key: str, result: DriftResult, phrases: list[str],
                  image_ids: list[int], window: tuple[Any, Any], reports: dict[str, Any]) -> int:
     from db.models import DriftCheck
@@ -177,7 +178,7 @@ def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[st
     return subject, "\n".join(lines)
 
 
-@task(name="drift-alert")
+@task(name="drift-alert", cache_policy=NO_CACHE)
 def alert_on_drift(settings: Settings, site: Site, site_id: int, check_id: int, result: DriftResult,
                    phrases: list[str], model_key: str, reports: dict[str, Any]) -> int | None:
     """Queue the drift e-mail (unless the site's cool-down holds) and link it to the check."""
@@ -205,7 +206,7 @@ def alert_on_drift(settings: Settings, site: Site, site_id: int, check_id: int, 
     return alert_id
 
 
-@task(name="emit-drift-event")
+@task(name="emit-drift-event", cache_policy=NO_CACHE)
 def emit_drift_event(site: Site, check_id: int, result: DriftResult) -> str | None:
     """The Prefect event that triggers the ``readapt`` deployment (see deployments/serve.py)."""
     from prefect.events import emit_event
@@ -219,7 +220,7 @@ def emit_drift_event(site: Site, check_id: int, result: DriftResult) -> str | No
     return str(ev.id) if ev is not None else None
 
 
-@task(name="log-check-to-mlflow", retries=1, retry_delay_seconds=2)
+@task(name="log-check-to-mlflow", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def log_check_to_mlflow(site: Site, check_id: int, model_key: str, result: DriftResult,
                         reports: dict[str, Any]) -> str | None:
     """The check as an MLflow run (metrics + report artifacts) in experiment emowatch-monitor."""
@@ -256,7 +257,7 @@ def set_check_run(check_id: int, run_id: str | None) -> None:
         s.get(DriftCheck, check_id).mlflow_run_id = run_id
 
 
-@task(name="prefect-artifact")
+@task(name="prefect-artifact", cache_policy=NO_CACHE)
 def publish_artifact(site: Site, check_id: int, result: DriftResult, phrases: list[str],
                      reports: dict[str, Any]) -> None:
     """A markdown artifact people read in the Prefect UI (with a link to the report)."""

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from emowatch.settings import Settings
 from emowatch.sites import Site
@@ -106,6 +107,22 @@ def finish_run(settings: Settings, run_id: int, **fields: Any) -> None:
         row.finished_at = utcnow()
 
 
+def auto_adapt_blocker(site: Site) -> str | None:
+    """Why a drift event should NOT start an adaptation of ``site`` (None: go ahead).
+
+    A challenger waiting for approval is not replaced by the next hourly drift: drift keeps
+    being detected until a person decides, and re-adapting every hour would only churn
+    versions (a person can still run ``emowatch adapt`` by hand)."""
+    from tasks import registry
+
+    if not site.adapt.auto:
+        return "adapt.auto is false for this site"
+    pending = registry.get_alias_version(site.model_name, registry.CHALLENGER)
+    if pending is not None:
+        return f"challenger version {pending} is still waiting for approval"
+    return None
+
+
 def resolve_method(site: Site, method: str | None) -> str:
     m = method or site.adapt.method
     if site.adapt.source_free and m in ("mmd", "coral"):
@@ -114,7 +131,7 @@ def resolve_method(site: Site, method: str | None) -> str:
     return m
 
 
-@task(name="load-adaptation-data")
+@task(name="load-adaptation-data", cache_policy=NO_CACHE)
 def load_inputs(settings: Settings, site: Site, site_id: int, model_name: str, version: str,
                 source_free: bool) -> AdaptInputs:
     """Champion, its training-domain split (cached activations) and the site's recent images."""
@@ -171,7 +188,7 @@ def load_inputs(settings: Settings, site: Site, site_id: int, model_name: str, v
     )
 
 
-@task(name="adapt")
+@task(name="adapt", cache_policy=NO_CACHE)
 def run_adaptation(inputs: AdaptInputs, method: str, site: Site, seed: int = 0) -> Any:
     from models.adapt import get_adapter
 
@@ -200,7 +217,7 @@ def site_probe_images(inputs: AdaptInputs, n: int = PROBE_IMAGES, seed: int = 0)
     return prep.normalize(np.stack([prep.to_array(load_rgb(p)) for p in paths]))
 
 
-@task(name="validate-candidate")
+@task(name="validate-candidate", cache_policy=NO_CACHE)
 def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
     """Label-free gates (source accuracy, DEV, residual drift, prediction sanity), the
     explanation-stability gate, and the audit set when the site has one."""
@@ -298,7 +315,7 @@ def candidate_profile(inputs: AdaptInputs, model: Any) -> Any:
     )
 
 
-@task(name="register-challenger", retries=2, retry_delay_seconds=[2, 5])
+@task(name="register-challenger", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
 def register_challenger(settings: Settings, site: Site, inputs: AdaptInputs, result: Any,
                         validation: dict[str, Any], method: str) -> dict[str, Any]:
     """Log everything to MLflow; register a version of emowatch-<site> with alias challenger."""

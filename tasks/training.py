@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from models.data import LabelledSet
 
@@ -83,7 +84,7 @@ def load_source(spec: SourceSpec) -> SourceSplits:
     return SourceSplits(ls, train, val, test)
 
 
-@task(name="load-source-data")
+@task(name="load-source-data", cache_policy=NO_CACHE)
 def load_source_task(spec: SourceSpec) -> SourceSplits:
     s = load_source(spec)
     get_run_logger().info(
@@ -93,7 +94,7 @@ def load_source_task(spec: SourceSpec) -> SourceSplits:
     return s
 
 
-@task(name="fit-source-model")
+@task(name="fit-source-model", cache_policy=NO_CACHE)
 def fit(splits: SourceSplits, net_config: Any, train_config: Any) -> Any:
     from models.train import train_source
 
@@ -101,7 +102,7 @@ def fit(splits: SourceSplits, net_config: Any, train_config: Any) -> Any:
                         val=splits.part("val"), progress=True)
 
 
-@task(name="evaluate-test-split")
+@task(name="evaluate-test-split", cache_policy=NO_CACHE)
 def evaluate_test(ckpt: Any, splits: SourceSplits) -> Any:
     from models.evaluate import evaluate
 
@@ -124,13 +125,13 @@ def build_profile(ckpt: Any, images: list[Any], seed: int) -> Any:
     return profile
 
 
-@task(name="reference-profile")
+@task(name="reference-profile", cache_policy=NO_CACHE)
 def reference_profile(ckpt: Any, splits: SourceSplits, seed: int) -> Any:
     held_out = [splits.data.records[i] for i in splits.val + splits.test]
     return build_profile(ckpt, held_out, seed)
 
 
-@task(name="register-source-model", retries=2, retry_delay_seconds=[2, 5])
+@task(name="register-source-model", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
 def register(result: Any, test_metrics: Any, profile: Any, spec: SourceSpec,
              promote: bool | None) -> dict[str, Any]:
     """Log to MLflow and register a version of emowatch-source.

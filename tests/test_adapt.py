@@ -29,6 +29,16 @@ from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
 K, S = 4, 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: thread start-up/spin costs more than the maths, worst when other jobs
+    share the cores; one thread keeps these tests at a few CPU seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_scenes(n: int, seed: int, site: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % K
@@ -124,7 +134,7 @@ def test_discrepancy_methods_need_labelled_source(toy):
     with pytest.raises(ValueError, match="needs labelled source"):
         adapt(model, src[0], site[0], "mmd", quick("mmd"))  # no labels
     with pytest.raises(ValueError, match="different shapes"):
-        adapt(model, (src[0][:, :, :16, :16], src[1]), site[0], "mmd", quick("mmd"))
+        adapt(model, (src[0][:, :, :8, :8], src[1]), site[0], "mmd", quick("mmd"))
     with pytest.raises(ValueError, match="labels must be in"):
         adapt(model, (src[0], src[1] + 10), site[0], "mmd", quick("mmd"))
     with pytest.raises(ValueError, match="coral_weight"):

@@ -82,6 +82,12 @@ def permuted(game, perm):
     return lambda m: game(m[:, np.argsort(perm)])
 
 
+def symmetrized(game, perm):
+    """0.5 (v(S) + v(perm(S))): invariant under the involution ``perm``."""
+    other = permuted(game, perm)
+    return lambda m: 0.5 * (game(m) + other(m))
+
+
 # --- DnCShap on abstract games -------------------------------------------------------------------
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 6])
 def test_efficiency_to_float_precision(depth):
@@ -138,6 +144,17 @@ def test_depth2_binary_equals_exact_owen():
     assert np.abs(exact_shapley(game, 4) - owen[tree.leaf_node]).max() > 1e-3
 
 
+def test_quad_tree_exact_owen_for_pairwise_games():
+    tree = PartitionTree.balanced(2, arity=4)
+    n = tree.n_leaves
+    rng = np.random.default_rng(0)
+    terms = [((i,), rng.normal()) for i in range(n)]
+    terms += [((i, j), rng.normal()) for i, j in itertools.combinations(range(n), 2)]
+    game = dividend_game(terms)
+    np.testing.assert_allclose(dnc_shapley(game, tree).node_values, exact_owen(game, tree),
+                               atol=1e-10)
+
+
 @pytest.mark.parametrize("depth", [3, 4])
 def test_deeper_trees_exact_owen_for_order2_games(depth):
     """Raw values are Owen's whenever dividends touch <= 1 block outside each node: additive
@@ -189,13 +206,11 @@ def test_symmetry_siblings_and_tree_automorphism():
     # siblings 4 and 5 symmetric: average the game with its (4 5)-swapped version
     swap = np.arange(n)
     swap[[4, 5]] = [5, 4]
-    game = (lambda m: 0.5 * (base(m) + permuted(base, swap)(m)))
-    v = dnc_shapley(game, tree).leaf_values
+    v = dnc_shapley(symmetrized(base, swap), tree).leaf_values
     assert abs(v[4] - v[5]) < 1e-12
     # mirror the two halves of the tree (an automorphism): i <-> i + n/2
     mirror = np.r_[np.arange(n // 2, n), np.arange(n // 2)]
-    game2 = (lambda m: 0.5 * (base(m) + permuted(base, mirror)(m)))
-    v2 = dnc_shapley(game2, tree).leaf_values
+    v2 = dnc_shapley(symmetrized(base, mirror), tree).leaf_values
     np.testing.assert_allclose(v2, v2[mirror], atol=1e-12)
 
 
@@ -281,6 +296,9 @@ def test_dncshap_on_images_efficiency_calls_and_ignored_region():
         left = a.boxes[:, 2] <= 32
         assert np.abs(a.region_values[:, left]).max() < 1e-6
         assert np.abs(a.region_values[:, ~left]).max() > 1e-6
+    q = DnCShap(model, depth=2, partition="quad").attribute(x, baseline="zeros")
+    assert q.region_values.shape == (2, 16) and np.abs(q.efficiency_gap).max() < 1e-12
+    assert (q.model_calls == dnc_coalitions(PartitionTree.balanced(2, 4)).shape[0]).all()
 
 
 def test_occlusion_and_integrated_gradients():
@@ -319,6 +337,10 @@ def test_baselines_and_validation():
         e.attribute(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="target"):
         e.attribute(x, target=9)
+    with pytest.raises(ValueError, match="one per image"):
+        e.attribute(x, target=[0, 1, 2])
+    with pytest.raises(ValueError, match="depth"):
+        DnCShap(tiny_net(), depth=0)
     with pytest.raises(ValueError, match="unknown explainer"):
         make_explainer("lime", tiny_net())
     with pytest.raises(ValueError, match="partition"):

@@ -138,6 +138,16 @@ def test_verdict_logic():
 K, S = 4, 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: thread start-up/spin costs more than the maths, worst when other jobs
+    share the cores; one thread keeps these tests at a few CPU seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def scenes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % K

@@ -1,0 +1,118 @@
+"""`emowatch serve`: deployments and schedules built from a sites file; the Dask runner path."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+
+def _sites(tmp_path):
+    f = tmp_path / "sites.toml"
+    f.write_text(
+        '[sites.store-12]\ninbox = "in/a"\nschedule = "0 * * * *"\n\n'
+        '[sites.kiosk-3]\ninbox = "in/b"\nschedule = "*/30 * * * *"\npolicy = "auto"\n',
+        encoding="utf-8",
+    )
+    return f
+
+
+def test_serve_builds_one_scheduled_monitor_per_site_and_the_drift_trigger(tmp_path):
+    from deployments.serve import DRIFT_EVENT, build_deployments, describe
+    from emowatch.sites import load_sites
+
+    deps = describe(build_deployments(load_sites(_sites(tmp_path))))["deployments"]
+    by_name = {d["name"]: d for d in deps}
+    assert set(by_name) == {"monitor-store-12", "monitor-kiosk-3", "readapt", "train-source", "promote"}
+    assert by_name["monitor-store-12"]["schedules"] == ["0 * * * *"]
+    assert by_name["monitor-kiosk-3"]["schedules"] == ["*/30 * * * *"]
+    assert by_name["monitor-kiosk-3"]["parameters"] == {"site": "kiosk-3"}
+    assert by_name["monitor-store-12"]["flow"] == "monitor_site"
+    [trig] = by_name["readapt"]["triggers"]
+    assert trig["expect"] == [DRIFT_EVENT]
+    assert trig["parameters"]["site"] == "{{ event.payload.site }}"
+    assert by_name["readapt"]["schedules"] == [] and by_name["train-source"]["schedules"] == []
+
+
+def test_serve_dry_run_cli(tmp_path, monkeypatch):
+    from deployments.cli import app
+    from emowatch.settings import reset_settings
+
+    monkeypatch.setenv("EMOWATCH_SITES_FILE", str(_sites(tmp_path)))
+    reset_settings()
+    r = CliRunner().invoke(app, ["serve", "--dry-run", "--json"])
+    reset_settings()
+    assert r.exit_code == 0, r.output
+    names = [d["name"] for d in json.loads(r.stdout)["deployments"]]
+    assert "monitor-store-12" in names and "readapt" in names
+
+
+def test_drift_event_renders_the_readapt_parameters():
+    """The trigger's templates, rendered against an event like the one monitor_site emits,
+    give readapt_site its parameters (the same Jinja rendering Prefect's automations use)."""
+    from prefect.server.utilities.user_templates import render_user_template_sync
+
+    from deployments.serve import drift_trigger
+
+    trig = drift_trigger()
+    event = {"payload": {"site": "kiosk-3", "check_id": 12}, "resource": {"prefect.resource.id": "emowatch.site.kiosk-3"}}
+    rendered = {k: render_user_template_sync(v, {"event": event}) for k, v in trig.parameters.items()}
+    assert rendered == {"site": "kiosk-3", "drift_check_id": "12"}
+    from flows.readapt import _as_int
+
+    assert _as_int(rendered["drift_check_id"]) == 12 and _as_int("None") is None
+
+
+def test_task_runner_switch(monkeypatch):
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from emowatch.settings import Settings
+    from flows.runner import configured, task_runner
+
+    assert isinstance(task_runner(Settings(task_runner="thread")), ThreadPoolTaskRunner)
+    assert isinstance(task_runner(Settings(task_runner="dask")), DaskTaskRunner)
+    r = task_runner(Settings(task_runner="dask", dask_address="tcp://10.0.0.1:8786"))
+    assert isinstance(r, DaskTaskRunner) and r.address == "tcp://10.0.0.1:8786"
+    from flows.monitor import monitor_site
+
+    assert configured(monitor_site, Settings(task_runner="thread")) is monitor_site
+    assert isinstance(configured(monitor_site, Settings(task_runner="dask")).task_runner, DaskTaskRunner)
+
+
+def test_featurization_chunks_run_on_a_local_dask_cluster(prefect_harness, settings, tmp_path):
+    """The featurize tasks run in Dask worker processes and fill the shared feature cache."""
+    import numpy as np
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
+    from models.profile import ReferenceProfile
+    from tasks import registry
+    from tasks.context import prepare
+    from tasks.featurize import featurize_images
+
+    prepare(settings)
+    cfg = NetConfig(backbone="tiny", img_size=64, num_classes=3)
+    ckpt = Checkpoint(EmotionNet(cfg).eval(), ["a", "b", "c"], preprocessing_for(cfg))
+    prof = tmp_path / "p.npz"
+    ReferenceProfile.from_arrays(np.zeros((2, 256)), np.full((2, 3), 1 / 3), ["a", "b", "c"]).to_npz(prof)
+    reg = registry.log_and_register(ckpt, model_name="emowatch-dasktest", reference_profile_path=prof)
+    from PIL import Image
+
+    items = []
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(p)
+        items.append((f"{i:064x}", str(p)))
+
+    @flow(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1,
+                                                      "processes": True, "dashboard_address": None}))
+    def run():
+        return featurize_images(reg.name, reg.version, items, chunk_size=2)
+
+    fs = run()
+    assert len(fs) == 6 and fs.z.shape == (6, 256) and fs.probs.shape == (6, 3)
+    assert np.allclose(fs.probs.sum(1), 1, atol=1e-5)
+    assert np.all(np.isfinite(fs.quality["brightness"]))
