@@ -140,10 +140,6 @@ def iter_input_batches(images: Any, prep: Preprocessing, batch_size: int):
         yield prep.normalize(np.stack([_to_uint8_grid(a, prep) for a in seq[s:s + batch_size]]))
 
 
-def _n_images(images: Any) -> int:
-    return int(images.shape[0]) if isinstance(images, np.ndarray | torch.Tensor) else len(images)
-
-
 @torch.no_grad()
 def extract_features(
     ckpt: Checkpoint | EmotionNet,

@@ -299,7 +299,7 @@ def train_source(
         raise ValueError(f"labels must be in [0, {k}) for classes {classes}")
     present = np.bincount(src.labels, minlength=k)
     if (present > 0).sum() < 2:
-        raise ValueError(f"training data has fewer than two classes present: {dict(zip(classes, present.tolist()))}")
+        raise ValueError(f"training data has fewer than two classes present: {dict(zip(classes, present.tolist(), strict=True))}")
 
     split: dict[str, list[int]] = {}
     if val is None:

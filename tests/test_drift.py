@@ -13,6 +13,7 @@ from models.drift import (
     DriftDetector,
     DriftResult,
     MMDDrift,
+    QualityDrift,
     _kernel,
     _sq_dists,
     decide,
@@ -65,15 +66,32 @@ def test_vectorised_permutations_equal_naive_loop():
 def test_detector_statistic_equals_naive_mmd2_float32_path():
     rng = np.random.default_rng(2)
     x, y = _gauss(rng, 40, 5), _gauss(rng, 30, 5, 0.3)
-    det = MMDDrift(DriftConfig(n_permutations=20, max_ref=None)).fit(x)
+    det = MMDDrift(DriftConfig(n_permutations=20, whiten_components=None)).fit(x)
     stat, p, d = det.score(y)
+    assert d["feature_space"] == "raw"
     naive = _naive_mmd2(x.astype(np.float64), y.astype(np.float64), np.array(d["bandwidths"]))
     assert stat == pytest.approx(naive, abs=2e-6)
 
 
-def test_mmd_null_calibration_false_alarm_rate_within_ci():
+def test_whitened_statistic_equals_naive_on_pooled_pca():
+    rng = np.random.default_rng(12)
+    x = _gauss(rng, 40, 6) * np.array([5, 3, 1, 1, 0.5, 0.2], np.float32)
+    y = _gauss(rng, 30, 6, 0.2)
+    stat, _, d = MMDDrift(DriftConfig(n_permutations=20, whiten_components=3), x).score(y)
+    pooled = np.concatenate([x, y]).astype(np.float64)
+    mean = pooled.mean(0)
+    w, v = np.linalg.eigh(np.cov(pooled.T, bias=True))
+    proj = v[:, ::-1][:, :3] / np.sqrt(w[::-1][:3])
+    xw, yw = (x - mean) @ proj, (y - mean) @ proj
+    assert d["feature_space"].startswith("pooled PCA, 3 components")
+    np.testing.assert_allclose(np.cov(np.concatenate([xw, yw]).T, bias=True), np.eye(3), atol=1e-8)
+    assert stat == pytest.approx(_naive_mmd2(xw, yw, np.array(d["bandwidths"])), abs=2e-6)
+
+
+@pytest.mark.parametrize("whiten", [None, 4])
+def test_mmd_null_calibration_false_alarm_rate_within_ci(whiten):
     alpha, trials = 0.05, 200
-    cfg = DriftConfig(alpha=alpha, n_permutations=99, min_samples=10)
+    cfg = DriftConfig(alpha=alpha, n_permutations=99, min_samples=10, whiten_components=whiten)
     rng = np.random.default_rng(3)
     det = MMDDrift(cfg).fit(_gauss(rng, 60))
     alarms = sum(det.predict(_gauss(rng, 30)).is_drift for _ in range(trials))
@@ -81,8 +99,9 @@ def test_mmd_null_calibration_false_alarm_rate_within_ci():
     assert lo <= alpha <= hi, (alarms, lo, hi)
 
 
-def test_mmd_detects_mean_shift():
-    cfg = DriftConfig(n_permutations=199, min_samples=10)
+@pytest.mark.parametrize("whiten", [None, 4])
+def test_mmd_detects_mean_shift(whiten):
+    cfg = DriftConfig(n_permutations=199, min_samples=10, whiten_components=whiten)
     rng = np.random.default_rng(4)
     det = MMDDrift(cfg).fit(_gauss(rng, 100))
     hits = sum(det.predict(_gauss(rng, 40, shift=0.5)).is_drift for _ in range(20))
@@ -180,5 +199,46 @@ def test_reference_subsample_and_clear_errors():
         MMDDrift(x_ref=_gauss(rng, 10))
     with pytest.raises(ValueError, match="alpha"):
         DriftConfig(alpha=1.5)
-    with pytest.raises(ValueError, match="pair"):
+    with pytest.raises(ValueError, match="features"):
         CombinedDrift(x_ref=_gauss(rng, 40))
+
+
+def _quality(rng, n, brightness=0.45):
+    from models.quality import STAT_NAMES
+
+    q = {k: rng.normal(1.0, 0.1, n) for k in STAT_NAMES}
+    q["brightness"] = rng.normal(brightness, 0.08, n)
+    q["blockiness"][:3] = np.nan  # tiny images have no blockiness: ignored, not an error
+    return q
+
+
+def test_quality_drift_detects_darkening_and_accepts_arrays():
+    from models.quality import STAT_NAMES
+
+    rng = np.random.default_rng(13)
+    det = QualityDrift(x_ref=_quality(rng, 200))
+    dark = det.predict(_quality(rng, 40, brightness=0.3))
+    assert dark.is_drift and dark.details["worst_stat"] == "brightness"
+    assert dark.details["correction"] == "bonferroni x6"
+    same = _quality(rng, 40)
+    arr = np.stack([same[k] for k in STAT_NAMES], axis=1)
+    assert det.predict(arr).p_value == pytest.approx(det.predict(same).p_value)
+    with pytest.raises(ValueError, match="quality statistics"):
+        det.predict({"brightness": np.ones(40)})
+
+
+def test_combined_with_quality_uses_three_way_bonferroni():
+    rng = np.random.default_rng(14)
+    ref = (_gauss(rng, 80), rng.dirichlet(np.ones(3), 80), _quality(rng, 80))
+    det = CombinedDrift(DriftConfig(n_permutations=99), ref)
+    r = det.predict((_gauss(rng, 40), rng.dirichlet(np.ones(3), 40), _quality(rng, 40, 0.25)))
+    assert r.method == "mmd+bbsd+quality" and r.is_drift and r.details["triggered_by"] == "quality"
+    assert r.details["quality"]["threshold"] == pytest.approx(0.05 / 3)
+    sub = [r.details[k]["p_value"] for k in ("mmd", "bbsd", "quality")]
+    assert r.p_value == pytest.approx(min(1.0, 3 * min(sub)))
+    with pytest.raises(ValueError, match="3 parts"):
+        det.predict((_gauss(rng, 40), rng.dirichlet(np.ones(3), 40)))
+    q = _quality(rng, 40)
+    r2 = decide(*ref[:2], _gauss(rng, 40), rng.dirichlet(np.ones(3), 40),
+                quality_ref=ref[2], quality_cur=q)
+    assert r2.details["correction"] == "bonferroni x3"
