@@ -184,6 +184,8 @@ def train(
     aliases: Annotated[str | None, typer.Option(help="Class aliases, e.g. happy=joy,angry=anger.")] = None,
     split: Annotated[str, typer.Option(help="stratified or subject (CK+ S### prefixes).")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
+    trainable_blocks: Annotated[int | None, typer.Option(min=0, max=16, help="Fine-tuned MBConv blocks (rest frozen, cached).")] = None,
+    crops: Annotated[int | None, typer.Option(min=0, max=8, help="Cached random crops per image (augmentation).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the source model on a labelled folder and register it as emowatch-source@champion."""
@@ -206,6 +208,8 @@ def train(
             img_size=img_size,
             split=split,
             seed=seed,
+            trainable_blocks=trainable_blocks,
+            crops=crops,
         )
 
     _run(go, as_json)

@@ -21,6 +21,9 @@ from flows.readapt import readapt_site
 from flows.runner import default_runner
 from flows.train import train_source
 
+DEMO_EPOCHS = 15
+DEMO_TRAINABLE_BLOCKS = 1
+
 
 def _say(msg: str) -> None:
     # Progress for the person watching (stderr, so --json output stays clean).
@@ -53,8 +56,12 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> 
     settings = get_settings()
 
     _say(f"1/5 training the source model ({data.backbone}) on {data.source_dir}")
+    # The demo trains a lighter model than `emowatch train`'s defaults so the whole loop fits
+    # in minutes on 2 cores: one fine-tuned block, no random-crop views (bench/train.py has
+    # the full-size figures).
     trained = train_source(data=str(data.source_dir), backbone=data.backbone, img_size=data.img_size,
-                           epochs=(8 if data.kind == "generated" else None), seed=seed, promote=True)
+                           epochs=(8 if data.kind == "generated" else DEMO_EPOCHS), seed=seed,
+                           promote=True, trainable_blocks=DEMO_TRAINABLE_BLOCKS, crops=0)
     _say(f"    emowatch-source v{trained['version']}: test accuracy {trained['test_accuracy']:.3f}")
 
     rows: list[dict[str, Any]] = []

@@ -21,6 +21,8 @@ def train_source(
     split: str = "auto",
     seed: int = 0,
     promote: bool | None = None,
+    trainable_blocks: int | None = None,
+    crops: int | None = None,
 ) -> dict[str, Any]:
     """Train on ``<data>/<class>/<image>`` and register ``emowatch-source`` (the first version
     becomes champion). Returns ``{model, version, val_accuracy, classes, ...}``."""
@@ -29,7 +31,8 @@ def train_source(
     prepare()
     spec = t.SourceSpec(data=data, classes=classes, aliases=aliases, split=split, seed=seed)  # type: ignore[arg-type]
     splits = t.load_source_task(spec)
-    net_cfg, train_cfg = t.train_configs(backbone, img_size, epochs, seed, len(splits.data.classes))
+    net_cfg, train_cfg = t.train_configs(backbone, img_size, epochs, seed, len(splits.data.classes),
+                                         trainable_blocks, crops)
     result = t.fit(splits, net_cfg, train_cfg)
     t.attach_config(result, spec, train_cfg)
     test_metrics = t.evaluate_test(result.checkpoint, splits)

@@ -29,6 +29,8 @@ PROBE_IMAGES = 8
 # Site images held out of adaptation for nothing: adaptation is unsupervised, so every recent
 # image may be used; validation uses the same images (no labels are involved).
 LOCK_GRACE_S = 900
+# Rows of the champion-vs-challenger gallery attached to the approval e-mail.
+GALLERY_IMAGES = 4
 
 
 @dataclass
@@ -347,7 +349,10 @@ def register_challenger(settings: Settings, site: Site, inputs: AdaptInputs, res
                 fig = adaptation_curves_figure(result.history)
                 fig.savefig(t / "adaptation_curves.png", dpi=100, bbox_inches="tight")
                 artifacts["plots/adaptation_curves.png"] = t / "adaptation_curves.png"
-            probe = validation["probe"]
+            full = validation["probe"]  # first half training domain, second half site
+            half = len(full) // 2
+            pick = list(range(min(GALLERY_IMAGES // 2, half))) + list(range(half, min(half + GALLERY_IMAGES // 2, len(full))))
+            probe = full[pick]
             a = DnCShap(inputs.ckpt.model, depth=4).attribute(probe, baseline="blur")
             b = DnCShap(result.model, depth=4).attribute(probe, target=a.targets, baseline="blur")
             fig = gallery_figure(probe, a.maps, b.maps, titles=None)

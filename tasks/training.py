@@ -178,7 +178,8 @@ def register(result: Any, test_metrics: Any, profile: Any, spec: SourceSpec,
 
 
 def train_configs(backbone: str, img_size: int | None, epochs: int | None, seed: int,
-                  n_classes: int) -> tuple[Any, Any]:
+                  n_classes: int, trainable_blocks: int | None = None,
+                  crops: int | None = None) -> tuple[Any, Any]:
     from models.network import NetConfig
     from models.train import TrainConfig
 
@@ -187,9 +188,13 @@ def train_configs(backbone: str, img_size: int | None, epochs: int | None, seed:
         net.img_size = 64
     if img_size:
         net.img_size = img_size
+    if trainable_blocks is not None:
+        net.trainable_blocks = trainable_blocks
     tc = TrainConfig(seed=seed)
     if epochs:
         tc.epochs = epochs
+    if crops is not None:
+        tc.crops = crops
     return net, tc
 
 
