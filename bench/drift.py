@@ -20,8 +20,9 @@ Setup (printed at the top of the output):
   the raw features.
 
 Features are cached under .emowatch/cache/bench/drift/ (delete it to recompute). The first run
-extracts ~5,000 images through EfficientNet-Lite0 on CPU (~10-20 min on 2 cores); later runs
-take a few minutes.
+trains the model and extracts ~5,400 images through EfficientNet-Lite0 on CPU (~45 min on 2
+busy cores; ~15 min on idle ones). With cached features a full run takes ~20 min on 2 busy cores
+(most of it the 200-trial null runs and Evidently); ``--quick`` takes ~4 min.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> 
     # in minutes on 2 cores: one fine-tuned block, no random-crop views (bench/train.py has
     # the full-size figures).
     trained = train_source(data=str(data.source_dir), backbone=data.backbone, img_size=data.img_size,
-                           epochs=(8 if data.kind == "generated" else DEMO_EPOCHS), seed=seed,
+                           epochs=(30 if data.kind == "generated" else DEMO_EPOCHS), seed=seed,
                            promote=True, trainable_blocks=DEMO_TRAINABLE_BLOCKS, crops=0)
     _say(f"    emowatch-source v{trained['version']}: test accuracy {trained['test_accuracy']:.3f}")
 

@@ -64,8 +64,9 @@ class DriftConfig:
     # The false-alarm rate a site accepts per check: 5% is the usual convention; with daily
     # checks that is ~1.5 false alarms a month per site, so deployments may prefer 0.01.
     alpha: float = 0.05
-    # Fewer current images than this -> "insufficient_data". At 30 images the MMD test already
-    # detects a strong whole-batch shift (bench/drift.py); below it power collapses.
+    # Fewer current images than this -> "insufficient_data". A whole batch under any of the
+    # bench conditions is already detected at 20 images (bench/drift.py), but a batch where 30%
+    # of the images changed is caught only ~10-70% of the time at 20; 30 keeps a margin.
     min_samples: int = 30
     # 500 permutations resolve p down to 1/501 ~ 0.002 and the Monte-Carlo error of p at
     # p=0.05 to ~+-0.01 (binomial sd), enough for alpha >= 0.01; costs < 0.2 s at 1000 vs 500.
@@ -74,15 +75,16 @@ class DriftConfig:
     # principal components and scale each to unit variance (a Mahalanobis-type kernel).
     # Why: the bottleneck's variance is dominated by class (semantic) directions, while site
     # conditions (dark, blurred, compressed) move images along low-variance directions that a
-    # raw Euclidean kernel barely sees. On Emotion6 with 30% of a 50-image batch blurred (sev.
-    # 1), power rises from ~0.1 (raw) to ~0.5 (k=32) at the same false-alarm rate (bench/drift.py).
+    # raw Euclidean kernel barely sees. Emotion6, 30% of the batch affected (bench/drift.py):
+    # blur sev. 1 at n=50 0.06 -> 0.40, at n=100 0.14 -> 0.74; JPEG sev. 2 at n=100 0.08 -> 0.52;
+    # false-alarm rate still within alpha's CI (200 trials per n).
     # Fitted on the POOLED sample, the projection does not depend on which images are
     # "current", so the permutation test stays exact. None: raw features, reference-fixed kernel.
     whiten_components: int | None = 32
     # Gaussian kernel bandwidths as multiples of the median inter-point distance (reference
     # when whiten_components is None, pooled sample otherwise). Several values = a mixture
-    # (sum) of Gaussians, still a characteristic kernel and an exact test; on our data it did
-    # not beat the plain median heuristic (bench/drift.py), hence (1.0,).
+    # (sum) of Gaussians, still a characteristic kernel and an exact test; on our data
+    # (0.5, 1, 2) never beat the plain median heuristic (bench/drift.py), hence (1.0,).
     bandwidth_multipliers: tuple[float, ...] = (1.0,)
     # Reference points kept for the test. The cost is O(P * (n_ref + n_cur)^2); beyond ~2000
     # reference points power is limited by n_cur anyway, so a random (seeded) subsample of

@@ -25,7 +25,7 @@ after de-duplication a binary tree of depth D needs ``4 * 2^D - 4`` model evalua
 64 regions), i.e. LINEAR in the number of regions, where the exact Owen value needs
 ``~2^D`` contexts per leaf.
 
-Properties (proved below; tested in tests/test_explain.py)
+Properties (proof sketches; each is tested in tests/test_explain.py)
 
 (a) Efficiency: the children's values sum to their parent's at every node by construction, so
     the leaf values sum to ``f(image) - f(baseline)`` at every depth (float64 round-off only).
@@ -50,7 +50,9 @@ Properties (proved below; tested in tests/test_explain.py)
     values ARE the Owen values. Otherwise, with delta(C) = psi(C) - Owen(C) and e = phi - Owen:
     ``sum_C |e(C)| <= |e(N)| + 2 sum_C |delta(C)|``, hence
 
-        sum_leaves |phi - Owen| <= 2 * sum_{nodes at level >= 3} |psi(node) - Owen(node)|,
+        sum_leaves |phi - Owen| <= 2 * sum_{non-root nodes} |psi(node) - Owen(node)|
+
+    (binary trees: only nodes at level >= 3 contribute, psi = Owen above),
 
     and each |delta(C)| <= max_z g_C(z) - min_z g_C(z) (context sensitivity of C's value).
     A unanimity game on a coalition touching m >= 2 outside blocks is over-weighted by 2^(m-1)
@@ -62,8 +64,8 @@ were passed down as sums (scores stopped being probabilities), and only the last
 
 Occlusion and IntegratedGradients
 =================================
-``Occlusion``: region value = f(image) - f(image with that region at the baseline), R + 1
-evaluations, not efficient (the gap is reported). ``IntegratedGradients``: Riemann midpoint sum
+``Occlusion``: region value = f(image) - f(image with that region at the baseline), R + 2
+evaluations (image, baseline, R occlusions), not efficient (the gap is reported). ``IntegratedGradients``: Riemann midpoint sum
 of the gradient of the target probability along the straight path baseline -> image, ``steps``
 forward+backward passes; per-pixel map = sum over channels of (x - x') * mean gradient, region
 value = sum of the map over the region (the efficiency gap is the quadrature error).

@@ -50,6 +50,12 @@ class TrainConfig:
     # the top blocks move, so that a random head does not send large gradients into the
     # pre-trained features.
     head_epochs: int = 0
+    # Mixup on the cached activations (manifold mixup at the frozen/trainable boundary):
+    # lambda ~ Beta(a, a) per batch; 0 turns it off.
+    mixup_alpha: float = 0.0
+    # Exponential moving average of the weights (per step); validation, early stopping and the
+    # returned model use the average. 0 turns it off.
+    ema_decay: float = 0.0
     # Stop when validation accuracy has not improved for this many epochs; the best epoch's
     # weights are kept.
     patience: int = 8
@@ -87,6 +93,8 @@ class TrainConfig:
             raise ValueError("learning rates and weight decay must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup_alpha < 0 or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("mixup_alpha must be >= 0 and ema_decay in [0, 1)")
         if self.crops < 0:
             raise ValueError(f"crops must be >= 0, got {self.crops}")
         lo, hi = self.crop_scale
@@ -396,6 +404,8 @@ def _fit(
     best_key: tuple[float, float] | None = None
     best_state: dict[str, torch.Tensor] = copy.deepcopy(model.state_dict())
     best_epoch, since_best, step = 0, 0, 0
+    ema = copy.deepcopy(model) if cfg.ema_decay > 0 else None
+    judged = ema if ema is not None else model
     for epoch in range(1, cfg.epochs + 1):
         t = time.perf_counter()
         head_only = epoch <= cfg.head_epochs
@@ -414,16 +424,24 @@ def _fit(
             f = _lr_factor(step, total, warm)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
-            _, logits = model.forward_cached(hb)
-            loss = loss_fn(logits, yb)
+            if cfg.mixup_alpha > 0:
+                lam = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+                perm = torch.as_tensor(rng.permutation(len(idx)))
+                _, logits = model.forward_cached(lam * hb + (1.0 - lam) * hb[perm])
+                loss = lam * loss_fn(logits, yb) + (1.0 - lam) * loss_fn(logits, yb[perm])
+            else:
+                _, logits = model.forward_cached(hb)
+                loss = loss_fn(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                _ema_update(ema, model, cfg.ema_decay)
             step += 1
             tot_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
-        val_loss, pred = _eval_cached(model, h_va, y_va)
+        val_loss, pred = _eval_cached(judged, h_va, y_va)
         val_acc = float((pred == y_va_np).mean())
         row = {
             "epoch": epoch,
@@ -438,7 +456,7 @@ def _fit(
         key = (val_acc, -val_loss)
         if best_key is None or key > best_key:
             best_key, best_epoch, since_best = key, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(judged.state_dict())
         else:
             since_best += 1
         if report:
@@ -448,6 +466,14 @@ def _fit(
     for p in top_params:
         p.requires_grad_(True)
     return history, best_state, best_epoch
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(p.detach(), 1.0 - decay)
+    for be, b in zip(ema.buffers(), model.buffers(), strict=True):
+        be.copy_(b)  # BatchNorm statistics: the live ones
 
 
 class _Bars:

@@ -109,7 +109,10 @@ def prepare_demo(workdir: Path, data_dir: Path | None, seed: int = 0,
             img = img_src() if callable(img_src) else Image.open(img_src).convert("RGB")
             if cond:
                 img = apply_condition(img, cond, sev, rng)
-            dst = (inbox / f"{name}-{j:04d}.jpg") if j < site_images else (audit / label / f"{j:04d}.jpg")
+            # Same file format as the training images (a lobby camera saving PNG where training
+            # saw JPEG would be a real, detectable change of its own).
+            ext = ".jpg" if kind == "real" else ".png"
+            dst = (inbox / f"{name}-{j:04d}{ext}") if j < site_images else (audit / label / f"{j:04d}{ext}")
             _write(img, dst)
         sites.append({"name": name, "condition": cond or "none", "severity": sev, "policy": policy,
                       "inbox": str(inbox), "audit": str(audit), "n_images": min(site_images, len(chunk))})

@@ -243,6 +243,7 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
     t0 = time.perf_counter()
     tol = GateTolerances(min_rank_correlation=g.min_explanation_rank_corr,
                          min_topk_overlap=g.min_explanation_topk_overlap,
+                         min_cosine=g.min_explanation_cosine,
                          max_faithfulness_drop=g.max_faithfulness_drop)
     expl = explanation_gate(inputs.ckpt.model, result.model, probe, tol)
     log.info("explanation gate on %d probe images: %.1f s", len(probe), time.perf_counter() - t0)
