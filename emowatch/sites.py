@@ -25,6 +25,10 @@ class DriftThresholds(BaseModel):
     min_samples: int = Field(30, ge=5, le=100_000, description="Below: insufficient_data.")
     window: int = Field(500, ge=5, le=100_000, description="Most recent images tested.")
     permutations: int = Field(500, ge=50, le=20_000, description="MMD permutation count.")
+    quality_test: bool = Field(
+        True, description="Also test image-quality statistics (catches colour casts, greyscale, "
+        "JPEG damage that the model's features barely show; bench/drift.py)."
+    )
     cooldown_minutes: int | None = Field(
         None, ge=0, description="Alert cool-down; default: Settings.alert_cooldown_minutes."
     )

@@ -45,18 +45,21 @@ def drift_config(site: Site) -> DriftConfig:
 
 
 def test_drift(site: Site, profile: Any, fs: FeatureSet) -> tuple[DriftResult, list[str]]:
-    """The calibrated decision (MMD on features + BBSD on softmax, Bonferroni) and, in words,
-    how the images' quality changed."""
-    det = CombinedDrift(drift_config(site), (profile.features, profile.probs),
-                        class_names=list(profile.classes))
+    """The calibrated decision (MMD on features + BBSD on softmax [+ KS on image-quality
+    statistics], Bonferroni) and, in words, how the images' quality changed."""
+    ref_q = getattr(profile, "quality", None)
+    use_q = bool(site.drift.quality_test and ref_q)
+    ref: tuple[Any, ...] = (profile.features, profile.probs) + ((ref_q,) if use_q else ())
+    det = CombinedDrift(drift_config(site), ref, class_names=list(profile.classes))
     if len(fs) == 0:
-        cur = (np.zeros((0, profile.features.shape[1]), np.float32),
-               np.zeros((0, profile.probs.shape[1]), np.float32))
+        cur: tuple[Any, ...] = (np.zeros((0, profile.features.shape[1]), np.float32),
+                                np.zeros((0, profile.probs.shape[1]), np.float32))
+        if use_q:
+            cur += ({k: np.zeros(0) for k in ref_q},)
     else:
-        cur = (fs.z, fs.probs)
+        cur = (fs.z, fs.probs) + ((fs.quality,) if use_q else ())
     result = det.predict(cur)
     phrases: list[str] = []
-    ref_q = getattr(profile, "quality", None)
     if ref_q and len(fs):
         phrases = describe_shift(ref_q, fs.quality)
     return result, phrases
