@@ -11,38 +11,24 @@ import email
 import email.policy
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.smtp_helpers import Collector, free_port
+
 PER_CLASS_SOURCE = 30
 SITE_IMAGES = 60
-
-
-class _Collector:
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, list[str], bytes]] = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd API
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return "250 OK"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def smtp():
     from aiosmtpd.controller import Controller
 
-    handler = _Collector()
-    port = _free_port()
+    handler = Collector()
+    port = free_port()
     ctl = Controller(handler, hostname="127.0.0.1", port=port)
     ctl.start()
     yield handler, port
