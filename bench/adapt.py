@@ -137,8 +137,9 @@ def train_model(h_tr_views, y_tr, h_va, y_va, seed, epochs, cache_dir: Path | No
 
     cfg = TrainConfig(seed=seed, epochs=epochs)
     key = hashlib.sha1(np.asarray(y_tr).tobytes() + np.asarray(y_va).tobytes()
-                       + repr((seed, epochs, tuple(h_tr_views.shape), float(h_tr_views[:, 0].float().sum()),
-                               cfg.to_dict())).encode()).hexdigest()[:16]
+                       + h_tr_views[:, 0].contiguous().numpy().tobytes()
+                       + repr((seed, epochs, tuple(h_tr_views.shape), cfg.to_dict())).encode()
+                       ).hexdigest()[:16]
     path = cache_dir / f"{name}-{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
         model = EmotionNet(NetConfig(num_classes=len(E6_CLASSES)))
@@ -161,6 +162,8 @@ def train_model(h_tr_views, y_tr, h_va, y_va, seed, epochs, cache_dir: Path | No
 
 def oracle(model, h_src, y_src, h_site, y_site, cfg: AdaptConfig) -> EmotionNet:
     """Upper reference: fine-tune WITH the site labels (source CE + site CE), mmd's budget."""
+    from models.adapt import _top_bn, _top_outputs
+
     m = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -170,12 +173,21 @@ def oracle(model, h_src, y_src, h_site, y_site, cfg: AdaptConfig) -> EmotionNet:
                    "lr": cfg.lr}]
         if cfg.top_lr_mult > 0:
             groups.append({"params": list(m.top.parameters()), "lr": cfg.lr * cfg.top_lr_mult})
+            encode = m.forward_cached
+        else:  # same frozen-top treatment as the adapters (top BN stats, cached top outputs)
+            if cfg.top_bn != "source":
+                _top_bn(m, h_src if cfg.top_bn == "mixed" else None, h_site, cfg, g)
+            h_src, h_site = _top_outputs(m, h_src, cfg), _top_outputs(m, h_site, cfg)
+
+            def encode(x):
+                z = m.bottleneck(x)
+                return z, m.head(z)
         opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
         bs = cfg.batch_size
         for _ in range(cfg.steps):
             i = torch.randint(0, len(h_src), (bs,), generator=g)
             j = torch.randint(0, len(h_site), (bs,), generator=g)
-            _, logits = m.forward_cached(torch.cat([h_src[i], h_site[j]]))
+            _, logits = encode(torch.cat([h_src[i], h_site[j]]))
             loss = F.cross_entropy(logits[:bs], y_src[i]) + F.cross_entropy(logits[bs:], y_site[j])
             opt.zero_grad()
             loss.backward()
@@ -186,6 +198,42 @@ def oracle(model, h_src, y_src, h_site, y_site, cfg: AdaptConfig) -> EmotionNet:
 
 def accuracy(model, h, y) -> float:
     return float((cached_outputs(model, h)[1].argmax(1) == np.asarray(y)).mean())
+
+
+def site_ce(model, h, y) -> float:
+    """True mean cross-entropy on labelled site images (what DEV estimates without labels)."""
+    p = cached_outputs(model, h)[1]
+    return float(-np.log(np.clip(p[np.arange(len(y)), np.asarray(y)], 1e-12, None)).mean())
+
+
+# --- splits ----------------------------------------------------------------------------------------
+def _sub(idx: list[int], rel: list[int]) -> list[int]:
+    return [idx[i] for i in rel]
+
+
+def photo_split(records, seed: int):
+    """Emotion6 indices (train, early-stop, gate-val, site-adapt, site-test).
+
+    35% of the photos are the site (half unlabelled adaptation set, half labelled test); the
+    source 65% is split 70/15/15 into training, early stopping (model selection) and the
+    validation set the gates use. The gate set must not be the model-selection set: the
+    champion's accuracy on that set is optimistically biased, and every candidate would look
+    like a 'drop' of a few points."""
+    src, site = stratified_split(records, 0.35, seed)
+    rest, va = stratified_split([records[i] for i in src], 0.15, seed + 100)
+    rest, va = _sub(src, rest), _sub(src, va)
+    tr, es = stratified_split([records[i] for i in rest], 0.15 / 0.85, seed + 150)
+    tr, es = _sub(rest, tr), _sub(rest, es)
+    ad, te = stratified_split([records[i] for i in site], 0.5, seed + 200)
+    return tr, es, va, _sub(site, ad), _sub(site, te)
+
+
+def face_split(records, seed: int):
+    """CK+48 indices (train, early-stop, gate-val) = 70/15/15, by subject (no subject on two
+    sides)."""
+    tr, rest = split_records(records, 0.3, seed)
+    es, va = split_records([records[i] for i in rest], 0.5, seed + 1)
+    return tr, _sub(rest, es), _sub(rest, va)
 
 
 # --- one setting, one seed ----------------------------------------------------------------------
@@ -205,7 +253,7 @@ def run_site(setting, seed, model, src_views, y_src, h_va, y_va, h_adapt, h_test
     log(f"{setting} seed {seed}: source-only {acc_src_only:.3f} clean {acc_clean:.3f} "
         f"oracle {acc_oracle:.3f} ({time.perf_counter() - t:.0f} s)")
     ref = {"acc_source_only": acc_src_only, "acc_clean": acc_clean, "acc_oracle": acc_oracle,
-           "source_acc_before": src_acc0}
+           "source_acc_before": src_acc0, "site_ce_champion": site_ce(model, h_test, y_test)}
     rows.append({**base, **ref, "method": "source-only", "acc": acc_src_only, "source_drop": 0.0,
                  "verdict": "-", "seconds": 0.0})
     for name in methods:
@@ -221,6 +269,7 @@ def run_site(setting, seed, model, src_views, y_src, h_va, y_va, h_adapt, h_test
                "source_drop": rep.champion_source_acc - rep.source_acc,
                "verdict": rep.verdict, "seconds": res.seconds,
                "dev_risk": rep.dev.risk, "dev_champion": rep.champion_dev.risk,
+               "site_ce": site_ce(res.model, h_test, y_test),
                "dev_auc": rep.dev.domain_auc, "dev_auc_champion": rep.champion_dev.domain_auc,
                "dev_ess": rep.dev.ess_fraction, "dev_unverifiable": rep.dev.unverifiable,
                "champion_unverifiable": rep.champion_dev.unverifiable,
@@ -268,8 +317,8 @@ def print_tables(rows: list[dict]) -> None:
     gated = [r for r in rows if r["method"] != "source-only"]
     if gated:
         print("\n| setting | method | gates failed (count over seeds) | DEV AUC cand/champ | ESS frac "
-              "| DEV risk cand/champ | MMD² before→after |")
-        print("|---|---|---|---|---|---|---|")
+              "| DEV risk cand/champ | true site CE cand/champ | MMD² before→after |")
+        print("|---|---|---|---|---|---|---|---|")
         for s in settings:
             rs = [r for r in gated if r["setting"] == s]
             for m in dict.fromkeys(r["method"] for r in rs):
@@ -280,7 +329,45 @@ def print_tables(rows: list[dict]) -> None:
                       f"{np.mean([r['dev_auc_champion'] for r in g]):.3f} "
                       f"| {np.mean([r['dev_ess'] for r in g]):.2f} "
                       f"| {np.mean([r['dev_risk'] for r in g]):.3f}/{np.mean([r['dev_champion'] for r in g]):.3f} "
+                      f"| {np.mean([r['site_ce'] for r in g]):.3f}/{np.mean([r['site_ce_champion'] for r in g]):.3f} "
                       f"| {np.mean([r['mmd2_before'] for r in g]):.4f}→{np.mean([r['mmd2_after'] for r in g]):.4f} |")
+
+
+# --- end-to-end timing of one site ------------------------------------------------------------------
+def time_one_site(args, acfg, vcfg, e6, e6_views, y6, n_site: int = 500) -> None:
+    """Wall-clock of what the pipeline does for one site of ``n_site`` photos: decode + apply
+    the condition + frozen forward (no disk cache), adapt (default method), validate."""
+    tr, es, va, _, _ = photo_split(e6.records, 0)
+    model = train_model(e6_views[tr], y6[tr], e6_views[es, 0], y6[es], 0, args.epochs,
+                        args.cache_dir, "model-photos")
+    site = [r for i, r in enumerate(e6.records) if i not in set(tr) | set(es) | set(va)]
+    site = (site * (n_site // len(site) + 1))[:n_site]  # reuse photos if the site pool is smaller
+    prep = preprocessing_for(model.config)
+    t0 = time.perf_counter()
+    hs = []
+    with torch.no_grad():
+        for s in range(0, n_site, 32):
+            arrs = [prep.to_array(apply_condition(load_rgb(r.path), "night", args.severity,
+                                                  np.random.default_rng([9, s + j])))
+                    for j, r in enumerate(site[s:s + 32])]
+            hs.append(model.frozen_forward(prep.normalize(np.stack(arrs))))
+    h_site = torch.cat(hs)
+    t_cache = time.perf_counter() - t0
+    h_src = e6_views[tr][:, :2].flatten(0, 1).float()
+    ys = torch.as_tensor(np.repeat(y6[tr], 2))
+    t1 = time.perf_counter()
+    res = get_adapter("mmd").adapt(model, (h_src, ys), h_site, acfg)
+    t_adapt = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    rep = validate_candidate(res.model, model, (e6_views[va, 0].float(), torch.as_tensor(y6[va])),
+                             h_site, vcfg)
+    t_val = time.perf_counter() - t2
+    print(f"\n| one site, {n_site} photos (night{args.severity}), threads {torch.get_num_threads()} "
+          "| seconds |\n|---|---|")
+    print(f"| decode + condition + frozen forward | {t_cache:.0f} |")
+    print(f"| adapt (mmd, {res.steps_done} steps) | {t_adapt:.0f} |")
+    print(f"| validate (DEV x2 + gates) -> {rep.verdict} | {t_val:.0f} |")
+    print(f"| total | {t_cache + t_adapt + t_val:.0f} |")
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -302,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--final-bn", choices=["keep", "target"], default=None)
     ap.add_argument("--epochs", type=int, default=40, help="source training epochs (max)")
     ap.add_argument("--cache-only", action="store_true")
+    ap.add_argument("--time-site", type=int, default=0, metavar="N",
+                    help="only time one site of N photos end to end (no disk cache), then exit")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -330,33 +419,32 @@ def main(argv: list[str] | None = None) -> None:
         ck_views = views_activations(fmodel, ck.records, cache, "ck-views", tcfg) if "faces" in args.settings else None
     if args.cache_only:
         return
+    if args.time_site:
+        time_one_site(args, acfg, vcfg, e6, e6_views, e6.labels, args.time_site)
+        return
     y6 = e6.labels
     rows: list[dict] = []
     for seed in args.seeds:
         if "photos" in args.settings:
-            # 35% of the photos are the site (half adaptation, half labelled test), the rest
-            # is the source: 85/15 train/validation.
-            src_idx, site_idx = stratified_split(e6.records, 0.35, seed)
-            tr_rel, va_rel = stratified_split([e6.records[i] for i in src_idx], 0.15, seed + 100)
-            tr, va = [src_idx[i] for i in tr_rel], [src_idx[i] for i in va_rel]
-            ad_rel, te_rel = stratified_split([e6.records[i] for i in site_idx], 0.5, seed + 200)
-            ad, te = [site_idx[i] for i in ad_rel], [site_idx[i] for i in te_rel]
-            model = train_model(e6_views[tr], y6[tr], e6_views[va, 0], y6[va], seed, args.epochs,
+            tr, es, va, ad, te = photo_split(e6.records, seed)
+            model = train_model(e6_views[tr], y6[tr], e6_views[es, 0], y6[es], seed, args.epochs,
                                 cache, "model-photos")
-            log(f"photos seed {seed}: train {len(tr)} val {len(va)} site adapt {len(ad)} test {len(te)}; "
-                f"source val acc {accuracy(model, e6_views[va, 0].float(), y6[va]):.3f}")
+            log(f"photos seed {seed}: train {len(tr)} early-stop {len(es)} gate-val {len(va)} "
+                f"site adapt {len(ad)} test {len(te)}; "
+                f"gate-val acc {accuracy(model, e6_views[va, 0].float(), y6[va]):.3f}")
             for c in args.conditions:
                 run_site(f"photos→{c}{args.severity}", seed, model, e6_views[tr], y6[tr],
                          e6_views[va, 0], y6[va], cond_h[c][ad], cond_h[c][te], y6[te],
                          e6_views[te, 0], y6[ad], args.methods, acfg, vcfg, rows)
         if "faces" in args.settings:
             yc = ck.labels
-            tr, va = split_records(ck.records, 0.2, seed)
+            tr, es, va = face_split(ck.records, seed)
             ad, te = stratified_split(e6.records, 0.5, seed + 300)
-            model = train_model(ck_views[tr], yc[tr], ck_views[va, 0], yc[va], seed, args.epochs,
+            model = train_model(ck_views[tr], yc[tr], ck_views[es, 0], yc[es], seed, args.epochs,
                                 cache, "model-faces")
-            log(f"faces seed {seed}: CK+ train {len(tr)} val {len(va)} "
-                f"(val acc {accuracy(model, ck_views[va, 0].float(), yc[va]):.3f}); photos adapt {len(ad)} test {len(te)}")
+            log(f"faces seed {seed}: CK+ train {len(tr)} early-stop {len(es)} gate-val {len(va)} "
+                f"(gate-val acc {accuracy(model, ck_views[va, 0].float(), yc[va]):.3f}); "
+                f"photos adapt {len(ad)} test {len(te)}")
             run_site("faces→photos", seed, model, ck_views[tr], yc[tr], ck_views[va, 0], yc[va],
                      e6_views[ad, 0], e6_views[te, 0], y6[te], None, y6[ad], args.methods,
                      acfg, vcfg, rows)

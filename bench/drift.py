@@ -11,7 +11,7 @@ Setup (printed at the top of the output):
   (models.conditions) applied to the whole batch or to 30% of it, with a class-prior shift
   (70% of the batch from two classes), or CK+48 faces instead of photos.
 * Methods (all at alpha=0.05): models.drift.CombinedDrift on (features, softmax, quality
-  statistics) = MMD + BBSD + quality KS with Bonferroni x3; MMD + BBSD (Bonferroni x2, from
+  statistics) = MMD + BBSD + quality AD with Bonferroni x3; MMD + BBSD (Bonferroni x2, from
   the same p-values); each sub-test alone (MMD on pooled-PCA-whitened features = the default);
   MMD on raw features with the median-heuristic bandwidth and with a 3-bandwidth mixture;
   Evidently's DataDriftPreset dataset decision on the compact view (10 PCA components,
@@ -212,7 +212,7 @@ def fmt_rate(k: int, n: int, ci: bool = False) -> str:
 
 # --- methods -------------------------------------------------------------------------------------------
 METHODS = ("MMD+BBSD+quality", "MMD+BBSD", "MMD (whitened)", "MMD raw median", "MMD raw 3-scale",
-           "BBSD", "quality KS", "Evidently preset", "Evidently embeddings")
+           "BBSD", "quality AD", "Evidently preset", "Evidently embeddings")
 
 
 class Panel:
@@ -244,7 +244,7 @@ class Panel:
             "MMD raw median": bool(self.mmd_raw.predict(cur.z).is_drift),
             "MMD raw 3-scale": bool(self.mmd_raw3.predict(cur.z).is_drift),
             "BBSD": p["bbsd"] <= ALPHA,
-            "quality KS": p["quality"] <= ALPHA,
+            "quality AD": p["quality"] <= ALPHA,
         }
         if "Evidently preset" not in skip:
             out["Evidently preset"] = evidently_decision(self.ref_frame, self._frame(cur), fast=True)["is_drift"]

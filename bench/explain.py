@@ -54,9 +54,14 @@ def log(msg: str) -> None:
 
 
 def explainers(model, depth: int, ig_steps: int) -> dict[str, Explainer]:
+    """Default settings (batch 4, bf16 where native). DnCShap with one context and occlusion one
+    level deeper make the SAME number of model calls (2^(D+1) vs 2^(D+1) + 2): compare their
+    pixel-level AUCs, which do not depend on the region granularity."""
     return {
-        f"DnCShap (depth {depth})": DnCShap(model, depth=depth, batch_size=32),
-        f"Occlusion (depth {depth})": Occlusion(model, depth=depth, batch_size=32),
+        f"DnCShap (depth {depth})": DnCShap(model, depth=depth),
+        f"DnCShap (depth {depth}, one context)": DnCShap(model, depth=depth, contexts="present"),
+        f"Occlusion (depth {depth})": Occlusion(model, depth=depth),
+        f"Occlusion (depth {depth + 1})": Occlusion(model, depth=depth + 1),
         f"IntegratedGradients ({ig_steps} steps)": IntegratedGradients(model, steps=ig_steps,
                                                                       depth=depth, batch_size=16),
     }
@@ -199,50 +204,55 @@ class _Resized(torch.nn.Module):
                                         antialias=True, align_corners=False))
 
 
-class _BF16(torch.nn.Module):
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.model(x).float()
-
-
 def timing_section(args, ckpt, x) -> None:
     model = ckpt.model.eval()
-    x1 = x[:1]
     size = x.shape[-1]
-    ref = DnCShap(model, depth=6, batch_size=32).attribute(x1)
-    variants = [
-        ("fp32, batch 32", 6, model, 32),
-        ("fp32, batch 64", 6, model, 64),
-        ("fp32, batch 32", 4, model, 32),
-        ("bf16 autocast, batch 32", 6, _BF16(model), 32),
-        (f"input resized {size}->160, batch 32", 6, _Resized(model, 160), 32),
-        (f"input resized {size}->112, batch 32", 6, _Resized(model, 112), 32),
-        (f"bf16 + input resized {size}->112, batch 32", 6, _BF16(_Resized(model, 112)), 32),
-        (f"bf16 + input resized {size}->112, batch 32", 4, _BF16(_Resized(model, 112)), 32),
+    ref = DnCShap(model, depth=6, precision="fp32").attribute(x[:1])
+    variants = [  # (name, depth, model, batch, precision, contexts)
+        ("fp32, batch 32 (the old default)", 6, model, 32, "fp32", "both"),
+        ("fp32, batch 4", 6, model, 4, "fp32", "both"),
+        ("bf16, batch 32", 6, model, 32, "bf16", "both"),
+        ("bf16, batch 4 (default where the CPU has bf16)", 6, model, 4, "bf16", "both"),
+        ("bf16, batch 4, one context (present)", 6, model, 4, "bf16", "present"),
+        ("fp32, batch 4, one context (present)", 6, model, 4, "fp32", "present"),
+        ("bf16, batch 4 (the promotion gate's depth)", 4, model, 4, "bf16", "both"),
+        (f"bf16, batch 4, input resized {size}->112", 6, _Resized(model, 112), 4, "bf16", "both"),
     ]
-    print(f"\n### One DnCShap explanation, {size} px photo, {torch.get_num_threads()} threads\n")
-    print("| variant | depth | regions | model calls | seconds | img/s | rank corr. to fp32 d6 "
-          "| cosine to fp32 d6 |")
+    n = min(args.timing_images, len(x))
+    print(f"\n### One DnCShap explanation, {size} px photo, {torch.get_num_threads()} threads "
+          f"(mean of {n} photos; agreement with fp32 'both' at depth 6)\n")
+    print("| variant | depth | regions | model calls | seconds | img/s | rank corr. | cosine |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, depth, m, bs in variants:
-        e = DnCShap(m, depth=depth, batch_size=bs)
-        e.attribute(x1)  # warm-up (allocator, oneDNN primitives)
-        t0 = time.perf_counter()
-        a = e.attribute(x1, target=ref.targets)
-        secs = time.perf_counter() - t0
-        if depth == 6:
-            rc = f"{rank_correlation(a, ref)[0]:.3f}"
-            cs = f"{cosine_similarity(a, ref)[0]:.3f}"
-        else:
-            rc = cs = "n/a"
+    refs = DnCShap(model, depth=6, precision="fp32").attribute(x[:n])
+    for name, depth, m, bs, prec, ctx in variants:
+        e = DnCShap(m, depth=depth, batch_size=bs, precision=prec, contexts=ctx)
+        e.attribute(x[:1], target=ref.targets)  # warm-up (allocator, oneDNN primitives)
+        secs, rcs, css = [], [], []
+        for i in range(n):
+            t0 = time.perf_counter()
+            a = e.attribute(x[i:i + 1], target=refs.targets[i:i + 1])
+            secs.append(time.perf_counter() - t0)
+            if depth == 6:
+                r1 = _row(refs, i)
+                rcs.append(rank_correlation(a, r1)[0])
+                css.append(cosine_similarity(a, r1)[0])
+        rc = f"{np.mean(rcs):.3f}" if rcs else "n/a"
+        cs = f"{np.mean(css):.3f}" if css else "n/a"
         calls = int(a.model_calls[0])
-        print(f"| {name} | {depth} | {2 ** depth} | {calls} | {secs:.2f} | {calls / secs:.1f} | "
-              f"{rc} | {cs} |")
-        log(f"timing {name} d{depth}: {secs:.2f} s")
+        sec = float(np.mean(secs))
+        print(f"| {name} | {depth} | {2 ** depth} | {calls} | {sec:.2f} | {calls / sec:.1f} | "
+              f"{rc} | {cs} |", flush=True)
+        log(f"timing {name} d{depth}: {sec:.2f} s")
+
+
+def _row(att, i: int):
+    import dataclasses
+
+    out = dataclasses.replace(att)
+    for f in ("maps", "region_values", "targets", "f_image", "f_baseline", "efficiency_gap",
+              "model_calls"):
+        setattr(out, f, getattr(att, f)[i:i + 1])
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ig-steps", type=int, default=32)
     ap.add_argument("--baseline", default="blur", choices=["blur", "mean", "zeros"])
     ap.add_argument("--n-photos", type=int, default=16)
+    ap.add_argument("--timing-images", type=int, default=4, help="photos timed per variant")
     ap.add_argument("--n-synthetic", type=int, default=100)
     ap.add_argument("--synthetic-train", type=int, default=1000)
     ap.add_argument("--synthetic-epochs", type=int, default=8)

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test-frac", type=float, default=0.15)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--crops", type=int, default=None)
+    ap.add_argument("--head-epochs", type=int, default=None, help="TrainConfig.head_epochs (LP-FT)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the target is 2 cores)")
     ap.add_argument("--probe", action="store_true", help="also fit the frozen-feature baseline")
     ap.add_argument("--progress", action="store_true", help="tqdm bars on stderr")
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                         cfg.epochs = args.epochs
                     if args.crops is not None:
                         cfg.crops = args.crops
+                    if args.head_epochs is not None:
+                        cfg.head_epochs = args.head_epochs
                     t = time.perf_counter()
                     res = train_source(tr, ls.classes, net, cfg, val=va, progress=args.progress or None)
                     wall = time.perf_counter() - t

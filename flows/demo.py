@@ -90,10 +90,16 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> 
                 row["promoted"] = True
                 _say(f"4/5 {name}: auto-promoted (policy auto, every gate passed)")
             elif s["policy"] == "manual" and ad["verdict"] in ("pass", "unverifiable"):
-                _say(f"4/5 {name}: the demo approves v{ad['version']} as its approver")
-                promote(site=name, version=ad["version"], action="approve", actor="demo-approver",
-                        reason=f"demo: verdict {ad['verdict']}, gates {row['gates']}")
-                row["promoted"] = True
+                refusal = _approval_refusal(settings, name, ad["version"])
+                if refusal:  # e.g. the audit set says the challenger is worse: no --force here
+                    _say(f"4/5 {name}: challenger v{ad['version']} waits: {refusal}")
+                    row["waits_because"] = refusal
+                else:
+                    _say(f"4/5 {name}: the demo approves v{ad['version']} as its approver")
+                    promote(site=name, version=ad["version"], action="approve",
+                            actor="demo-approver",
+                            reason=f"demo: verdict {ad['verdict']}, gates {row['gates']}")
+                    row["promoted"] = True
             else:
                 _say(f"4/5 {name}: challenger v{ad['version']} waits (verdict {ad['verdict']}; "
                      f"policy {s['policy']})")
@@ -108,6 +114,19 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> 
     log.info("demo finished in %.0f s", seconds)
     return {"data": data.kind, "source": trained, "sites": rows, "seconds": round(seconds, 1),
             "summary_text": text, "sites_file": str(data.sites_file)}
+
+
+def _approval_refusal(settings: Any, site: str, version: str) -> str | None:
+    """Why ``emowatch approve`` (without --force) would refuse, or None (the blessing's dry run)."""
+    from tasks.context import load_site
+    from tasks.promote import check_promotion
+
+    cfg, site_id = load_site(site, settings)
+    try:
+        check_promotion(settings, cfg, site_id, version, "approve")
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _f(x: float | None) -> str:

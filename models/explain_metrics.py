@@ -303,6 +303,7 @@ def explanation_gate(
     challenger_model: Model,
     probe_images: torch.Tensor,
     tolerances: GateTolerances | dict | None = None,
+    attributions: dict[str, Attribution] | None = None,
 ) -> dict[str, dict[str, float | bool]]:
     """Champion-vs-challenger explanation checks on probe images (normalised (N,3,H,W)).
 
@@ -316,6 +317,9 @@ def explanation_gate(
     Faithfulness (each model explained on its own prediction, scored on its own curves):
 
     * ``faithfulness_drop``: champion's (insertion - deletion AUC) minus the challenger's <= max.
+
+    ``attributions``: a dict that receives the maps computed on the way ("champion", and
+    "challenger" for the champion's classes), e.g. for a gallery, so nobody explains twice.
     """
     tol = (tolerances if isinstance(tolerances, GateTolerances)
            else GateTolerances.from_dict(tolerances or {}))
@@ -338,6 +342,8 @@ def explanation_gate(
     f_champ = deletion_insertion(champion_model, x, a, baseline=tol.baseline)
     f_chall = deletion_insertion(challenger_model, x, own, baseline=tol.baseline)
     drop = f_champ.score - f_chall.score
+    if attributions is not None:
+        attributions.update(champion=a, challenger=b)
     return {
         "rank_correlation": {"passed": rank >= tol.min_rank_correlation, "value": rank,
                              "threshold": tol.min_rank_correlation},

@@ -24,6 +24,11 @@ STAT_NAMES: tuple[str, ...] = (
     "sharpness",  # variance of the Laplacian of luma (0..255 units) on a SHARPNESS_SIZE resize
     "colourfulness",  # Hasler & Suesstrunk (2003) M, 0..~200 (0 for grey images)
     "warmth",  # mean red / mean blue: >1 warm (tungsten, sodium lamps), <1 cool (shade, LEDs)
+    # Colour of the light: log(R/G) and log(B/G) of the shades-of-grey illuminant estimate
+    # (Finlayson & Trezzi 2004, Minkowski p = 6). Far less dependent on what is in the picture
+    # than the grey-world ``warmth``, so a site's colour cast stands out from scene colours.
+    "illuminant_rg",
+    "illuminant_bg",
     "blockiness",  # JPEG 8x8 grid: edge strength on block borders / elsewhere; ~1 when none
     "width",
     "height",
@@ -34,6 +39,14 @@ STAT_NAMES: tuple[str, ...] = (
 # small enough (65k pixels) that computing it costs ~1 ms per image.
 SHARPNESS_SIZE = 256
 _LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+SHADES_OF_GREY_P = 6.0
+
+
+def _illuminant(x: np.ndarray) -> tuple[float, float]:
+    """(log R/G, log B/G) of the shades-of-grey illuminant of an (H,W,3) 0..255 float image."""
+    v = (x.reshape(-1, 3) / 255.0).astype(np.float64)
+    e = np.mean(v ** SHADES_OF_GREY_P, axis=0) ** (1.0 / SHADES_OF_GREY_P) + 1e-3
+    return float(np.log(e[0] / e[1])), float(np.log(e[2] / e[1]))
 
 
 def _laplacian_var(grey: np.ndarray) -> float:
@@ -71,12 +84,15 @@ def image_stats(img: ImageLike) -> dict[str, float]:
     rg = x[..., 0] - x[..., 1]
     yb = 0.5 * (x[..., 0] + x[..., 1]) - x[..., 2]
     colourful = np.sqrt(rg.std() ** 2 + yb.std() ** 2) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
+    ill_rg, ill_bg = _illuminant(x)
     return {
         "brightness": float(luma.mean() / 255.0),
         "contrast": float(luma.std() / 255.0),
         "sharpness": _laplacian_var(np.asarray(small, dtype=np.float32)),
         "colourfulness": float(colourful),
         "warmth": float((x[..., 0].mean() + 1.0) / (x[..., 2].mean() + 1.0)),
+        "illuminant_rg": ill_rg,
+        "illuminant_bg": ill_bg,
         "blockiness": _blockiness(luma),
         "width": float(w),
         "height": float(h),
@@ -94,6 +110,8 @@ def batch_stats(images: Iterable[ImageLike]) -> dict[str, np.ndarray]:
 
 # --- describing a shift ----------------------------------------------------------------------
 # (word when the statistic went down, word when it went up, compare on log scale?)
+# The illuminant statistics are tested but not worded: they are log ratios near 0, where a
+# "relative change" means nothing; a colour cast is worded through ``warmth``/colourfulness.
 # Sharpness and sizes are multiplicative quantities spanning orders of magnitude, so their
 # effect sizes are computed on log values; the others are roughly additive.
 _WORDS: dict[str, tuple[str, str, bool]] = {

@@ -20,7 +20,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -263,6 +263,15 @@ class ValidationConfig:
     dev_tolerance: float = 0.05
     drift_max_ratio: float = 1.0  # adaptation must not increase site-vs-source MMD^2
     min_entropy_ratio: float = 0.5
+    # Per-sample loss DEV weights: "ce" (cross-entropy, nats; smooth, what training
+    # minimises) or "error" (0-1 loss: the DEV risk is then an estimated site error rate and
+    # dev_tolerance is in accuracy units).
+    dev_loss: Literal["ce", "error"] = "ce"
+    # Whose features decide "unverifiable": "candidate" (DEV as published: the candidate's own
+    # bottleneck) or "either" (also the champion's). Alignment can make site and source
+    # features of the CANDIDATE overlap although the images are of different kinds (faces
+    # vs photos); the champion's features were never trained to hide the difference.
+    unverifiable_from: Literal["candidate", "either"] = "either"
     dev: DEVConfig = dataclasses.field(default_factory=DEVConfig)
 
 
@@ -270,6 +279,7 @@ class ValidationConfig:
 class ValidationReport:
     verdict: str  # "pass" | "fail" | "unverifiable"
     gates: dict[str, Gate]
+    # DEV risks are in ``dev_loss`` units (nats of CE, or error rate)
     dev: DEVResult  # candidate
     champion_dev: DEVResult
     source_acc: float  # candidate on source validation
@@ -282,11 +292,13 @@ class ValidationReport:
         return d
 
 
-def _model_view(model: EmotionNet, h_src: torch.Tensor, y_src: np.ndarray, h_tgt: torch.Tensor):
+def _model_view(model: EmotionNet, h_src: torch.Tensor, y_src: np.ndarray, h_tgt: torch.Tensor,
+                loss: str):
     zs, ps = cached_outputs(model, h_src)
     zt, pt = cached_outputs(model, h_tgt)
-    acc = float((ps.argmax(1) == y_src).mean())
-    return zs, per_sample_ce(ps, y_src), zt, pt, acc
+    hit = ps.argmax(1) == y_src
+    losses = per_sample_ce(ps, y_src) if loss == "ce" else (~hit).astype(np.float64)
+    return zs, losses, zt, pt, float(hit.mean())
 
 
 def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: Any,
@@ -300,12 +312,16 @@ def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: 
     ``site_candidate`` only when the candidate's frozen part differs (adabn scope="all").
     """
     cfg = config or ValidationConfig()
+    if cfg.dev_loss not in ("ce", "error"):
+        raise ValueError(f"dev_loss must be 'ce' or 'error', got {cfg.dev_loss!r}")
+    if cfg.unverifiable_from not in ("candidate", "either"):
+        raise ValueError(f"unverifiable_from must be 'candidate' or 'either', got {cfg.unverifiable_from!r}")
     src = as_cached_set(source_val, "source_val", need_labels=True)
     tgt = as_cached_set(site, "site")
     tgt_c = as_cached_set(site_candidate, "site_candidate") if site_candidate is not None else tgt
     y = src.labels.numpy()
-    zs0, l0, zt0, _, acc0 = _model_view(champion, src.h, y, tgt.h)
-    zs1, l1, zt1, pt1, acc1 = _model_view(candidate, src.h, y, tgt_c.h)
+    zs0, l0, zt0, _, acc0 = _model_view(champion, src.h, y, tgt.h, cfg.dev_loss)
+    zs1, l1, zt1, pt1, acc1 = _model_view(candidate, src.h, y, tgt_c.h, cfg.dev_loss)
     dev0 = deep_embedded_validation(zs0, l0, zt0, cfg.dev)
     dev1 = deep_embedded_validation(zs1, l1, zt1, cfg.dev)
     mmd_before = float(mk_mmd2(torch.from_numpy(zs0), torch.from_numpy(zt0)))
@@ -316,8 +332,9 @@ def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: 
         "residual_drift": gate_residual_drift(mmd_before, mmd_after, cfg.drift_max_ratio),
         "prediction_sanity": gate_prediction_sanity(pt1, cfg.min_entropy_ratio),
     }
+    unverifiable = dev1.unverifiable or (cfg.unverifiable_from == "either" and dev0.unverifiable)
     return ValidationReport(
-        verdict=verdict(gates, dev1), gates=gates, dev=dev1, champion_dev=dev0,
+        verdict=verdict(gates, unverifiable), gates=gates, dev=dev1, champion_dev=dev0,
         source_acc=acc1, champion_source_acc=acc0, mmd2_before=mmd_before, mmd2_after=mmd_after,
     )
 

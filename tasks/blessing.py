@@ -2,7 +2,10 @@
 
 A challenger is *blessed* when its verdict is ``pass``, every gate passed, and (where the site
 has a labelled audit set) its audit accuracy is not below the champion's by more than the
-tolerance. Then:
+tolerance -- counted as a failure only when the paired comparison says the drop is not chance:
+an exact one-sided McNemar (sign) test on the images only one of the two models gets right,
+p < ``AUDIT_ALPHA``. (On a 40-image audit set one image is 2.5 points: a 2-point tolerance on
+its own would fail half of all challengers that are exactly as good as the champion.) Then:
 
 * ``auto``    — allowed only on ``policy = "auto"`` sites and only when blessed;
                 ``unverifiable`` never auto-promotes.
@@ -22,6 +25,19 @@ Action = Literal["approve", "auto", "reject", "rollback"]
 # A challenger may be at most this much less accurate than the champion on the audit set
 # (labelled images from the site itself: the only direct evidence we ever get).
 AUDIT_TOLERANCE = 0.02
+# Significance of the audit drop (one-sided exact McNemar) needed to count it as a failure.
+AUDIT_ALPHA = 0.05
+
+
+def mcnemar_worse_p(champion_only: int, challenger_only: int) -> float:
+    """One-sided exact McNemar p-value for "the challenger is worse": P(X >= champion_only),
+    X ~ Binomial(champion_only + challenger_only, 1/2)."""
+    from scipy.stats import binom
+
+    n = int(champion_only) + int(challenger_only)
+    if n == 0:
+        return 1.0
+    return float(binom.sf(int(champion_only) - 1, n, 0.5))
 
 
 @dataclass
@@ -46,6 +62,7 @@ def bless(
     force: bool = False,
     reason: str = "",
     audit_tolerance: float = AUDIT_TOLERANCE,
+    audit_alpha: float = AUDIT_ALPHA,
 ) -> Blessing:
     """Decide whether ``action`` may move the champion alias to the challenger."""
     if action in ("reject", "rollback"):
@@ -59,11 +76,19 @@ def bless(
     if audit is not None and audit.get("challenger") is not None and audit.get("champion") is not None:
         drop = float(audit["champion"]) - float(audit["challenger"])
         if drop > audit_tolerance:
-            failed.append("audit_accuracy")
-            reasons.append(
-                f"audit accuracy {audit['challenger']:.3f} is {drop:.3f} below the champion's "
-                f"{audit['champion']:.3f} (tolerance {audit_tolerance:.3f})"
-            )
+            what = (f"audit accuracy {audit['challenger']:.3f} is {drop:.3f} below the champion's "
+                    f"{audit['champion']:.3f} (tolerance {audit_tolerance:.3f})")
+            paired = audit.get("champion_only") is not None and audit.get("challenger_only") is not None
+            p = (mcnemar_worse_p(audit["champion_only"], audit["challenger_only"]) if paired
+                 else 0.0)  # no paired counts (older records): the drop alone decides
+            if p < audit_alpha:
+                failed.append("audit_accuracy")
+                reasons.append(what + (f", McNemar p={p:.3f}" if paired else ""))
+            else:
+                reasons.append(
+                    f"{what}, but within chance on {audit.get('n', '?')} images (only the "
+                    f"champion right on {audit['champion_only']}, only the challenger on "
+                    f"{audit['challenger_only']}; McNemar p={p:.2f}): not counted as a failure")
     if verdict is None:
         reasons.append("the version has no validation verdict (not a checked challenger)")
     elif verdict == "fail" and not failed:

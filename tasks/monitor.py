@@ -45,7 +45,7 @@ def drift_config(site: Site) -> DriftConfig:
 
 
 def test_drift(site: Site, profile: Any, fs: FeatureSet) -> tuple[DriftResult, list[str]]:
-    """The calibrated decision (MMD on features + BBSD on softmax [+ KS on image-quality
+    """The calibrated decision (MMD on features + BBSD on softmax [+ Anderson-Darling on image-quality
     statistics], Bonferroni) and, in words, how the images' quality changed."""
     ref_q = getattr(profile, "quality", None)
     use_q = bool(site.drift.quality_test and ref_q)

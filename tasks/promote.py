@@ -179,8 +179,12 @@ def gates_table(gates: Mapping[str, Mapping[str, Any]] | None) -> str:
 def _audit_line(audit: Mapping[str, Any] | None) -> str:
     if not audit:
         return "Audit set: none (no labelled images at this site)."
-    return (f"Audit accuracy: challenger {_fmt(audit.get('challenger'))}, "
-            f"champion {_fmt(audit.get('champion'))}.")
+    line = (f"Audit accuracy: challenger {_fmt(audit.get('challenger'))}, "
+            f"champion {_fmt(audit.get('champion'))}")
+    if audit.get("champion_only") is not None and audit.get("challenger_only") is not None:
+        line += (f" on {audit.get('n', '?')} labelled site images (only the champion right on "
+                 f"{audit['champion_only']}, only the challenger on {audit['challenger_only']})")
+    return line + "."
 
 
 # --- helpers ------------------------------------------------------------------------------------------

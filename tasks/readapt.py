@@ -245,7 +245,8 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
                          min_topk_overlap=g.min_explanation_topk_overlap,
                          min_cosine=g.min_explanation_cosine,
                          max_faithfulness_drop=g.max_faithfulness_drop)
-    expl = explanation_gate(inputs.ckpt.model, result.model, probe, tol)
+    maps: dict[str, Any] = {}
+    expl = explanation_gate(inputs.ckpt.model, result.model, probe, tol, attributions=maps)
     log.info("explanation gate on %d probe images: %.1f s", len(probe), time.perf_counter() - t0)
     for k, v in expl.items():
         gates[f"explanation_{k}"] = _plain(v)
@@ -259,7 +260,8 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
     return {"verdict": verdict, "gates": gates, "dev": _plain(dev),
             "champion_dev": _plain(rep.champion_dev.to_dict()), "source_acc": rep.source_acc,
             "champion_source_acc": rep.champion_source_acc, "mmd2_before": rep.mmd2_before,
-            "mmd2_after": rep.mmd2_after, "audit": audit, "probe": probe}
+            "mmd2_after": rep.mmd2_after, "audit": audit, "probe": probe,
+            "probe_maps": {k: a.maps for k, a in maps.items()}}
 
 
 def _site_images(inputs: AdaptInputs) -> torch.Tensor:
@@ -272,7 +274,6 @@ def _site_images(inputs: AdaptInputs) -> torch.Tensor:
 def audit_accuracy(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any] | None:
     """Accuracy of champion and candidate on the site's labelled audit folder."""
     from models.data import read_image_folder
-    from models.evaluate import evaluate
 
     ckpt = inputs.ckpt
     try:
@@ -283,11 +284,16 @@ def audit_accuracy(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, An
     keep = [i for i, r in enumerate(ls.records) if ls.classes[r.label] in ckpt.classes]
     if not keep:
         return {"error": "no audit images of the model's classes", "champion": None, "challenger": None}
+    from models.evaluate import predict_arrays
+
     recs = [ls.records[i] for i in keep]
-    labels = [ckpt.classes.index(ls.classes[r.label]) for r in recs]
-    champ = evaluate(ckpt, recs, labels, classes=ckpt.classes)
-    cand = evaluate(result.to_checkpoint(ckpt), recs, labels, classes=ckpt.classes)
-    return {"champion": champ.accuracy, "challenger": cand.accuracy, "n": len(recs)}
+    labels = np.asarray([ckpt.classes.index(ls.classes[r.label]) for r in recs])
+    right0 = predict_arrays(ckpt, recs).argmax(1) == labels
+    right1 = predict_arrays(result.to_checkpoint(ckpt), recs).argmax(1) == labels
+    # paired counts: what the blessing's McNemar test looks at
+    return {"champion": float(right0.mean()), "challenger": float(right1.mean()), "n": len(recs),
+            "champion_only": int((right0 & ~right1).sum()),
+            "challenger_only": int((right1 & ~right0).sum())}
 
 
 def _plain(x: Any) -> Any:
@@ -334,7 +340,6 @@ def register_challenger(settings: Settings, site: Site, inputs: AdaptInputs, res
         artifacts: dict[str, Path] = {}
         try:
             from models.adapt import cached_outputs
-            from models.explain import DnCShap
             from models.explain_metrics import gallery_figure
             from models.plots import adaptation_curves_figure, embedding_figure
 
@@ -353,10 +358,17 @@ def register_challenger(settings: Settings, site: Site, inputs: AdaptInputs, res
             full = validation["probe"]  # first half training domain, second half site
             half = len(full) // 2
             pick = list(range(min(GALLERY_IMAGES // 2, half))) + list(range(half, min(half + GALLERY_IMAGES // 2, len(full))))
-            probe = full[pick]
-            a = DnCShap(inputs.ckpt.model, depth=4).attribute(probe, baseline="blur")
-            b = DnCShap(result.model, depth=4).attribute(probe, target=a.targets, baseline="blur")
-            fig = gallery_figure(probe, a.maps, b.maps, titles=None)
+            maps = validation.get("probe_maps") or {}
+            if "champion" in maps and "challenger" in maps:  # the gate's own maps
+                champ_maps, chall_maps = maps["champion"][pick], maps["challenger"][pick]
+            else:
+                from models.explain import DnCShap
+
+                a = DnCShap(inputs.ckpt.model, depth=4).attribute(full[pick], baseline="blur")
+                champ_maps = a.maps
+                chall_maps = DnCShap(result.model, depth=4).attribute(
+                    full[pick], target=a.targets, baseline="blur").maps
+            fig = gallery_figure(full[pick], champ_maps, chall_maps, titles=None)
             fig.savefig(t / "explanations.png", dpi=100, bbox_inches="tight")
             artifacts["plots/explanations.png"] = t / "explanations.png"
         except Exception as e:  # noqa: BLE001 - a plot is not worth losing the candidate
@@ -378,7 +390,9 @@ def register_challenger(settings: Settings, site: Site, inputs: AdaptInputs, res
             "emowatch.base_model": inputs.base_key,
         }
         if validation.get("audit") and validation["audit"].get("champion") is not None:
-            tags["emowatch.audit"] = json.dumps({k: validation["audit"][k] for k in ("champion", "challenger")})
+            tags["emowatch.audit"] = json.dumps(
+                {k: validation["audit"][k] for k in ("champion", "challenger", "n", "champion_only",
+                                                     "challenger_only") if k in validation["audit"]})
         reg = registry.log_and_register(
             cand, model_name=site.model_name, reference_profile_path=prof_path, metrics=metrics,
             params={"adapt": result.config, "method": method, "n_site_images": len(inputs.site_h)},

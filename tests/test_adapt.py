@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from models.adapt import (
     AdaptConfig,
-    AdaptResult,
     CachedSet,
     adapt,
     available_adapters,
@@ -100,14 +99,17 @@ def test_registry():
     assert AdaptConfig().to_dict()["steps"] == AdaptConfig().steps
 
 
-@pytest.mark.parametrize("method", ["mmd", "coral"])
-def test_discrepancy_methods_align_features_and_help(toy, method):
+@pytest.mark.parametrize(("method", "top_lr_mult"), [("mmd", 0.0), ("coral", 0.0), ("mmd", 0.1)])
+def test_discrepancy_methods_align_features_and_help(toy, method, top_lr_mult):
     model, src, val, site = toy
-    res = adapt(model, src, site[0], method, quick(method, lr=1e-3))
-    before = mmd2(cached_outputs(model, val[0])[0], cached_outputs(model, site[0])[0])
-    after = mmd2(cached_outputs(res.model, val[0])[0], cached_outputs(res.model, site[0])[0])
-    assert after < 0.95 * before, (before, after)
-    assert acc(res.model, *site) > acc(model, *site) + 0.2
+    res = adapt(model, src, site[0], method, quick(method, lr=1e-3, top_lr_mult=top_lr_mult))
+    # the method's own discrepancy between source and site features drops
+    disc = mmd2 if method == "mmd" else (lambda a, b: float(coral_loss(torch.as_tensor(a), torch.as_tensor(b))))
+    before = disc(cached_outputs(model, val[0])[0], cached_outputs(model, site[0])[0])
+    after = disc(cached_outputs(res.model, val[0])[0], cached_outputs(res.model, site[0])[0])
+    assert after < 0.8 * before, (before, after)
+    # CORAL (second moments only) helps less on this toy than MMD
+    assert acc(res.model, *site) > acc(model, *site) + (0.2 if method == "mmd" else 0.1)
     assert acc(res.model, *val) > 0.9  # source kept
     assert res.method == method and res.steps_done == 40 and not res.stopped_early
     assert len(res.history) == 4 and {"loss", "ce", "mmd", "coral", "lam"} <= set(res.history[-1])
@@ -144,7 +146,7 @@ def test_discrepancy_methods_need_labelled_source(toy):
 def test_bad_config_is_rejected(toy):
     model, src, _, site = toy
     for bad in ({"batch_size": 1}, {"lr": 0.0}, {"kernel_multipliers": ()}, {"final_bn": "x"},
-                {"time_budget_s": 0.0}, {"mmd_weight": -1.0}):
+                {"time_budget_s": 0.0}, {"mmd_weight": -1.0}, {"top_bn": "both"}):
         with pytest.raises(ValueError):
             adapt(model, src, site[0], "mmd", AdaptConfig(steps=1, **bad))
     with pytest.raises(ValueError, match="target.images"):
@@ -196,13 +198,18 @@ def test_time_budget_stops_early_and_progress_is_reported(toy):
     assert seen and seen[-1][0] == res.steps_done and seen[0][1] == 10_000
 
 
-def test_frozen_top_fast_path(toy):
+@pytest.mark.parametrize("top_bn", ["source", "mixed", "site"])
+def test_frozen_top_fast_path(toy, top_bn):
     model, src, val, site = toy
-    res = adapt(model, src, site[0], "mmd", quick("mmd", top_lr_mult=0.0))
+    res = adapt(model, src, site[0], "mmd", quick("mmd", top_lr_mult=0.0, top_bn=top_bn, lr=1e-3))
     top0, top1 = model.top.state_dict(), res.model.top.state_dict()
-    assert all(torch.equal(top0[k], top1[k]) for k in top0)
+    weights = [k for k in top0 if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(top0[k], top1[k]) for k in weights)  # no gradient step on the top
+    stats_same = all(torch.equal(top0[k], top1[k]) for k in top0 if "running" in k)
+    assert stats_same == (top_bn == "source")
     assert all(p.requires_grad for p in res.model.top.parameters())
-    assert acc(res.model, *site) > acc(model, *site)
+    assert acc(res.model, *site) > acc(model, *site) + 0.2
+    assert acc(res.model, *val) > 0.9
 
 
 def test_adabn_all_scope_uses_images(toy):

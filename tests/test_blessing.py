@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.blessing import bless
+from tasks.blessing import bless, mcnemar_worse_p
 
 OK = {"source_acc": {"passed": True, "value": 0.6, "threshold": 0.57}}
 BAD = {"source_acc": {"passed": False, "value": 0.3, "threshold": 0.57},
@@ -63,6 +63,23 @@ def test_audit_accuracy_drop_is_a_failed_gate():
     missing = bless(action="auto", policy="auto", verdict="pass", gates=OK,
                     audit={"champion": None, "challenger": None})
     assert missing.allowed
+
+
+def test_audit_drop_counts_only_when_the_paired_test_says_it_is_not_chance():
+    # 40 images, the challenger 2 worse (0.375 -> 0.325): 3 vs 1 discordant pairs is chance
+    chance = bless(action="auto", policy="auto", verdict="pass", gates=OK,
+                   audit={"champion": 0.375, "challenger": 0.325, "n": 40,
+                          "champion_only": 3, "challenger_only": 1})
+    assert chance.allowed and "audit_accuracy" not in chance.failed_gates
+    assert any("within chance" in r for r in chance.reasons)
+    # 200 images, 12 vs 2 discordant: a real drop of 5 points
+    real = bless(action="auto", policy="auto", verdict="pass", gates=OK,
+                 audit={"champion": 0.60, "challenger": 0.55, "n": 200,
+                        "champion_only": 12, "challenger_only": 2})
+    assert not real.allowed and "audit_accuracy" in real.failed_gates
+    assert any("McNemar p=0.006" in r for r in real.reasons)
+    assert mcnemar_worse_p(0, 0) == 1.0
+    assert mcnemar_worse_p(5, 0) == pytest.approx(1 / 32)
 
 
 def test_unknown_action():

@@ -219,12 +219,30 @@ def test_quality_drift_detects_darkening_and_accepts_arrays():
     det = QualityDrift(x_ref=_quality(rng, 200))
     dark = det.predict(_quality(rng, 40, brightness=0.3))
     assert dark.is_drift and dark.details["worst_stat"] == "brightness"
-    assert dark.details["correction"] == "bonferroni x6"
+    assert dark.details["correction"] == "bonferroni x7"
     same = _quality(rng, 40)
     arr = np.stack([same[k] for k in STAT_NAMES], axis=1)
     assert det.predict(arr).p_value == pytest.approx(det.predict(same).p_value)
     with pytest.raises(ValueError, match="quality statistics"):
         det.predict({"brightness": np.ones(40)})
+    # a reference saved before a statistic existed: the others are still tested
+    old_ref = {k: v for k, v in _quality(rng, 200).items() if not k.startswith("illuminant")}
+    old = QualityDrift(x_ref=old_ref).predict(_quality(rng, 40, brightness=0.3))
+    assert old.is_drift and old.details["correction"] == "bonferroni x5"
+
+
+def test_quality_drift_catches_a_partly_affected_batch_tail():
+    """30% of the batch far out in one statistic: Anderson-Darling weighs the tail."""
+    rng = np.random.default_rng(21)
+    det = QualityDrift(x_ref=_quality(rng, 300))
+    hits = 0
+    for _ in range(20):
+        cur = _quality(rng, 50)
+        cur["sharpness"][:15] = rng.normal(0.6, 0.05, 15)  # 30% blurred
+        hits += det.predict(cur).is_drift
+    assert hits >= 18
+    nulls = sum(det.predict(_quality(rng, 50)).is_drift for _ in range(40))
+    assert nulls <= 5
 
 
 def test_combined_with_quality_uses_three_way_bonferroni():

@@ -252,6 +252,29 @@ def test_model_calls_linear_in_regions(arity, per_node):
     assert counts[-1][1] <= per_node * counts[-1][0]
 
 
+@pytest.mark.parametrize("contexts", ["present", "absent"])
+def test_single_context_variants_keep_the_axioms_at_half_the_cost(contexts):
+    for depth in (1, 3, 6):
+        tree = PartitionTree.balanced(depth)
+        n = tree.n_leaves
+        null = n // 3
+        orders = tuple(k for k in (2, 3) if k <= n)
+        terms = [t for t in random_terms(n, orders, n, seed=depth) if null not in t[0]]
+        game = dividend_game(terms)
+        r = dnc_shapley(game, tree, contexts=contexts)
+        assert abs(r.leaf_values.sum() - (r.v_full - r.v_empty)) < 1e-12  # efficiency
+        assert r.leaf_values[null] == 0.0  # null player
+        assert r.n_evals == 2 * n == dnc_coalitions(tree, contexts).shape[0]  # 128 at 64 regions
+        if depth == 1:  # the root has no outside: exact Shapley whatever the context
+            np.testing.assert_allclose(r.leaf_values, exact_shapley(game, n), atol=1e-12)
+    # additive games: every variant gives each player its own weight
+    w = np.random.default_rng(0).normal(size=64)
+    v = dnc_shapley(lambda m: m.astype(float) @ w, PartitionTree.balanced(6), contexts=contexts)
+    np.testing.assert_allclose(v.leaf_values, w, atol=1e-12)
+    with pytest.raises(ValueError, match="contexts"):
+        dnc_shapley(game, tree, contexts="sometimes")  # type: ignore[arg-type]
+
+
 # --- image explainers ----------------------------------------------------------------------------
 def tiny_net(seed: int = 0, k: int = 4) -> EmotionNet:
     torch.manual_seed(seed)
@@ -304,7 +327,7 @@ def test_dncshap_on_images_efficiency_calls_and_ignored_region():
 def test_occlusion_and_integrated_gradients():
     net = tiny_net(1)
     x = torch.randn(2, 3, 64, 64)
-    occ = Occlusion(net, depth=2).attribute(x, target=1, baseline="zeros")
+    occ = Occlusion(net, depth=2, precision="fp32").attribute(x, target=1, baseline="zeros")
     assert (occ.targets == 1).all() and (occ.model_calls == 6).all()
     x0 = x.clone()
     x0[:, :, :, :32][..., :32, :] = 0.0  # region 0 of depth 2 is the top-left quarter
@@ -486,3 +509,18 @@ def test_gate_rejects_moved_attention_and_accepts_the_champion(face_model):
         res = explanation_gate(face_model, challenger, x)
         assert gate_passed(res), res
     assert explanation_gate(face_model, face_model, x)["rank_correlation"]["value"] == 1.0
+
+
+def test_bf16_forwards_keep_efficiency_and_agree_with_fp32():
+    net = tiny_net(3)
+    x = torch.randn(2, 3, 64, 64)
+    a = DnCShap(net, depth=4, precision="fp32").attribute(x, baseline="blur")
+    b = DnCShap(net, depth=4, precision="bf16").attribute(x, target=a.targets, baseline="blur")
+    for att in (a, b):  # exact for the scores each precision reports
+        assert np.abs(att.efficiency_gap).max() < 1e-9
+    assert b.params["precision"] == "bf16" and a.params["precision"] == "fp32"
+    np.testing.assert_allclose(b.f_image, a.f_image, atol=2e-2)
+    assert rank_correlation(a, b).mean() > 0.8
+    assert DnCShap(net, precision="auto").precision in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="precision"):
+        DnCShap(net, precision="fp8")  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from models.network import EmotionNet, NetConfig
 from models.validate import (
     DEVConfig,
     DEVResult,
+    ValidationConfig,
     deep_embedded_validation,
     density_ratios,
     dev_risk,
@@ -212,3 +213,29 @@ def test_gates_reject_a_candidate_that_lost_source_accuracy(champion):
 def test_per_sample_ce():
     p = np.array([[0.5, 0.5], [0.9, 0.1]])
     assert per_sample_ce(p, np.array([0, 1])) == pytest.approx([math.log(2), -math.log(0.1)])
+
+
+def test_separable_site_is_unverifiable_not_pass(champion):
+    """Gates all pass (the candidate IS the champion) but the site is a different kind of
+    image: DEV cannot vouch for it, so the verdict is 'unverifiable', never 'pass'."""
+    val, (x, _) = scenes(160, 1), scenes(160, 2)
+    x = x.clone()
+    x[:, 0] += 1.0  # a strong colour cast: every site image is told apart by its red channel
+    for loss in ("ce", "error"):
+        rep = validate_candidate(copy.deepcopy(champion), champion, val, x,
+                                 ValidationConfig(dev_loss=loss))
+        assert all(g["passed"] for g in rep.gates.values()), rep.gates
+        assert rep.dev.unverifiable and rep.dev.domain_auc > 0.99
+        assert rep.verdict == "unverifiable"
+        assert math.isfinite(rep.dev.risk)
+    assert 0.0 <= rep.dev.source_risk <= 1.0  # error rate
+
+
+def test_validation_config_is_checked(champion):
+    val, site = scenes(40, 1), scenes(40, 2)
+    with pytest.raises(ValueError, match="dev_loss"):
+        validate_candidate(champion, champion, val, site[0], ValidationConfig(dev_loss="mse"))
+    with pytest.raises(ValueError, match="unverifiable_from"):
+        validate_candidate(champion, champion, val, site[0], ValidationConfig(unverifiable_from="x"))
+    with pytest.raises(ValueError, match="labels"):
+        validate_candidate(champion, champion, val[0], site[0])
