@@ -233,7 +233,7 @@ def timing_section(args, ckpt, x) -> None:
             a = e.attribute(x[i:i + 1], target=refs.targets[i:i + 1])
             secs.append(time.perf_counter() - t0)
             if depth == 6:
-                r1 = _row(refs, i)
+                r1 = refs.take(i)
                 rcs.append(rank_correlation(a, r1)[0])
                 css.append(cosine_similarity(a, r1)[0])
         rc = f"{np.mean(rcs):.3f}" if rcs else "n/a"
@@ -243,16 +243,6 @@ def timing_section(args, ckpt, x) -> None:
         print(f"| {name} | {depth} | {2 ** depth} | {calls} | {sec:.2f} | {calls / sec:.1f} | "
               f"{rc} | {cs} |", flush=True)
         log(f"timing {name} d{depth}: {sec:.2f} s")
-
-
-def _row(att, i: int):
-    import dataclasses
-
-    out = dataclasses.replace(att)
-    for f in ("maps", "region_values", "targets", "f_image", "f_baseline", "efficiency_gap",
-              "model_calls"):
-        setattr(out, f, getattr(att, f)[i:i + 1])
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

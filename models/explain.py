@@ -80,6 +80,7 @@ value = sum of the map over the region (the efficiency gap is the quadrature err
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -448,6 +449,17 @@ class Attribution:
     model_calls: np.ndarray  # (N,) int64: images passed through the model (fwd+bwd for IG)
     seconds: float = 0.0
     params: dict[str, float | int | str] = field(default_factory=dict)
+
+    PER_IMAGE = ("maps", "region_values", "targets", "f_image", "f_baseline", "efficiency_gap",
+                 "model_calls")
+
+    def take(self, idx: int | Sequence[int] | np.ndarray) -> Attribution:
+        """The record restricted to the images ``idx`` (an int keeps a batch of one)."""
+        sel = [idx] if isinstance(idx, (int, np.integer)) else np.asarray(idx)
+        out = dataclasses.replace(self)
+        for f in self.PER_IMAGE:
+            setattr(out, f, getattr(self, f)[sel])
+        return out
 
     @property
     def leaf_map(self) -> np.ndarray:

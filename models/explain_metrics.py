@@ -358,8 +358,7 @@ def explanation_gate(
 def _merge(base: Attribution, fix: Attribution, idx: np.ndarray) -> Attribution:
     """``base`` with the images ``idx`` replaced by the rows of ``fix``."""
     out = dataclasses.replace(base)
-    for f in ("maps", "region_values", "targets", "f_image", "f_baseline", "efficiency_gap",
-              "model_calls"):
+    for f in Attribution.PER_IMAGE:
         arr = getattr(base, f).copy()
         arr[idx] = getattr(fix, f)
         setattr(out, f, arr)

@@ -524,3 +524,12 @@ def test_bf16_forwards_keep_efficiency_and_agree_with_fp32():
     assert DnCShap(net, precision="auto").precision in ("fp32", "bf16")
     with pytest.raises(ValueError, match="precision"):
         DnCShap(net, precision="fp8")  # type: ignore[arg-type]
+
+
+def test_attribution_take_selects_images():
+    a = DnCShap(tiny_net(4), depth=2).attribute(torch.randn(3, 3, 64, 64))
+    one, two = a.take(1), a.take([0, 2])
+    assert one.maps.shape[0] == 1 and two.region_values.shape[0] == 2
+    np.testing.assert_array_equal(one.region_values[0], a.region_values[1])
+    np.testing.assert_array_equal(two.targets, a.targets[[0, 2]])
+    assert one.boxes is a.boxes or np.array_equal(one.boxes, a.boxes)
