@@ -191,6 +191,10 @@ def train_configs(backbone: str, img_size: int | None, epochs: int | None, seed:
     if trainable_blocks is not None:
         net.trainable_blocks = trainable_blocks
     tc = TrainConfig(seed=seed)
+    if backbone == "tiny":
+        # Its "top" is the whole randomly initialised CNN: it must learn as fast as the head
+        # (lr_top's small default protects PRE-TRAINED blocks).
+        tc.lr_top = tc.lr_head
     if epochs:
         tc.epochs = epochs
     if crops is not None:

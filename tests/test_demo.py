@@ -1,0 +1,52 @@
+"""The main job, end to end: ``emowatch demo --fast`` (generated faces, tiny CNN, ~1 minute).
+
+The real-data demo (EfficientNet-Lite0 on Emotion6, ~2-3 minutes) is the same flow with
+``fast=False``; its timing is in the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture()
+def demo_env(monkeypatch, settings):
+    """The demo points EMOWATCH_HOME / EMOWATCH_SITES_FILE at its own state; monkeypatch puts
+    the test session's values back afterwards."""
+    for var in ("EMOWATCH_SITES_FILE", "EMOWATCH_HOME", "EMOWATCH_DATABASE_URL",
+                "EMOWATCH_MLFLOW_TRACKING_URI", "EMOWATCH_SMTP_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    from emowatch.settings import reset_settings
+
+    reset_settings()
+
+
+def test_demo_fast_catches_drift_registers_challengers_and_promotes(tmp_path, prefect_harness,
+                                                                     demo_env):
+    from flows.demo import demo
+
+    workdir = tmp_path / "demo"
+    out = demo(workdir=str(workdir), fast=True)
+    assert out["data"] == "generated" and out["source"]["test_accuracy"] > 0.6
+    sites = {r["site"]: r for r in out["sites"]}
+    assert set(sites) == {"lobby", "night-cam", "blur-cam"}
+    assert sites["lobby"]["decision"] == "no_drift" and sites["lobby"]["challenger"] is None
+    for name in ("night-cam", "blur-cam"):
+        row = sites[name]
+        assert row["decision"] == "drift" and row["p_value"] < 0.05
+        assert row["challenger"] and row["verdict"] in ("pass", "fail", "unverifiable")
+        assert row["gates"].count("/") == 1  # "passed/total"
+        assert Path(row["report_html"]).is_file()
+    # night-cam is an auto site: an unverifiable or failed challenger must NOT be promoted by
+    # itself; a promoted site's champion is the challenger
+    night = sites["night-cam"]
+    assert night["promoted"] == (night["verdict"] == "pass")
+    assert any(r["promoted"] for r in sites.values())
+    for r in sites.values():
+        expect = r["challenger"] if r["promoted"] else "1"
+        assert r["champion"].endswith(f"/{expect}")
+    state = workdir / "state"
+    assert list((state / "outbox").glob("*.eml"))  # drift / approval e-mails kept as .eml
+    assert "finished in" in out["summary_text"] and "mlflow ui" in out["summary_text"]
