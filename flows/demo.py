@@ -42,7 +42,7 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> 
     t_start = time.perf_counter()
     settings = get_settings()
     data_dir = None if fast else settings.data_dir
-    if settings.require_data and data_dir is None:
+    if not fast and settings.require_data and data_dir is None:  # --fast never uses real data
         raise ValueError("EMOWATCH_REQUIRE_DATA is set but EMOWATCH_DATA_DIR is not")
     _say(f"preparing data in {workdir} ({'real photos from ' + str(data_dir) if data_dir else 'generated faces'})")
     data = prepare_demo(Path(workdir), data_dir, seed=seed)

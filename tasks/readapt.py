@@ -368,7 +368,9 @@ def register_challenger(settings: Settings, site: Site, inputs: AdaptInputs, res
                 champ_maps = a.maps
                 chall_maps = DnCShap(result.model, depth=4).attribute(
                     full[pick], target=a.targets, baseline="blur").maps
-            fig = gallery_figure(full[pick], champ_maps, chall_maps, titles=None)
+            titles = [f"{'training domain' if i < half else site.name} probe {n + 1}"
+                      for n, i in enumerate(pick)]
+            fig = gallery_figure(full[pick], champ_maps, chall_maps, titles=titles)
             fig.savefig(t / "explanations.png", dpi=100, bbox_inches="tight")
             artifacts["plots/explanations.png"] = t / "explanations.png"
         except Exception as e:  # noqa: BLE001 - a plot is not worth losing the candidate

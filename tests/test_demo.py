@@ -39,6 +39,8 @@ def test_demo_fast_catches_drift_registers_challengers_and_promotes(tmp_path, pr
         assert row["challenger"] and row["verdict"] in ("pass", "fail", "unverifiable")
         assert row["gates"].count("/") == 1  # "passed/total"
         assert Path(row["report_html"]).is_file()
+        for plot in ("explanations", "embedding"):  # drawn from the gate's own maps
+            assert Path(row["plots"][plot]).is_file(), row["plots"]
     # night-cam is an auto site: an unverifiable or failed challenger must NOT be promoted by
     # itself; a promoted site's champion is the challenger
     night = sites["night-cam"]
