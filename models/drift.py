@@ -20,6 +20,7 @@ Below ``min_samples`` current images every detector answers ``insufficient_data`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -149,14 +150,17 @@ class _Detector:
         if x_ref is not None:
             self.fit(x_ref)
 
-    def fit(self, x_ref: Any):
+    def _blas_limits(self) -> contextlib.AbstractContextManager:
+        """``config.blas_threads`` BLAS threads for the duration (no limit when None)."""
         if self.config.blas_threads is None:
-            n = self._fit(x_ref)
-        else:
-            from threadpoolctl import threadpool_limits
+            return contextlib.nullcontext()
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
-            with threadpool_limits(limits=self.config.blas_threads, user_api="blas"):
-                n = self._fit(x_ref)
+        return threadpool_limits(limits=self.config.blas_threads, user_api="blas")
+
+    def fit(self, x_ref: Any):
+        with self._blas_limits():
+            n = self._fit(x_ref)
         if n < self.config.min_samples:
             raise ValueError(
                 f"reference has {n} samples; at least min_samples={self.config.min_samples} "
@@ -178,11 +182,7 @@ class _Detector:
         return self._limited_score(x_cur)
 
     def _limited_score(self, x_cur: Any) -> tuple[float, float, dict[str, Any]]:
-        if self.config.blas_threads is None:
-            return self._score(x_cur)
-        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
-
-        with threadpool_limits(limits=self.config.blas_threads, user_api="blas"):
+        with self._blas_limits():
             return self._score(x_cur)
 
     def predict(self, x_cur: Any) -> DriftResult:
@@ -531,9 +531,7 @@ class QualityDrift(_Detector):
         # per-statistic level if this test is one of the three of CombinedDrift (conservative)
         level = self.config.alpha / (3 * len(self.stats))
         ps, ds = {}, {}
-        for k in self.stats:
-            if k not in self._ref or k not in cur:
-                continue
+        for k in self._ref:  # ``cur`` has every one of them (checked by _columns)
             r, c = self._ref[k], cur[k]
             r, c = r[np.isfinite(r)], c[np.isfinite(c)]
             if len(r) < 2 or len(c) < 2:

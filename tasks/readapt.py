@@ -358,16 +358,8 @@ def register_challenger(settings: Settings, site: Site, inputs: AdaptInputs, res
             full = validation["probe"]  # first half training domain, second half site
             half = len(full) // 2
             pick = list(range(min(GALLERY_IMAGES // 2, half))) + list(range(half, min(half + GALLERY_IMAGES // 2, len(full))))
-            maps = validation.get("probe_maps") or {}
-            if "champion" in maps and "challenger" in maps:  # the gate's own maps
-                champ_maps, chall_maps = maps["champion"][pick], maps["challenger"][pick]
-            else:
-                from models.explain import DnCShap
-
-                a = DnCShap(inputs.ckpt.model, depth=4).attribute(full[pick], baseline="blur")
-                champ_maps = a.maps
-                chall_maps = DnCShap(result.model, depth=4).attribute(
-                    full[pick], target=a.targets, baseline="blur").maps
+            maps = validation["probe_maps"]  # the explanation gate's own maps
+            champ_maps, chall_maps = maps["champion"][pick], maps["challenger"][pick]
             titles = [f"{'training domain' if i < half else site.name} probe {n + 1}"
                       for n, i in enumerate(pick)]
             fig = gallery_figure(full[pick], champ_maps, chall_maps, titles=titles)
