@@ -238,7 +238,7 @@ def face_split(records, seed: int):
 
 # --- one setting, one seed ----------------------------------------------------------------------
 def run_site(setting, seed, model, src_views, y_src, h_va, y_va, h_adapt, h_test, y_test,
-             h_test_clean, y_adapt, methods, acfg, vcfg, rows) -> None:
+             h_test_clean, y_adapt, methods, acfg, vcfg, rows, overrides=None) -> None:
     h_src = src_views[:, :2].flatten(0, 1).float()  # image + mirror: (2N, C, s, s)
     ys = torch.as_tensor(np.repeat(np.asarray(y_src), 2))
     h_adapt, h_test, h_va = h_adapt.float(), h_test.float(), h_va.float()
@@ -258,9 +258,10 @@ def run_site(setting, seed, model, src_views, y_src, h_va, y_va, h_adapt, h_test
                  "verdict": "-", "seconds": 0.0})
     for name in methods:
         ad = get_adapter(name)
-        cfg = copy.deepcopy(acfg)
-        if name == "coral" and cfg.coral_weight <= 0:
-            cfg.coral_weight = ad.default_config().coral_weight
+        # each method's own defaults (coral's weight, adabn's BN mixture), then the overrides
+        cfg = ad.default_config()
+        for k, v in (overrides or {}).items():
+            setattr(cfg, k, v)
         cfg.seed = seed
         res = ad.adapt(model, (h_src, ys) if ad.needs_source else None, h_adapt, cfg)
         rep = validate_candidate(res.model, model, (h_va, torch.as_tensor(y_va)), h_adapt, vcfg)
@@ -387,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--mmd-weight", type=float, default=None)
     ap.add_argument("--final-bn", choices=["keep", "target"], default=None)
+    ap.add_argument("--site-bn-weight", type=float, default=None,
+                    help="AdaptConfig.site_bn_weight (adabn/shot-im/tent final BN statistics)")
     ap.add_argument("--epochs", type=int, default=40, help="source training epochs (max)")
     ap.add_argument("--cache-only", action="store_true")
     ap.add_argument("--time-site", type=int, default=0, metavar="N",
@@ -399,10 +402,13 @@ def main(argv: list[str] | None = None) -> None:
     from models.train import TrainConfig
 
     acfg = AdaptConfig()
+    overrides: dict = {}  # what the command line set: applied to every method's defaults
     for a, f in (("steps", "steps"), ("top_lr_mult", "top_lr_mult"), ("lr", "lr"),
-                 ("mmd_weight", "mmd_weight"), ("final_bn", "final_bn")):
+                 ("mmd_weight", "mmd_weight"), ("final_bn", "final_bn"),
+                 ("site_bn_weight", "site_bn_weight")):
         if getattr(args, a) is not None:
             setattr(acfg, f, getattr(args, a))
+            overrides[f] = getattr(args, a)
     vcfg = ValidationConfig()
     log(f"AdaptConfig {acfg.to_dict()}")
 
@@ -435,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
             for c in args.conditions:
                 run_site(f"photos→{c}{args.severity}", seed, model, e6_views[tr], y6[tr],
                          e6_views[va, 0], y6[va], cond_h[c][ad], cond_h[c][te], y6[te],
-                         e6_views[te, 0], y6[ad], args.methods, acfg, vcfg, rows)
+                         e6_views[te, 0], y6[ad], args.methods, acfg, vcfg, rows, overrides)
         if "faces" in args.settings:
             yc = ck.labels
             tr, es, va = face_split(ck.records, seed)
@@ -447,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"photos adapt {len(ad)} test {len(te)}")
             run_site("faces→photos", seed, model, ck_views[tr], yc[tr], ck_views[va, 0], yc[va],
                      e6_views[ad, 0], e6_views[te, 0], y6[te], None, y6[ad], args.methods,
-                     acfg, vcfg, rows)
+                     acfg, vcfg, rows, overrides)
         if args.json_out:
             args.json_out.write_text(json.dumps(rows, indent=1, default=float))
     print_tables(rows)

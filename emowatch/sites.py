@@ -46,6 +46,11 @@ class AdaptOptions(BaseModel):
     source_free: bool = Field(False, description="Training data may not be used at this site.")
     max_images: int = Field(500, ge=10, le=100_000)
     time_budget_s: float = Field(600.0, gt=0)
+    site_bn_weight: float | None = Field(
+        None, ge=0, le=1,
+        description="adabn/shot-im/tent: weight of the site in the final batch-norm statistics "
+        "(1 = AdaBN; 0.5 = half training domain, keeps more source accuracy on mild shifts, "
+        "fixes little on strong ones). Default: the method's (1).")
     auto: bool = Field(True, description="Re-adapt automatically when drift is detected.")
 
 

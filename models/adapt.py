@@ -146,6 +146,18 @@ class AdaptConfig:
     # "all" also the frozen part, which needs ``target.images`` and makes cached
     # activations of the returned model differ from the input model's.
     adabn_scope: Literal["trainable", "all"] = "trainable"
+    # adabn / shot-im / tent end by re-estimating BN statistics on the site. The weight of the
+    # site in those final statistics: 1 is AdaBN (pure site: the model then normalises source
+    # images with statistics they do not have, and source accuracy drops); 0.5 is the moment-
+    # matched mixture of the champion's running statistics (which describe the training domain,
+    # so no source data is needed) and the site's: mean = w mu_t + (1-w) mu_s,
+    # var = w var_t + (1-w) var_s + w (1-w) (mu_t - mu_s)^2.
+    # adabn at 0.5 on Emotion6 night/blur sites (bench/adapt.py, seeds 0-2): night gap
+    # recovered 0.62/0.27/0.33 and blur 0.43/0.00/0.26, losing at most 4.8 points of source
+    # accuracy (pure AdaBN: up to 14). But one set of statistics cannot serve two domains that
+    # are far apart: on a strong synthetic shift 0.5 fixes nothing (tests/test_adapt.py), so
+    # the default stays pure AdaBN.
+    site_bn_weight: float = 1.0
     # --- run control ---
     seed: int = 0
     # Stop (and return what we have) after this many seconds; the result says so.
@@ -182,6 +194,8 @@ class AdaptConfig:
             raise ValueError(f"adabn_scope must be 'trainable' or 'all', got {self.adabn_scope!r}")
         if not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
+        if not 0.0 <= self.site_bn_weight <= 1.0:
+            raise ValueError(f"site_bn_weight must be in [0, 1], got {self.site_bn_weight}")
         if self.log_every < 1 or self.eval_batch_size < 1:
             raise ValueError("log_every and eval_batch_size must be >= 1")
 
@@ -569,13 +583,30 @@ def _top_bn(model: EmotionNet, h_src: torch.Tensor | None, h_tgt: torch.Tensor, 
 
 
 @torch.no_grad()
-def _adabn(model: EmotionNet, h: torch.Tensor, cfg: AdaptConfig, include_top: bool) -> None:
-    """Re-estimate BN running stats of (top +) bottleneck on site activations, no dropout."""
+def _adabn(model: EmotionNet, h: torch.Tensor, cfg: AdaptConfig, include_top: bool,
+           site_weight: float = 1.0) -> None:
+    """Re-estimate BN running stats of (top +) bottleneck on site activations, no dropout;
+    ``site_weight`` < 1 mixes them with the statistics they replace (see ``mix_bn_stats``)."""
     bns = _bn_modules(model.bottleneck) + (_bn_modules(model.top) if include_top else [])
+    before = [(b.running_mean.clone(), b.running_var.clone()) for b in bns]
     was = model.training
     model.eval()
     reestimate_bn(bns, model.embed_cached, _batches(h, cfg.eval_batch_size))
     model.train(was)
+    if site_weight < 1.0:
+        mix_bn_stats(bns, before, site_weight)
+
+
+@torch.no_grad()
+def mix_bn_stats(bns: list[nn.modules.batchnorm._BatchNorm],
+                 old: list[tuple[torch.Tensor, torch.Tensor]], w: float) -> None:
+    """Replace each BN's running statistics (mu_t, var_t) by the moments of the mixture
+    ``w * N(mu_t, var_t) + (1 - w) * N(mu_s, var_s)`` with ``old`` = [(mu_s, var_s)]:
+    mean w mu_t + (1-w) mu_s, variance w var_t + (1-w) var_s + w (1-w) (mu_t - mu_s)^2."""
+    for b, (mu_s, var_s) in zip(bns, old, strict=True):
+        mu_t, var_t = b.running_mean.clone(), b.running_var.clone()
+        b.running_mean.copy_(w * mu_t + (1 - w) * mu_s)
+        b.running_var.copy_(w * var_t + (1 - w) * var_s + w * (1 - w) * (mu_t - mu_s) ** 2)
 
 
 # --- adabn ----------------------------------------------------------------------------------------
@@ -609,7 +640,7 @@ class AdaBNAdapter(Adapter):
             with torch.no_grad():
                 h = torch.cat([model.frozen_forward(b) for b in _batches(tgt.images, cfg.eval_batch_size)])
             frozen_changed = bool(fbns)
-        _adabn(model, h, cfg, include_top=True)
+        _adabn(model, h, cfg, include_top=True, site_weight=cfg.site_bn_weight)
         report.step(1, 1, t0, n_bn=float(len(_bn_modules(model.top)) + len(_bn_modules(model.bottleneck))))
         return {"steps_done": 1, "frozen_changed": frozen_changed}
 
@@ -636,6 +667,8 @@ class _EntropyAdapter(Adapter):
         for p in params:
             p.requires_grad_(True)
         # Start from site statistics: entropy gradients through source BN stats are misleading.
+        source_stats = [(b.running_mean.clone(), b.running_var.clone())
+                        for b in _bn_modules(model.bottleneck) + _bn_modules(model.top)]
         _adabn(model, tgt.h, cfg, include_top=True)
         model.train()
         _set_dropout(model, False)
@@ -661,6 +694,9 @@ class _EntropyAdapter(Adapter):
         for p in model.frozen.parameters():
             p.requires_grad_(False)
         _adabn(model, tgt.h, cfg, include_top=True)
+        if cfg.site_bn_weight < 1.0:
+            mix_bn_stats(_bn_modules(model.bottleneck) + _bn_modules(model.top), source_stats,
+                         cfg.site_bn_weight)
         return {"steps_done": done, "stopped_early": early}
 
 

@@ -198,6 +198,8 @@ def run_adaptation(inputs: AdaptInputs, method: str, site: Site, seed: int = 0) 
     cfg = adapter.default_config()
     cfg.seed = seed
     cfg.time_budget_s = site.adapt.time_budget_s
+    if site.adapt.site_bn_weight is not None:
+        cfg.site_bn_weight = site.adapt.site_bn_weight
     log = get_run_logger()
     log.info("adapting %s to %d site images with %s (budget %.0f s)", inputs.base_key,
              len(inputs.site_h), method, cfg.time_budget_s)

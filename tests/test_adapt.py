@@ -20,6 +20,7 @@ from models.adapt import (
     cached_outputs,
     coral_loss,
     get_adapter,
+    mix_bn_stats,
     mk_mmd2,
     rampup,
 )
@@ -127,6 +128,45 @@ def test_source_free_methods_run_without_source_and_move_site_features(toy, meth
     after = mmd2(z_ref, cached_outputs(res.model, site[0])[0])
     assert after < 0.5 * before, (before, after)
     assert acc(res.model, *site) > acc(model, *site) + 0.2
+
+
+def test_mixed_bn_statistics_are_the_moments_of_the_pooled_population():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5]) + torch.tensor([0.0, 3.0, -1.0])
+    b = torch.randn(4000, 3, generator=g) * torch.tensor([3.0, 1.0, 0.5]) + torch.tensor([2.0, -1.0, -1.0])
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean.copy_(b.mean(0))
+    bn.running_var.copy_(b.var(0, unbiased=False))
+    mix_bn_stats([bn], [(a.mean(0), a.var(0, unbiased=False))], 0.5)
+    pooled = torch.cat([a, b])
+    assert torch.allclose(bn.running_mean, pooled.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, pooled.var(0, unbiased=False), rtol=1e-4)
+    for w in (0.0, 1.0):  # the end points are the two populations themselves
+        bn.running_mean.copy_(b.mean(0))
+        bn.running_var.copy_(b.var(0, unbiased=False))
+        mix_bn_stats([bn], [(a.mean(0), a.var(0, unbiased=False))], w)
+        ref = b if w == 1.0 else a
+        assert torch.allclose(bn.running_mean, ref.mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["adabn", "tent"])
+def test_site_bn_weight_mixes_source_and_site_statistics(toy, method):
+    """Half-site statistics sit between the champion's (source) and AdaBN's (site)."""
+    model, _, val, site = toy
+    full = get_adapter(method).adapt(model, None, site[0], quick(method, steps=5))
+    half = get_adapter(method).adapt(model, None, site[0], quick(method, steps=5, site_bn_weight=0.5))
+    bn0, bn1, bnh = (next(m for m in x.top.modules() if isinstance(m, torch.nn.BatchNorm2d))
+                     for x in (model, full.model, half.model))
+    assert torch.allclose(bnh.running_mean, 0.5 * (bn0.running_mean + bn1.running_mean), atol=1e-5)
+    assert not torch.allclose(bn0.running_mean, bn1.running_mean)  # the site moved them
+    assert (bnh.running_var >= torch.minimum(bn0.running_var, bn1.running_var) - 1e-6).all()
+    if method == "adabn":
+        # The trade-off on a shift this strong: site statistics fix the site and break the
+        # source; the half-and-half mixture keeps the source and fixes little of the site.
+        assert acc(full.model, *site) > 0.9 and acc(full.model, *val) < 0.5
+        assert acc(half.model, *val) > 0.9 and acc(half.model, *site) < 0.5
+    with pytest.raises(ValueError, match="site_bn_weight"):
+        AdaptConfig(site_bn_weight=1.5).validate()
 
 
 def test_discrepancy_methods_need_labelled_source(toy):

@@ -55,6 +55,7 @@ def test_relative_paths_resolve_against_the_file(tmp_path):
         ('[sites.a]\ninbox = "x"\npolicy = "sometimes"\n', ["sites.toml:3", "policy", "manual"]),
         ('[sites.a]\ninbox = "x"\napprovers = ["bob"]\n', ["sites.toml:3", "e-mail"]),
         ('[sites.a]\nschedule = "0 * * * *"\n', ["sites.toml:1", "inbox", "required"]),
+        ('[sites.a]\ninbox = "x"\n[sites.a.adapt]\nsite_bn_weight = 1.5\n', ["sites.toml:4", "site_bn_weight"]),
         ("[sites.a\n", ["not valid TOML"]),
         ('site = 1\n', ["sites.toml:1", "unknown top-level key"]),
     ],

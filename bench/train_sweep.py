@@ -1,0 +1,125 @@
+"""Training-recipe sweep on Emotion6 over several seeds, from cached frozen activations.
+
+``bench/train.py`` measures the shipped recipe end to end (decode, cache, train, evaluate).
+This script answers "would another setting do better?" cheaply: the frozen views of every
+Emotion6 photo (image, mirror, 2 crops; the same cache as ``bench/adapt.py``) are computed
+once, then ``models.train._fit`` runs each variant on each seed's 70/15/15 split
+(``three_way_split``, as in bench/train.py). Per seed it reports the kept epoch, the
+validation accuracy there, the test accuracy, and the test accuracy with flip test-time
+augmentation (softmax of the image and its mirror averaged; not what ``emowatch predict``
+does). ``--probe`` adds the data README's baseline: logistic regression on the unmodified
+ImageNet network's pooled features, C chosen on val.
+
+Choose a variant by its VALIDATION accuracy; the test column is there to report, not to pick.
+
+    .venv/bin/python bench/train_sweep.py --probe
+    .venv/bin/python bench/train_sweep.py --variant 'lowtop={"lr_top": 3e-5}' --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.adapt import E6_CLASSES, views_activations  # noqa: E402  (the same cache)
+from models.data import read_image_folder, three_way_split  # noqa: E402
+from models.network import EmotionNet, NetConfig  # noqa: E402
+from models.train import TrainConfig, _eval_cached, _fit, _full  # noqa: E402
+
+
+def run_variant(h: torch.Tensor, y: np.ndarray, records, seed: int, overrides: dict) -> dict:
+    tr, va, te = three_way_split(records, 0.15, 0.15, seed)
+    cfg = TrainConfig(seed=seed, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = EmotionNet(NetConfig(num_classes=len(E6_CLASSES)))
+        t = time.perf_counter()
+        hist, best, best_epoch = _fit(model, h[tr], y[tr], h[va, :1], y[va], cfg, None)
+        secs = time.perf_counter() - t
+    model.load_state_dict(best)
+    model.eval()
+    _, pred = _eval_cached(model, h[te, :1], torch.as_tensor(y[te]))
+    with torch.no_grad():
+        p = _full(model, h[te, 0].float()).softmax(1) + _full(model, h[te, 1].float()).softmax(1)
+    kept = next(r for r in hist if r["epoch"] == best_epoch)
+    return {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(hist),
+            "phase": kept["phase"], "val_acc": kept["val_acc"],
+            "test_acc": float((pred == y[te]).mean()),
+            "test_acc_flip_tta": float((p.argmax(1).numpy() == y[te]).mean()), "seconds": secs}
+
+
+def probe(h: torch.Tensor, y: np.ndarray, records, seed: int) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    net = EmotionNet(NetConfig(num_classes=len(E6_CLASSES))).eval()  # pre-trained top as is
+    with torch.no_grad():
+        f = torch.cat([net.top(h[s:s + 128, 0].float()) for s in range(0, len(h), 128)]).numpy()
+    tr, va, te = three_way_split(records, 0.15, 0.15, seed)
+    sc = StandardScaler().fit(f[tr])
+    best = max((LogisticRegression(C=c, max_iter=3000).fit(sc.transform(f[tr]), y[tr]).score(
+        sc.transform(f[va]), y[va]), c) for c in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0))
+    clf = LogisticRegression(C=best[1], max_iter=3000).fit(sc.transform(f[tr + va]), y[tr + va])
+    return float(clf.score(sc.transform(f[te]), y[te]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path,
+                    default=Path(os.environ.get("EMOWATCH_DATA_DIR") or REPO.parent / "shared" / "data"))
+    ap.add_argument("--cache-dir", type=Path, default=REPO / ".emowatch" / "cache" / "bench")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                    help="TrainConfig overrides, e.g. 'lowtop={\"lr_top\": 3e-5}'; "
+                         "'default' is always run first")
+    ap.add_argument("--probe", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    if not args.data_dir.is_dir():
+        ap.error(f"data not found at {args.data_dir} (set --data-dir or EMOWATCH_DATA_DIR)")
+    torch.set_num_threads(args.threads)
+    variants = {"default": {}}
+    for spec in args.variant:
+        name, _, js = spec.partition("=")
+        variants[name] = json.loads(js) if js else {}
+
+    e6 = read_image_folder(args.data_dir / "emotion6", classes=E6_CLASSES)
+    fmodel = EmotionNet(NetConfig(num_classes=len(E6_CLASSES))).eval()
+    with torch.no_grad():
+        h = views_activations(fmodel, e6.records, args.cache_dir, "e6-views", TrainConfig())
+    y = e6.labels
+
+    print("| variant | seed | kept epoch (phase) | val acc | test acc | test acc, flip TTA | fit s |")
+    print("|---|---|---|---|---|---|---|")
+    summary = []
+    for name, ov in variants.items():
+        rows = [run_variant(h, y, e6.records, s, ov) for s in args.seeds]
+        for r in rows:
+            print(f"| {name} | {r['seed']} | {r['best_epoch']}/{r['epochs_run']} ({r['phase']}) | "
+                  f"{r['val_acc']:.3f} | {r['test_acc']:.3f} | {r['test_acc_flip_tta']:.3f} | "
+                  f"{r['seconds']:.0f} |", flush=True)
+        summary.append((name, *(float(np.mean([r[k] for r in rows]))
+                                for k in ("val_acc", "test_acc", "test_acc_flip_tta"))))
+    if args.probe:
+        pr = [probe(h, y, e6.records, s) for s in args.seeds]
+        summary.append(("linear probe", float("nan"), float(np.mean(pr)), float("nan")))
+        print(f"\nlinear probe test accuracy per seed: {', '.join(f'{p:.3f}' for p in pr)}")
+    print(f"\n| variant | mean val acc | mean test acc | mean test acc, flip TTA |  (seeds {args.seeds})")
+    print("|---|---|---|---|")
+    for name, v, t, f in summary:
+        print(f"| {name} | {v:.3f} | {t:.3f} | {f:.3f} |".replace("nan", "–"))
+
+
+if __name__ == "__main__":
+    main()
