@@ -58,9 +58,6 @@ def throughput(ckpt, images: np.ndarray, batch: int = 32, repeats: int = 2) -> f
 
 def probe_accuracy(ls: LabelledSet, split, img_size: int) -> float:
     """Logistic regression on frozen ImageNet GAP features (the data README's baseline)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     from models.evaluate import iter_input_batches
     from models.network import EmotionNet
 
@@ -71,7 +68,15 @@ def probe_accuracy(ls: LabelledSet, split, img_size: int) -> float:
     with torch.no_grad():
         for x in iter_input_batches(ls.records, prep, 32):
             feats.append(net.top(net.frozen_forward(x)).numpy())  # (B, 1280) pooled
-    f, y = np.concatenate(feats), ls.labels
+    return fit_probe(np.concatenate(feats), ls.labels, split)
+
+
+def fit_probe(f: np.ndarray, y: np.ndarray, split) -> float:
+    """Logistic regression on standardised features: C chosen on val, refit on train+val,
+    test accuracy returned. ``split`` = (train, val, test) index lists."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     tr, va, te = split
     sc = StandardScaler().fit(f[tr])
     best = max((LogisticRegression(C=c, max_iter=3000).fit(sc.transform(f[tr]), y[tr]).score(

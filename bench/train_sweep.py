@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.adapt import E6_CLASSES, views_activations  # noqa: E402  (the same cache)
+from bench.train import fit_probe  # noqa: E402
 from models.data import read_image_folder, three_way_split  # noqa: E402
 from models.network import EmotionNet, NetConfig  # noqa: E402
 from models.train import TrainConfig, _eval_cached, _fit, _full  # noqa: E402
@@ -60,18 +61,10 @@ def run_variant(h: torch.Tensor, y: np.ndarray, records, seed: int, overrides: d
 
 
 def probe(h: torch.Tensor, y: np.ndarray, records, seed: int) -> float:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     net = EmotionNet(NetConfig(num_classes=len(E6_CLASSES))).eval()  # pre-trained top as is
     with torch.no_grad():
         f = torch.cat([net.top(h[s:s + 128, 0].float()) for s in range(0, len(h), 128)]).numpy()
-    tr, va, te = three_way_split(records, 0.15, 0.15, seed)
-    sc = StandardScaler().fit(f[tr])
-    best = max((LogisticRegression(C=c, max_iter=3000).fit(sc.transform(f[tr]), y[tr]).score(
-        sc.transform(f[va]), y[va]), c) for c in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0))
-    clf = LogisticRegression(C=best[1], max_iter=3000).fit(sc.transform(f[tr + va]), y[tr + va])
-    return float(clf.score(sc.transform(f[te]), y[te]))
+    return fit_probe(f, y, three_way_split(records, 0.15, 0.15, seed))
 
 
 def main(argv: list[str] | None = None) -> None:
