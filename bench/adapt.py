@@ -162,7 +162,7 @@ def train_model(h_tr_views, y_tr, h_va, y_va, seed, epochs, cache_dir: Path | No
 
 def oracle(model, h_src, y_src, h_site, y_site, cfg: AdaptConfig) -> EmotionNet:
     """Upper reference: fine-tune WITH the site labels (source CE + site CE), mmd's budget."""
-    from models.adapt import _top_bn, _top_outputs
+    from models.adapt import frozen_top_outputs
 
     m = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
@@ -175,9 +175,7 @@ def oracle(model, h_src, y_src, h_site, y_site, cfg: AdaptConfig) -> EmotionNet:
             groups.append({"params": list(m.top.parameters()), "lr": cfg.lr * cfg.top_lr_mult})
             encode = m.forward_cached
         else:  # same frozen-top treatment as the adapters (top BN stats, cached top outputs)
-            if cfg.top_bn != "source":
-                _top_bn(m, h_src if cfg.top_bn == "mixed" else None, h_site, cfg, g)
-            h_src, h_site = _top_outputs(m, h_src, cfg), _top_outputs(m, h_site, cfg)
+            h_src, h_site = frozen_top_outputs(m, h_src, h_site, cfg, g)
 
             def encode(x):
                 z = m.bottleneck(x)
@@ -258,7 +256,7 @@ def run_site(setting, seed, model, src_views, y_src, h_va, y_va, h_adapt, h_test
                  "verdict": "-", "seconds": 0.0})
     for name in methods:
         ad = get_adapter(name)
-        # each method's own defaults (coral's weight, adabn's BN mixture), then the overrides
+        # each method's own defaults (e.g. coral's weight), then the command-line overrides
         cfg = ad.default_config()
         for k, v in (overrides or {}).items():
             setattr(cfg, k, v)
@@ -341,7 +339,8 @@ def time_one_site(args, acfg, vcfg, e6, e6_views, y6, n_site: int = 500) -> None
     tr, es, va, _, _ = photo_split(e6.records, 0)
     model = train_model(e6_views[tr], y6[tr], e6_views[es, 0], y6[es], 0, args.epochs,
                         args.cache_dir, "model-photos")
-    site = [r for i, r in enumerate(e6.records) if i not in set(tr) | set(es) | set(va)]
+    used = set(tr) | set(es) | set(va)
+    site = [r for i, r in enumerate(e6.records) if i not in used]
     site = (site * (n_site // len(site) + 1))[:n_site]  # reuse photos if the site pool is smaller
     prep = preprocessing_for(model.config)
     t0 = time.perf_counter()
@@ -401,14 +400,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from models.train import TrainConfig
 
-    acfg = AdaptConfig()
-    overrides: dict = {}  # what the command line set: applied to every method's defaults
-    for a, f in (("steps", "steps"), ("top_lr_mult", "top_lr_mult"), ("lr", "lr"),
-                 ("mmd_weight", "mmd_weight"), ("final_bn", "final_bn"),
-                 ("site_bn_weight", "site_bn_weight")):
-        if getattr(args, a) is not None:
-            setattr(acfg, f, getattr(args, a))
-            overrides[f] = getattr(args, a)
+    # what the command line set: applied to every method's defaults (and to the oracle's)
+    overrides = {f: getattr(args, f) for f in ("steps", "top_lr_mult", "lr", "mmd_weight",
+                                               "final_bn", "site_bn_weight")
+                 if getattr(args, f) is not None}
+    acfg = AdaptConfig(**overrides)
     vcfg = ValidationConfig()
     log(f"AdaptConfig {acfg.to_dict()}")
 

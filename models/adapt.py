@@ -505,9 +505,7 @@ class MMDAdapter(Adapter):
             # Top frozen: its output is a fixed function of h, cache it once (eval-mode BN).
             for p in model.top.parameters():
                 p.requires_grad_(False)
-            if cfg.top_bn != "source":
-                _top_bn(model, src.h if cfg.top_bn == "mixed" else None, tgt.h, cfg, gen)
-            xs, xt = _top_outputs(model, src.h, cfg), _top_outputs(model, tgt.h, cfg)
+            xs, xt = frozen_top_outputs(model, src.h, tgt.h, cfg, gen)
             encode = model.bottleneck
         opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         it_s = _sampler(len(xs), cfg.batch_size, gen)
@@ -567,6 +565,15 @@ def _top_outputs(model: EmotionNet, h: torch.Tensor, cfg: AdaptConfig) -> torch.
     return out
 
 
+def frozen_top_outputs(model: EmotionNet, h_src: torch.Tensor, h_tgt: torch.Tensor,
+                       cfg: AdaptConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """For training with the top frozen: give the top the BN statistics ``cfg.top_bn`` asks
+    for, then return its (fixed) outputs for the source and the site activations."""
+    if cfg.top_bn != "source":
+        _top_bn(model, h_src if cfg.top_bn == "mixed" else None, h_tgt, cfg, gen)
+    return _top_outputs(model, h_src, cfg), _top_outputs(model, h_tgt, cfg)
+
+
 @torch.no_grad()
 def _top_bn(model: EmotionNet, h_src: torch.Tensor | None, h_tgt: torch.Tensor, cfg: AdaptConfig,
             gen: torch.Generator) -> None:
@@ -584,17 +591,24 @@ def _top_bn(model: EmotionNet, h_src: torch.Tensor | None, h_tgt: torch.Tensor, 
 
 @torch.no_grad()
 def _adabn(model: EmotionNet, h: torch.Tensor, cfg: AdaptConfig, include_top: bool,
-           site_weight: float = 1.0) -> None:
+           site_weight: float = 1.0, mix_with: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+           ) -> None:
     """Re-estimate BN running stats of (top +) bottleneck on site activations, no dropout;
-    ``site_weight`` < 1 mixes them with the statistics they replace (see ``mix_bn_stats``)."""
+    ``site_weight`` < 1 mixes them (``mix_bn_stats``) with ``mix_with`` (``_bn_stats`` of the
+    same modules), by default with the statistics they replace."""
     bns = _bn_modules(model.bottleneck) + (_bn_modules(model.top) if include_top else [])
-    before = [(b.running_mean.clone(), b.running_var.clone()) for b in bns]
+    before = mix_with if mix_with is not None else _bn_stats(bns)
     was = model.training
     model.eval()
     reestimate_bn(bns, model.embed_cached, _batches(h, cfg.eval_batch_size))
     model.train(was)
     if site_weight < 1.0:
         mix_bn_stats(bns, before, site_weight)
+
+
+def _bn_stats(bns: list[nn.modules.batchnorm._BatchNorm]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of the running (mean, var) of each module."""
+    return [(b.running_mean.clone(), b.running_var.clone()) for b in bns]
 
 
 @torch.no_grad()
@@ -667,8 +681,7 @@ class _EntropyAdapter(Adapter):
         for p in params:
             p.requires_grad_(True)
         # Start from site statistics: entropy gradients through source BN stats are misleading.
-        source_stats = [(b.running_mean.clone(), b.running_var.clone())
-                        for b in _bn_modules(model.bottleneck) + _bn_modules(model.top)]
+        source_stats = _bn_stats(_bn_modules(model.bottleneck) + _bn_modules(model.top))
         _adabn(model, tgt.h, cfg, include_top=True)
         model.train()
         _set_dropout(model, False)
@@ -693,10 +706,9 @@ class _EntropyAdapter(Adapter):
             p.requires_grad_(True)
         for p in model.frozen.parameters():
             p.requires_grad_(False)
-        _adabn(model, tgt.h, cfg, include_top=True)
-        if cfg.site_bn_weight < 1.0:
-            mix_bn_stats(_bn_modules(model.bottleneck) + _bn_modules(model.top), source_stats,
-                         cfg.site_bn_weight)
+        # the champion's statistics, not those training left, are the training domain's
+        _adabn(model, tgt.h, cfg, include_top=True, site_weight=cfg.site_bn_weight,
+               mix_with=source_stats)
         return {"steps_done": done, "stopped_early": early}
 
 
@@ -731,6 +743,7 @@ class TentAdapter(_EntropyAdapter):
 
 __all__ = [
     "ADAPTERS", "AdaptConfig", "AdaptResult", "Adapter", "CachedSet", "adapt", "as_cached_set",
-    "available_adapters", "cache_activations", "cached_outputs", "coral_loss", "get_adapter",
-    "mk_mmd2", "rampup", "reestimate_bn", "register_adapter",
+    "available_adapters", "cache_activations", "cached_outputs", "coral_loss",
+    "frozen_top_outputs", "get_adapter", "mix_bn_stats", "mk_mmd2", "rampup", "reestimate_bn",
+    "register_adapter",
 ]
