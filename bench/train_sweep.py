@@ -14,6 +14,7 @@ Choose a variant by its VALIDATION accuracy; the test column is there to report,
 
     .venv/bin/python bench/train_sweep.py --probe
     .venv/bin/python bench/train_sweep.py --variant 'lowtop={"lr_top": 3e-5}' --seeds 0 1 2
+    .venv/bin/python bench/train_sweep.py --variant 'soft={"soft_label_weight": 0.5}'
 """
 
 from __future__ import annotations
@@ -34,19 +35,28 @@ import torch  # noqa: E402
 
 from bench.adapt import E6_CLASSES, views_activations  # noqa: E402  (the same cache)
 from bench.train import fit_probe  # noqa: E402
-from models.data import read_image_folder, three_way_split  # noqa: E402
+from models.data import (  # noqa: E402
+    label_distributions,
+    read_emotion6_ground_truth,
+    read_image_folder,
+    three_way_split,
+)
 from models.network import EmotionNet, NetConfig  # noqa: E402
 from models.train import TrainConfig, _eval_cached, _fit, _full  # noqa: E402
 
 
-def run_variant(h: torch.Tensor, y: np.ndarray, records, seed: int, overrides: dict) -> dict:
+def run_variant(h: torch.Tensor, y: np.ndarray, records, seed: int, overrides: dict,
+                soft: np.ndarray | None = None, ncfg: NetConfig | None = None) -> dict:
     tr, va, te = three_way_split(records, 0.15, 0.15, seed)
+    overrides = dict(overrides)
+    soft_weight = float(overrides.pop("soft_label_weight", 0.0))  # not a TrainConfig field
     cfg = TrainConfig(seed=seed, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = EmotionNet(NetConfig(num_classes=len(E6_CLASSES)))
+        model = EmotionNet(ncfg or NetConfig(num_classes=len(E6_CLASSES)))
         t = time.perf_counter()
-        hist, best, best_epoch = _fit(model, h[tr], y[tr], h[va, :1], y[va], cfg, None)
+        hist, best, best_epoch = _fit(model, h[tr], y[tr], h[va, :1], y[va], cfg, None,
+                                      soft[tr] if soft is not None else None, soft_weight)
         secs = time.perf_counter() - t
     model.load_state_dict(best)
     model.eval()
@@ -60,8 +70,8 @@ def run_variant(h: torch.Tensor, y: np.ndarray, records, seed: int, overrides: d
             "test_acc_flip_tta": float((p.argmax(1).numpy() == y[te]).mean()), "seconds": secs}
 
 
-def probe(h: torch.Tensor, y: np.ndarray, records, seed: int) -> float:
-    net = EmotionNet(NetConfig(num_classes=len(E6_CLASSES))).eval()  # pre-trained top as is
+def probe(h: torch.Tensor, y: np.ndarray, records, seed: int, ncfg: NetConfig) -> float:
+    net = EmotionNet(ncfg).eval()  # pre-trained top as is
     with torch.no_grad():
         f = torch.cat([net.top(h[s:s + 128, 0].float()) for s in range(0, len(h), 128)]).numpy()
     return fit_probe(f, y, three_way_split(records, 0.15, 0.15, seed))
@@ -77,27 +87,41 @@ def main(argv: list[str] | None = None) -> None:
                     help="TrainConfig overrides, e.g. 'lowtop={\"lr_top\": 3e-5}'; "
                          "'default' is always run first")
     ap.add_argument("--probe", action="store_true")
+    ap.add_argument("--skip-default", action="store_true",
+                    help="do not run the shipped recipe (e.g. when its rows are already known)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backbone", default="efficientnet-lite0",
+                    choices=["efficientnet-lite0", "efficientnet-lite2"])
+    ap.add_argument("--img-size", type=int, default=224,
+                    help="input resolution (NetConfig.img_size); its own activation cache")
     args = ap.parse_args(argv)
     if not args.data_dir.is_dir():
         ap.error(f"data not found at {args.data_dir} (set --data-dir or EMOWATCH_DATA_DIR)")
     torch.set_num_threads(args.threads)
-    variants = {"default": {}}
+    variants = {} if args.skip_default else {"default": {}}
     for spec in args.variant:
         name, _, js = spec.partition("=")
         variants[name] = json.loads(js) if js else {}
 
     e6 = read_image_folder(args.data_dir / "emotion6", classes=E6_CLASSES)
-    fmodel = EmotionNet(NetConfig(num_classes=len(E6_CLASSES))).eval()
+    ncfg = NetConfig(num_classes=len(E6_CLASSES), img_size=args.img_size, backbone=args.backbone)
+    fmodel = EmotionNet(ncfg).eval()
     with torch.no_grad():
-        h = views_activations(fmodel, e6.records, args.cache_dir, "e6-views", TrainConfig())
+        h = views_activations(fmodel, e6.records, args.cache_dir,
+                              "e6-views" if args.backbone == "efficientnet-lite0" else
+                              f"e6-views-{args.backbone}", TrainConfig())
     y = e6.labels
+    # Annotator votes, for variants with "soft_label_weight" > 0: the training target is
+    # (1 - w) one-hot(folder) + w votes (over the 6 classes; neutral dropped). Test accuracy
+    # stays on the folder labels.
+    soft = label_distributions(e6.records, E6_CLASSES,
+                               read_emotion6_ground_truth(args.data_dir / "emotion6"))
 
     print("| variant | seed | kept epoch (phase) | val acc | test acc | test acc, flip TTA | fit s |")
     print("|---|---|---|---|---|---|---|")
     summary = []
     for name, ov in variants.items():
-        rows = [run_variant(h, y, e6.records, s, ov) for s in args.seeds]
+        rows = [run_variant(h, y, e6.records, s, ov, soft, ncfg) for s in args.seeds]
         for r in rows:
             print(f"| {name} | {r['seed']} | {r['best_epoch']}/{r['epochs_run']} ({r['phase']}) | "
                   f"{r['val_acc']:.3f} | {r['test_acc']:.3f} | {r['test_acc_flip_tta']:.3f} | "
@@ -105,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         summary.append((name, *(float(np.mean([r[k] for r in rows]))
                                 for k in ("val_acc", "test_acc", "test_acc_flip_tta"))))
     if args.probe:
-        pr = [probe(h, y, e6.records, s) for s in args.seeds]
+        pr = [probe(h, y, e6.records, s, ncfg) for s in args.seeds]
         summary.append(("linear probe", float("nan"), float(np.mean(pr)), float("nan")))
         print(f"\nlinear probe test accuracy per seed: {', '.join(f'{p:.3f}' for p in pr)}")
     print(f"\n| variant | mean val acc | mean test acc | mean test acc, flip TTA |  (seeds {args.seeds})")

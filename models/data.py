@@ -197,6 +197,31 @@ def read_emotion6_ground_truth(path: str | Path) -> dict[str, Emotion6Truth]:
     return out
 
 
+def label_distributions(
+    records: Sequence[ImageRecord], classes: Sequence[str], truth: Mapping[str, Emotion6Truth]
+) -> np.ndarray:
+    """(N, K) annotator distributions over ``classes`` for each record (Emotion6 votes).
+
+    A record is looked up by ``<class folder>/<file name>`` (the ground-truth key). Classes
+    are matched to the ground-truth columns by name; votes for other columns (e.g. neutral)
+    are dropped and each row renormalised. A row is all zeros when the file is not in the
+    table or no annotator voted for any of ``classes``: callers fall back to the folder label.
+    """
+    cols = [EMOTION6_GT_COLUMNS.index(c) if c in EMOTION6_GT_COLUMNS else -1 for c in classes]
+    if all(c < 0 for c in cols):
+        raise ValueError(f"none of the classes {list(classes)} is an Emotion6 ground-truth "
+                         f"column {list(EMOTION6_GT_COLUMNS)}")
+    out = np.zeros((len(records), len(classes)), dtype=np.float32)
+    for i, r in enumerate(records):
+        t = truth.get(f"{Path(r.path).parent.name}/{Path(r.path).name}")
+        if t is None:
+            continue
+        row = np.array([t.probs[c] if c >= 0 else 0.0 for c in cols], dtype=np.float32)
+        if row.sum() > 0:
+            out[i] = row / row.sum()
+    return out
+
+
 # --- splits ----------------------------------------------------------------------------------
 def _check_frac(val_frac: float) -> None:
     if not 0.0 < val_frac < 1.0:

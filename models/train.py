@@ -393,6 +393,8 @@ def _fit(
     y_va_np: np.ndarray,
     cfg: TrainConfig,
     report: Progress | None,
+    soft_tr: np.ndarray | None = None,
+    soft_weight: float = 0.0,
 ) -> tuple[list[dict[str, float]], dict[str, torch.Tensor], int]:
     """Two phases on cached activations; returns (history, best state_dict, best epoch).
 
@@ -403,9 +405,15 @@ def _fit(
 
     The kept weights are those of the epoch with the lowest validation loss over both phases:
     fine-tuning is kept only if the validation split says it helps.
+
+    ``soft_tr`` (N, K): per-image label distributions (e.g. Emotion6's annotator votes); the
+    training target is then ``(1 - soft_weight) * one_hot + soft_weight * soft``. Validation
+    always scores the hard labels. Only bench/train_sweep.py uses it: on Emotion6 the votes
+    made the model worse (bench/results/train.md), so training does not expose it.
     """
     rng = np.random.default_rng(cfg.seed + 1)
     y_tr, y_va = torch.as_tensor(y_tr_np), torch.as_tensor(y_va_np)
+    t_tr = _targets(y_tr, soft_tr, soft_weight, model.config.num_classes)
     n, v = h_tr.shape[:2]
     bs = min(cfg.batch_size, n)
     spe = max(1, n // bs)  # steps per epoch: the ragged last batch is dropped (BatchNorm)
@@ -449,7 +457,7 @@ def _fit(
             for b in range(spe):
                 idx = order[b * bs:(b + 1) * bs]
                 xb = (p_tr if head_only else h_tr)[idx, view[idx]].float()
-                yb = y_tr[idx]
+                yb, tb = y_tr[idx], t_tr[idx]
                 f = _lr_factor(step, total, warm)
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * f
@@ -457,10 +465,10 @@ def _fit(
                     lam = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
                     perm = torch.as_tensor(rng.permutation(len(idx)))
                     logits = run(model, lam * xb + (1.0 - lam) * xb[perm])
-                    loss = lam * loss_fn(logits, yb) + (1.0 - lam) * loss_fn(logits, yb[perm])
+                    loss = lam * loss_fn(logits, tb) + (1.0 - lam) * loss_fn(logits, tb[perm])
                 else:
                     logits = run(model, xb)
-                    loss = loss_fn(logits, yb)
+                    loss = loss_fn(logits, tb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -493,6 +501,19 @@ def _fit(
             if since_best >= cfg.patience:
                 break
     return history, best_state, best_epoch
+
+
+def _targets(y: torch.Tensor, soft: np.ndarray | None, weight: float, k: int) -> torch.Tensor:
+    """Class indices, or (N, K) probabilities when soft labels take part."""
+    if soft is None or weight <= 0:
+        return y
+    s = torch.as_tensor(np.asarray(soft, dtype=np.float32))
+    if s.shape != (len(y), k):
+        raise ValueError(f"soft labels must have shape ({len(y)}, {k}), got {tuple(s.shape)}")
+    hard = nn.functional.one_hot(y, k).float()
+    tot = s.sum(1, keepdim=True)
+    s = torch.where(tot > 0, s / tot.clamp_min(1e-12), hard)  # no votes: the folder label
+    return (1.0 - weight) * hard + weight * s
 
 
 def _top_is_pretrained(model: EmotionNet) -> bool:

@@ -303,13 +303,15 @@ def _model_view(model: EmotionNet, h_src: torch.Tensor, y_src: np.ndarray, h_tgt
 
 def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: Any,
                        site: Any, config: ValidationConfig | None = None,
-                       site_candidate: Any = None) -> ValidationReport:
+                       site_candidate: Any = None, source_candidate: Any = None) -> ValidationReport:
     """Run DEV for both models and all four gates.
 
     source_val: labelled source validation activations ``(h, labels)`` or CachedSet (never
     used for adaptation); site: cached site activations (those adapted on are fine: nothing
-    here uses site labels). site_candidate / source_val are the champion's activations; pass
-    ``site_candidate`` only when the candidate's frozen part differs (adabn scope="all").
+    here uses site labels). site / source_val are the champion's activations; when the
+    candidate's frozen part differs (adabn scope="all") pass its own activations of the same
+    images as ``site_candidate`` and ``source_candidate`` (labels as in ``source_val``):
+    the candidate is judged as it would run, never on the champion's activations.
     """
     cfg = config or ValidationConfig()
     if cfg.dev_loss not in ("ce", "error"):
@@ -319,9 +321,14 @@ def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: 
     src = as_cached_set(source_val, "source_val", need_labels=True)
     tgt = as_cached_set(site, "site")
     tgt_c = as_cached_set(site_candidate, "site_candidate") if site_candidate is not None else tgt
+    src_c = src
+    if source_candidate is not None:
+        src_c = as_cached_set(source_candidate, "source_candidate")
+        if len(src_c) != len(src):
+            raise ValueError(f"source_candidate has {len(src_c)} images, source_val {len(src)}")
     y = src.labels.numpy()
     zs0, l0, zt0, _, acc0 = _model_view(champion, src.h, y, tgt.h, cfg.dev_loss)
-    zs1, l1, zt1, pt1, acc1 = _model_view(candidate, src.h, y, tgt_c.h, cfg.dev_loss)
+    zs1, l1, zt1, pt1, acc1 = _model_view(candidate, src_c.h, y, tgt_c.h, cfg.dev_loss)
     dev0 = deep_embedded_validation(zs0, l0, zt0, cfg.dev)
     dev1 = deep_embedded_validation(zs1, l1, zt1, cfg.dev)
     mmd_before = float(mk_mmd2(torch.from_numpy(zs0), torch.from_numpy(zt0)))

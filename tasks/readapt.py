@@ -233,13 +233,15 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
     vcfg = ValidationConfig(max_source_drop=g.max_source_acc_drop,
                             min_entropy_ratio=g.min_prediction_entropy_ratio,
                             dev=DEVConfig(min_ess=g.min_effective_sample_size))
-    site_cand = None
+    site_cand = src_cand = None
     if result.frozen_changed:  # adabn scope "all": the candidate sees different activations
         from models.adapt import cache_activations
 
-        site_cand = cache_activations(result.model, _site_images(inputs))
+        site_cand = cache_activations(result.model, _images(inputs, inputs.site_paths))
+        src_cand = (cache_activations(result.model, _images(inputs, inputs.source_paths_val)),
+                    inputs.src_val[1])
     rep = validate_candidate(result.model, inputs.ckpt.model, inputs.src_val, inputs.site_h,
-                             vcfg, site_candidate=site_cand)
+                             vcfg, site_candidate=site_cand, source_candidate=src_cand)
     gates = {k: _plain(v) for k, v in rep.gates.items()}
     probe = site_probe_images(inputs)
     t0 = time.perf_counter()
@@ -266,11 +268,11 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
             "probe_maps": {k: a.maps for k, a in maps.items()}}
 
 
-def _site_images(inputs: AdaptInputs) -> torch.Tensor:
+def _images(inputs: AdaptInputs, paths: list[str]) -> torch.Tensor:
     from models.data import load_rgb
 
     prep = inputs.ckpt.preprocessing
-    return prep.normalize(np.stack([prep.to_array(load_rgb(p)) for p in inputs.site_paths]))
+    return prep.normalize(np.stack([prep.to_array(load_rgb(p)) for p in paths]))
 
 
 def audit_accuracy(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any] | None:

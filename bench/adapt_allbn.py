@@ -1,0 +1,126 @@
+"""Exploratory: AdaBN over the WHOLE network (adabn_scope "all") on Emotion6 night/blur sites.
+
+Same splits, source models and site conditions as bench/adapt.py (photos setting). For each
+site_bn_weight w, the frozen part's BN statistics are re-estimated on the site's adaptation
+photos (raw images), mixed with the champion's, then the top and bottleneck's likewise; the
+candidate is scored on the held-out site photos and on the gate's clean source split.
+
+    .venv/bin/python bench/adapt_allbn.py --seeds 0 1 2 --weights 1 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.adapt import (  # noqa: E402
+    CONDITION_IDS,
+    E6_CLASSES,
+    accuracy,
+    log,
+    photo_split,
+    train_model,
+    views_activations,
+)
+from models.adapt import (  # noqa: E402
+    AdaptConfig,
+    _adabn,
+    _batches,
+    _bn_modules,
+    _bn_stats,
+    cache_activations,
+    mix_bn_stats,
+    reestimate_bn,
+)
+from models.conditions import apply_condition  # noqa: E402
+from models.data import load_rgb, read_image_folder  # noqa: E402
+from models.network import EmotionNet, NetConfig, preprocessing_for  # noqa: E402
+from models.train import TrainConfig  # noqa: E402
+
+
+def images(records, idx, condition, severity, prep) -> np.ndarray:
+    cid = CONDITION_IDS[condition]
+    out = []
+    for i in idx:
+        img = load_rgb(records[i].path)
+        if condition != "clean":
+            img = apply_condition(img, condition, severity, np.random.default_rng([cid, i]))
+        out.append(prep.to_array(img))
+    return np.stack(out)
+
+
+@torch.no_grad()
+def adapt_all(model: EmotionNet, site_u8: np.ndarray, w: float, prep) -> EmotionNet:
+    m = copy.deepcopy(model).eval()
+    fbns = _bn_modules(m.frozen)
+    before = _bn_stats(fbns)
+    x = prep.normalize(site_u8)
+    reestimate_bn(fbns, m.frozen_forward, _batches(x, 64))
+    for b in fbns:
+        b.eval()
+    if w < 1:
+        mix_bn_stats(fbns, before, w)
+    h = cache_activations(m, x, 64)
+    _adabn(m, h, AdaptConfig(), include_top=True, site_weight=w)
+    return m.eval()
+
+
+@torch.no_grad()
+def acc_raw(model, u8, y, prep) -> float:
+    h = cache_activations(model, prep.normalize(u8), 64)
+    return accuracy(model, h, y)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--cache-dir", type=Path, default=REPO / ".emowatch" / "cache" / "bench")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--conditions", nargs="+", default=["night", "blur"])
+    ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 0.5])
+    ap.add_argument("--severity", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    e6 = read_image_folder(args.data_dir / "emotion6", classes=E6_CLASSES)
+    y6 = e6.labels
+    fmodel = EmotionNet(NetConfig(num_classes=len(E6_CLASSES))).eval()
+    prep = preprocessing_for(fmodel.config)
+    views = views_activations(fmodel, e6.records, args.cache_dir, "e6-views", TrainConfig())
+    print("| site | seed | w | source-only | clean | site acc | gap recovered | source acc | "
+          "source drop (pts) | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for seed in args.seeds:
+        tr, es, va, ad, te = photo_split(e6.records, seed)
+        model = train_model(views[tr], y6[tr], views[es, 0], y6[es], seed, 40, args.cache_dir,
+                            "model-photos")
+        va_u8 = images(e6.records, va, "clean", 0, prep)
+        src0 = accuracy(model, views[va, 0].float(), y6[va])
+        clean = accuracy(model, views[te, 0].float(), y6[te])
+        for c in args.conditions:
+            ad_u8 = images(e6.records, ad, c, args.severity, prep)
+            te_u8 = images(e6.records, te, c, args.severity, prep)
+            so = acc_raw(model, te_u8, y6[te], prep)
+            for w in args.weights:
+                t = time.perf_counter()
+                m = adapt_all(model, ad_u8, w, prep)
+                secs = time.perf_counter() - t
+                a = acc_raw(m, te_u8, y6[te], prep)
+                s = acc_raw(m, va_u8, y6[va], prep)
+                gap = (a - so) / (clean - so) if clean > so else float("nan")
+                print(f"| {c}{args.severity} | {seed} | {w} | {so:.3f} | {clean:.3f} | {a:.3f} | "
+                      f"{gap:+.2f} | {s:.3f} | {100 * (src0 - s):+.1f} | {secs:.0f} |", flush=True)
+            log(f"seed {seed} {c} done")
+
+
+if __name__ == "__main__":
+    main()
