@@ -93,7 +93,7 @@ def views_activations(model, records, cache_dir, name, cfg_train) -> torch.Tenso
     prep = preprocessing_for(model.config)
     paths = [r.path for r in records]
     key = _key(paths, "views", cfg_train.flip, cfg_train.crops, cfg_train.crop_scale,
-               model.config.img_size, model.config.trainable_blocks)
+               model.config.backbone, model.config.img_size, model.config.trainable_blocks)
 
     def compute():
         src = _Source(labels=np.array([r.label for r in records]), records=list(records))
@@ -102,24 +102,32 @@ def views_activations(model, records, cache_dir, name, cfg_train) -> torch.Tenso
     return _cached(cache_dir, name, key, compute)
 
 
+def condition_array(path, prep, condition: str, severity: int, index: int,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+    """One photo under ``condition`` (applied at full resolution, before resizing) as the
+    (S, S, 3) uint8 grid. The noise is seeded by (condition, ``index`` in the record list)
+    unless ``rng`` is given: the same site photo always gets the same noise."""
+    img = load_rgb(path)
+    if condition != "clean":
+        rng = rng if rng is not None else np.random.default_rng([CONDITION_IDS[condition], index])
+        img = apply_condition(img, condition, severity, rng)
+    return prep.to_array(img)
+
+
 def condition_activations(model, records, cache_dir, name, condition, severity) -> torch.Tensor:
     """(N, C, s, s) float16 of each image under ``condition`` (applied at full resolution,
     before resizing, with a per-image seed: the same site photo always gets the same noise)."""
     prep = preprocessing_for(model.config)
     paths = [r.path for r in records]
-    key = _key(paths, condition, severity, model.config.img_size, model.config.trainable_blocks)
+    key = _key(paths, condition, severity, model.config.backbone, model.config.img_size,
+               model.config.trainable_blocks)
 
     @torch.no_grad()
     def compute():
         out = []
-        cid = CONDITION_IDS[condition]
         for s in range(0, len(paths), 32):
-            arrs = []
-            for i in range(s, min(len(paths), s + 32)):
-                img = load_rgb(paths[i])
-                if condition != "clean":
-                    img = apply_condition(img, condition, severity, np.random.default_rng([cid, i]))
-                arrs.append(prep.to_array(img))
+            arrs = [condition_array(paths[i], prep, condition, severity, i)
+                    for i in range(s, min(len(paths), s + 32))]
             out.append(model.frozen_forward(prep.normalize(np.stack(arrs))).to(torch.float16))
         return torch.cat(out)
 
@@ -302,9 +310,14 @@ def _ms(v: list[float], pct: bool = True) -> str:
     return f"{k * a.mean():.1f} ± {k * a.std(ddof=1) if a.size > 1 else 0.0:.1f}"
 
 
+def gap_recovered(acc: float, source_only: float, clean: float) -> float:
+    """Share of the accuracy lost to the condition that ``acc`` wins back (nan without a gap)."""
+    d = clean - source_only
+    return (acc - source_only) / d if d == d and abs(d) > 1e-9 else float("nan")
+
+
 def _gap(r: dict) -> float:
-    d = r["acc_clean"] - r["acc_source_only"]
-    return (r["acc"] - r["acc_source_only"]) / d if d == d and abs(d) > 1e-9 else float("nan")
+    return gap_recovered(r["acc"], r["acc_source_only"], r["acc_clean"])
 
 
 def print_tables(rows: list[dict]) -> None:
@@ -369,8 +382,8 @@ def time_one_site(args, acfg, vcfg, e6, e6_views, y6, n_site: int = 500) -> None
     hs = []
     with torch.no_grad():
         for s in range(0, n_site, 32):
-            arrs = [prep.to_array(apply_condition(load_rgb(r.path), "night", args.severity,
-                                                  np.random.default_rng([9, s + j])))
+            arrs = [condition_array(r.path, prep, "night", args.severity, s + j,
+                                    np.random.default_rng([9, s + j]))
                     for j, r in enumerate(site[s:s + 32])]
             hs.append(model.frozen_forward(prep.normalize(np.stack(arrs))))
     h_site = torch.cat(hs)

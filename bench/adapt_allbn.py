@@ -24,9 +24,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.adapt import (  # noqa: E402
-    CONDITION_IDS,
     E6_CLASSES,
     accuracy,
+    condition_array,
+    gap_recovered,
     log,
     photo_split,
     train_model,
@@ -42,21 +43,14 @@ from models.adapt import (  # noqa: E402
     mix_bn_stats,
     reestimate_bn,
 )
-from models.conditions import apply_condition  # noqa: E402
-from models.data import load_rgb, read_image_folder  # noqa: E402
+from models.data import read_image_folder  # noqa: E402
 from models.network import EmotionNet, NetConfig, preprocessing_for  # noqa: E402
 from models.train import TrainConfig  # noqa: E402
 
 
 def images(records, idx, condition, severity, prep) -> np.ndarray:
-    cid = CONDITION_IDS[condition]
-    out = []
-    for i in idx:
-        img = load_rgb(records[i].path)
-        if condition != "clean":
-            img = apply_condition(img, condition, severity, np.random.default_rng([cid, i]))
-        out.append(prep.to_array(img))
-    return np.stack(out)
+    """The photos bench/adapt.py's cached activations were made from (same noise seeds)."""
+    return np.stack([condition_array(records[i].path, prep, condition, severity, i) for i in idx])
 
 
 @torch.no_grad()
@@ -116,7 +110,7 @@ def main() -> None:
                 secs = time.perf_counter() - t
                 a = acc_raw(m, te_u8, y6[te], prep)
                 s = acc_raw(m, va_u8, y6[va], prep)
-                gap = (a - so) / (clean - so) if clean > so else float("nan")
+                gap = gap_recovered(a, so, clean)
                 print(f"| {c}{args.severity} | {seed} | {w} | {so:.3f} | {clean:.3f} | {a:.3f} | "
                       f"{gap:+.2f} | {s:.3f} | {100 * (src0 - s):+.1f} | {secs:.0f} |", flush=True)
             log(f"seed {seed} {c} done")

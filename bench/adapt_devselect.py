@@ -15,11 +15,17 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.adapt import gap_recovered  # noqa: E402
 
 
 def gap(r: dict) -> float:
-    d = r["acc_clean"] - r["acc_source_only"]
-    return (r["acc"] - r["acc_source_only"]) / d
+    return gap_recovered(r["acc"], r["acc_source_only"], r["acc_clean"])
 
 
 def main(paths: list[str]) -> None:

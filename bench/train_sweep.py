@@ -70,11 +70,11 @@ def run_variant(h: torch.Tensor, y: np.ndarray, records, seed: int, overrides: d
             "test_acc_flip_tta": float((p.argmax(1).numpy() == y[te]).mean()), "seconds": secs}
 
 
-def probe(h: torch.Tensor, y: np.ndarray, records, seed: int, ncfg: NetConfig) -> float:
-    net = EmotionNet(ncfg).eval()  # pre-trained top as is
+def probe_features(h: torch.Tensor, ncfg: NetConfig) -> np.ndarray:
+    """Pooled ImageNet features of every photo (the unmodified pre-trained top; seed-free)."""
+    net = EmotionNet(ncfg).eval()
     with torch.no_grad():
-        f = torch.cat([net.top(h[s:s + 128, 0].float()) for s in range(0, len(h), 128)]).numpy()
-    return fit_probe(f, y, three_way_split(records, 0.15, 0.15, seed))
+        return torch.cat([net.top(h[s:s + 128, 0].float()) for s in range(0, len(h), 128)]).numpy()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ncfg = NetConfig(num_classes=len(E6_CLASSES), img_size=args.img_size, backbone=args.backbone)
     fmodel = EmotionNet(ncfg).eval()
     with torch.no_grad():
-        h = views_activations(fmodel, e6.records, args.cache_dir,
-                              "e6-views" if args.backbone == "efficientnet-lite0" else
-                              f"e6-views-{args.backbone}", TrainConfig())
+        h = views_activations(fmodel, e6.records, args.cache_dir, "e6-views", TrainConfig())
     y = e6.labels
     # Annotator votes, for variants with "soft_label_weight" > 0: the training target is
     # (1 - w) one-hot(folder) + w votes (over the 6 classes; neutral dropped). Test accuracy
@@ -129,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         summary.append((name, *(float(np.mean([r[k] for r in rows]))
                                 for k in ("val_acc", "test_acc", "test_acc_flip_tta"))))
     if args.probe:
-        pr = [probe(h, y, e6.records, s, ncfg) for s in args.seeds]
+        f = probe_features(h, ncfg)
+        pr = [fit_probe(f, y, three_way_split(e6.records, 0.15, 0.15, s)) for s in args.seeds]
         summary.append(("linear probe", float("nan"), float(np.mean(pr)), float("nan")))
         print(f"\nlinear probe test accuracy per seed: {', '.join(f'{p:.3f}' for p in pr)}")
     print(f"\n| variant | mean val acc | mean test acc | mean test acc, flip TTA |  (seeds {args.seeds})")

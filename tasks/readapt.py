@@ -211,14 +211,10 @@ def run_adaptation(inputs: AdaptInputs, method: str, site: Site, seed: int = 0) 
 
 def site_probe_images(inputs: AdaptInputs, n: int = PROBE_IMAGES, seed: int = 0) -> torch.Tensor:
     """Normalised probe images: half source validation, half site (seeded choice)."""
-    from models.data import load_rgb
-
     rng = np.random.default_rng(seed)
     half = max(1, n // 2)
     pick = lambda paths, k: [paths[i] for i in sorted(rng.choice(len(paths), min(k, len(paths)), replace=False))]  # noqa: E731
-    paths = pick(inputs.source_paths_val, half) + pick(inputs.site_paths, n - half)
-    prep = inputs.ckpt.preprocessing
-    return prep.normalize(np.stack([prep.to_array(load_rgb(p)) for p in paths]))
+    return _images(inputs, pick(inputs.source_paths_val, half) + pick(inputs.site_paths, n - half))
 
 
 @task(name="validate-candidate", cache_policy=NO_CACHE)
@@ -269,6 +265,7 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
 
 
 def _images(inputs: AdaptInputs, paths: list[str]) -> torch.Tensor:
+    """Decoded, resized and normalised (N, 3, S, S) images, as the champion sees them."""
     from models.data import load_rgb
 
     prep = inputs.ckpt.preprocessing
