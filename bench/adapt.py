@@ -46,9 +46,12 @@ if str(REPO) not in sys.path:
 
 from models.adapt import (  # noqa: E402
     AdaptConfig,
+    CachedSet,
     available_adapters,
+    cache_activations,
     cached_outputs,
     get_adapter,
+    with_backbone,
 )
 from models.conditions import apply_condition  # noqa: E402
 from models.data import load_rgb, read_image_folder, split_records, stratified_split  # noqa: E402
@@ -245,6 +248,28 @@ def face_split(records, seed: int):
     return tr, _sub(rest, es), _sub(rest, va)
 
 
+def emotion6_views(data_dir: Path, cache_dir: Path):
+    """(Emotion6 records, the pre-trained network's preprocessing, the cached 4-view frozen
+    activations) - what every photos-setting script starts from."""
+    from models.train import TrainConfig
+
+    e6 = read_image_folder(data_dir / "emotion6", classes=E6_CLASSES)
+    fmodel = EmotionNet(NetConfig(num_classes=len(E6_CLASSES))).eval()  # frozen part only is used
+    with torch.no_grad():
+        views = views_activations(fmodel, e6.records, cache_dir, "e6-views", TrainConfig())
+    return e6, preprocessing_for(fmodel.config), views
+
+
+def photos_model(e6, views, seed: int, cache_dir: Path | None, epochs: int = 40):
+    """One seed's photo split (train, early-stop, gate-val, site-adapt, site-test) and its
+    source model (cached)."""
+    split = photo_split(e6.records, seed)
+    tr, es = split[0], split[1]
+    y = e6.labels
+    return split, train_model(views[tr], y[tr], views[es, 0], y[es], seed, epochs, cache_dir,
+                              "model-photos")
+
+
 # --- one setting, one seed ----------------------------------------------------------------------
 def run_site(setting, seed, model, src_views, y_src, h_va, y_va, h_adapt, h_test, y_test,
              h_test_clean, y_adapt, methods, acfg, vcfg, rows, overrides=None) -> None:
@@ -368,41 +393,63 @@ def print_tables(rows: list[dict]) -> None:
 
 
 # --- end-to-end timing of one site ------------------------------------------------------------------
-def time_one_site(args, acfg, vcfg, e6, e6_views, y6, n_site: int = 500) -> None:
+def time_one_site(args, acfg, vcfg, e6, e6_views, y6, n_site: int = 500,
+                  backbone: bool = False) -> None:
     """Wall-clock of what the pipeline does for one site of ``n_site`` photos: decode + apply
-    the condition + frozen forward (no disk cache), adapt (default method), validate."""
-    tr, es, va, _, _ = photo_split(e6.records, 0)
-    model = train_model(e6_views[tr], y6[tr], e6_views[es, 0], y6[es], 0, args.epochs,
-                        args.cache_dir, "model-photos")
+    the condition + frozen forward (no disk cache), adapt (default method), validate.
+    ``backbone``: mmd through the whole backbone (``with_backbone``), which also decodes the
+    source training photos and validates on the candidate's own activations."""
+    (tr, es, va, _, _), model = photos_model(e6, e6_views, 0, args.cache_dir, args.epochs)
     used = set(tr) | set(es) | set(va)
     site = [r for i, r in enumerate(e6.records) if i not in used]
     site = (site * (n_site // len(site) + 1))[:n_site]  # reuse photos if the site pool is smaller
     prep = preprocessing_for(model.config)
     t0 = time.perf_counter()
-    hs = []
+    hs, xs = [], []
     with torch.no_grad():
         for s in range(0, n_site, 32):
             arrs = [condition_array(r.path, prep, "night", args.severity, s + j,
                                     np.random.default_rng([9, s + j]))
                     for j, r in enumerate(site[s:s + 32])]
-            hs.append(model.frozen_forward(prep.normalize(np.stack(arrs))))
+            x = prep.normalize(np.stack(arrs))
+            hs.append(model.frozen_forward(x))
+            if backbone:
+                xs.append(x)
     h_site = torch.cat(hs)
     t_cache = time.perf_counter() - t0
-    h_src = e6_views[tr][:, :2].flatten(0, 1).float()
-    ys = torch.as_tensor(np.repeat(y6[tr], 2))
+    rows = [(f"decode + condition + frozen forward ({n_site} site photos)", t_cache)]
+    h_va, y_va = e6_views[va, 0].float(), torch.as_tensor(y6[va])
+    own: dict = {}
     t1 = time.perf_counter()
-    res = get_adapter("mmd").adapt(model, (h_src, ys), h_site, acfg)
-    t_adapt = time.perf_counter() - t1
+    if backbone:
+        def decode(idx):
+            return prep.normalize(np.stack([condition_array(e6.records[i].path, prep, "clean", 0, i)
+                                            for i in idx]))
+        source = CachedSet(h=e6_views[tr, 0].float(), labels=torch.as_tensor(y6[tr]), images=decode(tr))
+        va_x = decode(va)
+        rows.append((f"decode {len(tr)} source training + {len(va)} validation photos",
+                     time.perf_counter() - t1))
+        cfg = with_backbone(acfg)
+        target = CachedSet(h=h_site, images=torch.cat(xs))
+    else:
+        source = (e6_views[tr][:, :2].flatten(0, 1).float(), torch.as_tensor(np.repeat(y6[tr], 2)))
+        cfg, target = acfg, h_site
+    t1 = time.perf_counter()
+    res = get_adapter("mmd").adapt(model, source, target, cfg)
+    rows.append((f"adapt (mmd{' through the whole backbone' if backbone else ''}, "
+                 f"{res.steps_done} steps)", time.perf_counter() - t1))
     t2 = time.perf_counter()
-    rep = validate_candidate(res.model, model, (e6_views[va, 0].float(), torch.as_tensor(y6[va])),
-                             h_site, vcfg)
-    t_val = time.perf_counter() - t2
+    with torch.no_grad():
+        if backbone:  # the candidate's own activations (its frozen part changed)
+            own = {"site_candidate": cache_activations(res.model, target.images),
+                   "source_candidate": (cache_activations(res.model, va_x), y_va)}
+    rep = validate_candidate(res.model, model, (h_va, y_va), h_site, vcfg, **own)
+    rows.append((f"validate (DEV x2 + gates) -> {rep.verdict}", time.perf_counter() - t2))
     print(f"\n| one site, {n_site} photos (night{args.severity}), threads {torch.get_num_threads()} "
           "| seconds |\n|---|---|")
-    print(f"| decode + condition + frozen forward | {t_cache:.0f} |")
-    print(f"| adapt (mmd, {res.steps_done} steps) | {t_adapt:.0f} |")
-    print(f"| validate (DEV x2 + gates) -> {rep.verdict} | {t_val:.0f} |")
-    print(f"| total | {t_cache + t_adapt + t_val:.0f} |")
+    for name, secs in rows:
+        print(f"| {name} | {secs:.0f} |")
+    print(f"| total | {sum(secs for _, secs in rows):.0f} |")
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -428,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-only", action="store_true")
     ap.add_argument("--time-site", type=int, default=0, metavar="N",
                     help="only time one site of N photos end to end (no disk cache), then exit")
+    ap.add_argument("--backbone", action="store_true",
+                    help="with --time-site: mmd through the whole backbone (with_backbone)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -457,15 +506,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.cache_only:
         return
     if args.time_site:
-        time_one_site(args, acfg, vcfg, e6, e6_views, e6.labels, args.time_site)
+        time_one_site(args, acfg, vcfg, e6, e6_views, e6.labels, args.time_site, args.backbone)
         return
     y6 = e6.labels
     rows: list[dict] = []
     for seed in args.seeds:
         if "photos" in args.settings:
-            tr, es, va, ad, te = photo_split(e6.records, seed)
-            model = train_model(e6_views[tr], y6[tr], e6_views[es, 0], y6[es], seed, args.epochs,
-                                cache, "model-photos")
+            (tr, es, va, ad, te), model = photos_model(e6, e6_views, seed, cache, args.epochs)
             log(f"photos seed {seed}: train {len(tr)} early-stop {len(es)} gate-val {len(va)} "
                 f"site adapt {len(ad)} test {len(te)}; "
                 f"gate-val acc {accuracy(model, e6_views[va, 0].float(), y6[va]):.3f}")

@@ -24,14 +24,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.adapt import (  # noqa: E402
-    E6_CLASSES,
     accuracy,
     condition_array,
+    emotion6_views,
     gap_recovered,
     log,
-    photo_split,
-    train_model,
-    views_activations,
+    photos_model,
 )
 from models.adapt import (  # noqa: E402
     AdaptConfig,
@@ -43,9 +41,7 @@ from models.adapt import (  # noqa: E402
     mix_bn_stats,
     reestimate_bn,
 )
-from models.data import read_image_folder  # noqa: E402
-from models.network import EmotionNet, NetConfig, preprocessing_for  # noqa: E402
-from models.train import TrainConfig  # noqa: E402
+from models.network import EmotionNet  # noqa: E402
 
 
 def images(records, idx, condition, severity, prep) -> np.ndarray:
@@ -85,18 +81,13 @@ def main() -> None:
     ap.add_argument("--severity", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    e6 = read_image_folder(args.data_dir / "emotion6", classes=E6_CLASSES)
+    e6, prep, views = emotion6_views(args.data_dir, args.cache_dir)
     y6 = e6.labels
-    fmodel = EmotionNet(NetConfig(num_classes=len(E6_CLASSES))).eval()
-    prep = preprocessing_for(fmodel.config)
-    views = views_activations(fmodel, e6.records, args.cache_dir, "e6-views", TrainConfig())
     print("| site | seed | w | source-only | clean | site acc | gap recovered | source acc | "
           "source drop (pts) | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:
-        tr, es, va, ad, te = photo_split(e6.records, seed)
-        model = train_model(views[tr], y6[tr], views[es, 0], y6[es], seed, 40, args.cache_dir,
-                            "model-photos")
+        (tr, es, va, ad, te), model = photos_model(e6, views, seed, args.cache_dir)
         va_u8 = images(e6.records, va, "clean", 0, prep)
         src0 = accuracy(model, views[va, 0].float(), y6[va])
         clean = accuracy(model, views[te, 0].float(), y6[te])

@@ -286,6 +286,10 @@ def monitor(
 def adapt(
     site: Annotated[str, typer.Argument()],
     method: Annotated[str | None, typer.Option(help="mmd, coral, adabn, shot-im or tent.")] = None,
+    train_backbone: Annotated[bool | None, typer.Option(
+        "--train-backbone/--cached-top",
+        help="mmd/coral: adapt every layer from the raw images (minutes) or only the cached top "
+             "(seconds). Default: the site's adapt.train_backbone.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-adapt the site's champion to its recent images (no labels); register a challenger."""
@@ -297,8 +301,10 @@ def adapt(
         from flows.readapt import readapt_site
         from tasks.readapt import resolve_method
 
-        resolve_method(s, method)  # a bad method for this site fails here, before Prefect starts
-        return readapt_site(site=s.name, method=method)
+        m = resolve_method(s, method)  # a bad method for this site fails here, before Prefect starts
+        if train_backbone and m not in ("mmd", "coral"):
+            raise UsageError(f"--train-backbone applies to mmd and coral, not {m!r}")
+        return readapt_site(site=s.name, method=method, train_backbone=train_backbone)
 
     _run(go, as_json)
 

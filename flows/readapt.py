@@ -15,8 +15,9 @@ from tasks.context import ensure_site_model, load_site
 
 @flow(name="readapt_site", task_runner=default_runner(), log_prints=True)
 def readapt_site(site: str, method: str | None = None, drift_check_id: int | None = None,
-                 seed: int = 0) -> dict[str, Any]:
-    """Returns ``{site, method, version, gates: {name: {passed, value, threshold}}, verdict}``."""
+                 seed: int = 0, train_backbone: bool | None = None) -> dict[str, Any]:
+    """Returns ``{site, method, version, gates: {name: {passed, value, threshold}}, verdict}``.
+    ``train_backbone`` overrides the site's ``adapt.train_backbone`` (None: the site's)."""
     from emowatch.settings import get_settings
     from tasks.notify import deliver_alerts
     from tasks.promote import promote_version_task, request_approval_task
@@ -39,7 +40,9 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
     t0 = time.perf_counter()
     try:
         inputs = t.load_inputs(settings, cfg, site_id, served.name, served.version,
-                               source_free=m not in ("mmd", "coral"))
+                               source_free=m not in ("mmd", "coral"),
+                               train_backbone=cfg.adapt.train_backbone if train_backbone is None
+                               else bool(train_backbone))
         result = t.run_adaptation(inputs, m, cfg, seed)
         validation = t.validate(inputs, result, cfg)
         reg = t.register_challenger(settings, cfg, inputs, result, validation, m)

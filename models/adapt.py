@@ -3,8 +3,9 @@
 One protocol, several methods, selected by name (``get_adapter("mmd")``):
 
     method    needs source?  updates                                      loss
-    mmd       yes (labels)   bottleneck + head (+ top blocks if top_lr_mult)  CE_src + lam(t)*(MK-MMD [+ CORAL])
-    coral     yes (labels)   bottleneck + head (+ top blocks if top_lr_mult)  CE_src + lam(t)*CORAL
+    mmd       yes (labels)   bottleneck + head (+ top blocks if top_lr_mult,  CE_src + lam(t)*(MK-MMD [+ CORAL])
+                             + every layer if backbone_lr_mult)
+    coral     yes (labels)   as mmd                                       CE_src + lam(t)*CORAL
     adabn     no             BN running statistics only                    (none: re-estimation)
     shot-im   no             bottleneck (+ BN affine of the top)           mean entropy - diversity
     tent      no             BN affine (weight, bias) of top + bottleneck  mean entropy
@@ -12,8 +13,9 @@ One protocol, several methods, selected by name (``get_adapter("mmd")``):
 ``mmd`` is the paper's approach (source cross-entropy plus a discrepancy between source and
 site bottleneck features, DAN-style multi-kernel MMD). All methods work from CACHED frozen
 activations ``h = model.frozen_forward(x)``: the frozen part never changes (except for
-``adabn`` with ``scope="all"``, which needs raw images and invalidates the cache), so one
-adaptation step costs one forward/backward of the trainable top only.
+``adabn`` with ``scope="all"`` and mmd/coral with ``backbone_lr_mult > 0``, which need raw
+images and invalidate the cache), so one adaptation step costs one forward/backward of the
+trainable top only.
 
 The input model is never mutated: every adapter deep-copies it and returns the copy in
 ``AdaptResult.model`` (in eval mode).
@@ -106,6 +108,17 @@ class AdaptConfig:
     # of ~2 s of EfficientNet top on 2 CPU cores. On Emotion6 night/blur sites training the top
     # (0.1, DAN practice) was no better and ran out of the 10 min budget (bench/adapt.py).
     top_lr_mult: float = 0.0
+    # mmd / coral: learning-rate multiplier of EVERYTHING below the bottleneck (stem, all
+    # blocks, head conv). 0 (default) keeps the cached path. > 0 backpropagates through the
+    # whole backbone from raw images (``CachedSet.images`` of source and site are required),
+    # ~1.6 s per step of 16+16 photos on 2 CPU cores instead of ~1 ms, and the returned model's
+    # frozen part changes (``AdaptResult.frozen_changed``). It is the only lever measured that
+    # moves the blur site: the label oracle gains nothing there with the backbone frozen
+    # (bench/adapt_full.py). ``BACKBONE_STEPS`` / ``BACKBONE_BATCH`` are the measured recipe.
+    backbone_lr_mult: float = 0.0
+    # Backbone mode: mirror each source photo with p = 0.5 (the augmentation training used,
+    # TrainConfig.flip). False where the classes are not left-right symmetric.
+    mirror_source: bool = True
     weight_decay: float = 1e-4
     # --- discrepancy (mmd / coral) ---
     # lam of the MMD term. MK-MMD with median-scaled kernels is O(0.01-1): weight 1 makes it
@@ -180,7 +193,7 @@ class AdaptConfig:
         for name in ("lr", "sf_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("top_lr_mult", "weight_decay", "mmd_weight", "coral_weight",
+        for name in ("top_lr_mult", "backbone_lr_mult", "weight_decay", "mmd_weight", "coral_weight",
                      "rampup_gamma", "diversity_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -220,6 +233,19 @@ class AdaptResult:
                              "steps_done": self.steps_done, "seconds": self.seconds}
         return Checkpoint(model=self.model, classes=list(base.classes),
                           preprocessing=base.preprocessing, config=cfg)
+
+
+# The whole-backbone recipe measured in bench/adapt_full.py: 150 Adam steps of 16 source + 16
+# site photos at lr 1e-4 (~4-5 min on 2 CPU cores). 16 per side, not 32: a step through the
+# whole network costs ~0.05 s per photo.
+BACKBONE_STEPS = 150
+BACKBONE_BATCH = 16
+
+
+def with_backbone(cfg: AdaptConfig, lr_mult: float = 1.0) -> AdaptConfig:
+    """``cfg`` switched to training the whole backbone (mmd / coral) with the measured recipe."""
+    return dataclasses.replace(cfg, backbone_lr_mult=lr_mult, steps=BACKBONE_STEPS,
+                               batch_size=BACKBONE_BATCH)
 
 
 # --- kernels and discrepancies ------------------------------------------------------------------
@@ -487,17 +513,32 @@ class MMDAdapter(Adapter):
     def _check(self, cfg: AdaptConfig, src: CachedSet | None, tgt: CachedSet) -> None:
         if len(tgt) < 2:
             raise ValueError("need at least 2 site images to adapt")
+        if cfg.backbone_lr_mult > 0:
+            for what, cs in (("source", src), ("target", tgt)):
+                if cs is None or cs.images is None:
+                    raise ValueError(f"backbone_lr_mult > 0 trains the backbone from raw images: "
+                                     f"the {what} CachedSet needs .images (N, 3, S, S)")
 
     def _weights(self, cfg: AdaptConfig) -> tuple[float, float]:
         return cfg.mmd_weight, cfg.coral_weight
 
     def _adapt(self, model, src, tgt, cfg, gen, report, t0):
         w_mmd, w_coral = self._weights(cfg)
-        train_top = cfg.top_lr_mult > 0
-        model.train()
+        train_backbone = cfg.backbone_lr_mult > 0
+        train_top = cfg.top_lr_mult > 0 or train_backbone
+        model.train()  # the frozen part's BN keeps the champion's statistics (EmotionNet.train)
         head_params = list(model.bottleneck.parameters()) + list(model.head.parameters())
         groups = [{"params": head_params, "lr": cfg.lr}]
-        if train_top:
+        flip = False
+        if train_backbone:
+            for p in model.frozen.parameters():
+                p.requires_grad_(True)
+            groups.append({"params": list(model.frozen.parameters()) + list(model.top.parameters()),
+                           "lr": cfg.lr * cfg.backbone_lr_mult})
+            xs, xt = src.images, tgt.images
+            encode = model.features
+            flip = cfg.mirror_source
+        elif train_top:
             groups.append({"params": list(model.top.parameters()), "lr": cfg.lr * cfg.top_lr_mult})
             xs, xt = src.h, tgt.h
             encode = model.embed_cached
@@ -516,7 +557,11 @@ class MMDAdapter(Adapter):
                 early = True
                 break
             i_s, i_t = next(it_s), next(it_t)
-            z = encode(torch.cat([xs[i_s], xt[i_t]]))  # one BN batch: both domains  (2B, D)
+            xb = xs[i_s]
+            if flip:
+                mirror = torch.rand(len(i_s), generator=gen) < 0.5
+                xb = torch.where(mirror[:, None, None, None], xb.flip(-1), xb)
+            z = encode(torch.cat([xb, xt[i_t]]))  # one BN batch: both domains  (2B, D)
             zs, zt = z[: len(i_s)], z[len(i_s):]
             ce = F.cross_entropy(model.head(zs), src.labels[i_s])
             lam = rampup(step, cfg.steps, cfg.rampup_gamma)
@@ -532,10 +577,17 @@ class MMDAdapter(Adapter):
         if not train_top:
             for p in model.top.parameters():
                 p.requires_grad_(True)
+        h_t = tgt.h
+        if train_backbone:
+            for p in model.frozen.parameters():
+                p.requires_grad_(False)
+            model.eval()
+            if cfg.final_bn == "target":
+                h_t = cache_activations(model, tgt.images, cfg.eval_batch_size)
         if cfg.final_bn == "target":
             # A frozen top kept its source statistics in training: leave them as they are.
-            _adabn(model, tgt.h, cfg, include_top=train_top)
-        return {"steps_done": done, "stopped_early": early}
+            _adabn(model, h_t, cfg, include_top=train_top)
+        return {"steps_done": done, "stopped_early": early, "frozen_changed": train_backbone}
 
 
 @register_adapter
@@ -742,8 +794,8 @@ class TentAdapter(_EntropyAdapter):
 
 
 __all__ = [
-    "ADAPTERS", "AdaptConfig", "AdaptResult", "Adapter", "CachedSet", "adapt", "as_cached_set",
-    "available_adapters", "cache_activations", "cached_outputs", "coral_loss",
-    "frozen_top_outputs", "get_adapter", "mix_bn_stats", "mk_mmd2", "rampup", "reestimate_bn",
-    "register_adapter",
+    "ADAPTERS", "BACKBONE_BATCH", "BACKBONE_STEPS", "AdaptConfig", "AdaptResult", "Adapter",
+    "CachedSet", "adapt", "as_cached_set", "available_adapters", "cache_activations",
+    "cached_outputs", "coral_loss", "frozen_top_outputs", "get_adapter", "mix_bn_stats", "mk_mmd2",
+    "rampup", "reestimate_bn", "register_adapter", "with_backbone",
 ]

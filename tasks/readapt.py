@@ -29,6 +29,8 @@ PROBE_IMAGES = 8
 # Site images held out of adaptation for nothing: adaptation is unsupervised, so every recent
 # image may be used; validation uses the same images (no labels are involved).
 LOCK_GRACE_S = 900
+# Whole-backbone adaptation decodes at most this many training images (seeded sample).
+MAX_BACKBONE_SOURCE = 1000
 # Rows of the champion-vs-challenger gallery attached to the approval e-mail.
 GALLERY_IMAGES = 4
 
@@ -45,6 +47,10 @@ class AdaptInputs:
     site_h: torch.Tensor
     site_paths: list[str]
     source_paths_val: list[str]
+    # Decoded, normalised (N, 3, S, S) images for adaptation through the whole backbone
+    # (site option adapt.train_backbone); None on the cached path.
+    src_train_images: torch.Tensor | None = None
+    site_images: torch.Tensor | None = None
 
 
 class AdaptationLocked(RuntimeError):
@@ -135,8 +141,9 @@ def resolve_method(site: Site, method: str | None) -> str:
 
 @task(name="load-adaptation-data", cache_policy=NO_CACHE)
 def load_inputs(settings: Settings, site: Site, site_id: int, model_name: str, version: str,
-                source_free: bool) -> AdaptInputs:
-    """Champion, its training-domain split (cached activations) and the site's recent images."""
+                source_free: bool, train_backbone: bool = False) -> AdaptInputs:
+    """Champion, its training-domain split (cached activations) and the site's recent images;
+    with ``train_backbone`` also the decoded training and site images."""
     from db import queries
     from db.session import session_scope
     from tasks.activations import cached_activations, record_items
@@ -182,17 +189,34 @@ def load_inputs(settings: Settings, site: Site, site_id: int, model_name: str, v
     h_test, test_paths = acts(test_recs, "source test")
     log.info("activations of %d site images", len(site_items))
     site_h = cached_activations(ckpt, site_items, settings.cache_dir)
-    return AdaptInputs(
+    inputs = AdaptInputs(
         ckpt=ckpt, profile=profile, base_key=f"{model_name}/{version}", src_train=src_train,
         src_val=(h_val, y_val), src_heldout=torch.cat([h_val, h_test]),
         heldout_paths=val_paths + test_paths, site_h=site_h,
         site_paths=[p for _, p in site_items], source_paths_val=val_paths,
     )
+    if train_backbone and src_train is None:
+        log.warning("train_backbone applies to mmd and coral only (they use the training data); "
+                    "this source-free adaptation runs on the cached path")
+    elif train_backbone:
+        # BACKBONE_STEPS x BACKBONE_BATCH = 2,400 source draws: a seeded sample of at most
+        # MAX_BACKBONE_SOURCE training images serves them and bounds memory (~0.6 MB each).
+        keep = np.arange(len(splits.train))
+        if len(keep) > MAX_BACKBONE_SOURCE:
+            keep = np.sort(np.random.default_rng(0).choice(len(keep), MAX_BACKBONE_SOURCE, replace=False))
+        tr_paths = [str(recs[splits.train[i]].path) for i in keep]
+        log.info("decoding %d training and %d site images for whole-backbone adaptation",
+                 len(tr_paths), len(site_items))
+        keep_t = torch.as_tensor(keep)
+        inputs.src_train = (src_train[0][keep_t], src_train[1][keep_t])
+        inputs.src_train_images = _images(inputs, tr_paths)
+        inputs.site_images = _images(inputs, inputs.site_paths)
+    return inputs
 
 
 @task(name="adapt", cache_policy=NO_CACHE)
 def run_adaptation(inputs: AdaptInputs, method: str, site: Site, seed: int = 0) -> Any:
-    from models.adapt import get_adapter
+    from models.adapt import CachedSet, get_adapter, with_backbone
 
     adapter = get_adapter(method)
     cfg = adapter.default_config()
@@ -201,9 +225,17 @@ def run_adaptation(inputs: AdaptInputs, method: str, site: Site, seed: int = 0) 
     if site.adapt.site_bn_weight is not None:
         cfg.site_bn_weight = site.adapt.site_bn_weight
     log = get_run_logger()
-    log.info("adapting %s to %d site images with %s (budget %.0f s)", inputs.base_key,
-             len(inputs.site_h), method, cfg.time_budget_s)
-    res = adapter.adapt(inputs.ckpt, inputs.src_train, inputs.site_h, cfg, progress=True)
+    source, target = inputs.src_train, inputs.site_h
+    if inputs.site_images is not None and adapter.needs_source:
+        cfg = with_backbone(cfg)
+        cfg.mirror_source = bool(inputs.ckpt.config.get("train", {}).get("flip", True))
+        source = CachedSet(h=inputs.src_train[0], labels=inputs.src_train[1],
+                           images=inputs.src_train_images)
+        target = CachedSet(h=inputs.site_h, images=inputs.site_images)
+    log.info("adapting %s to %d site images with %s%s (budget %.0f s)", inputs.base_key,
+             len(inputs.site_h), method,
+             " through the whole backbone" if cfg.backbone_lr_mult > 0 else "", cfg.time_budget_s)
+    res = adapter.adapt(inputs.ckpt, source, target, cfg, progress=True)
     log.info("%s: %d steps in %.1f s%s", method, res.steps_done, res.seconds,
              " (stopped at the time budget)" if res.stopped_early else "")
     return res
@@ -229,13 +261,11 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
     vcfg = ValidationConfig(max_source_drop=g.max_source_acc_drop,
                             min_entropy_ratio=g.min_prediction_entropy_ratio,
                             dev=DEVConfig(min_ess=g.min_effective_sample_size))
+    own = candidate_activations(inputs, result)
     site_cand = src_cand = None
-    if result.frozen_changed:  # adabn scope "all": the candidate sees different activations
-        from models.adapt import cache_activations
-
-        site_cand = cache_activations(result.model, _images(inputs, inputs.site_paths))
-        src_cand = (cache_activations(result.model, _images(inputs, inputs.source_paths_val)),
-                    inputs.src_val[1])
+    if own is not None:  # the candidate's frozen part changed: judge it on its own activations
+        site_cand = own["site"]
+        src_cand = (own["heldout"][:len(inputs.source_paths_val)], inputs.src_val[1])
     rep = validate_candidate(result.model, inputs.ckpt.model, inputs.src_val, inputs.site_h,
                              vcfg, site_candidate=site_cand, source_candidate=src_cand)
     gates = {k: _plain(v) for k, v in rep.gates.items()}
@@ -261,7 +291,20 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
             "champion_dev": _plain(rep.champion_dev.to_dict()), "source_acc": rep.source_acc,
             "champion_source_acc": rep.champion_source_acc, "mmd2_before": rep.mmd2_before,
             "mmd2_after": rep.mmd2_after, "audit": audit, "probe": probe,
-            "probe_maps": {k: a.maps for k, a in maps.items()}}
+            "probe_maps": {k: a.maps for k, a in maps.items()}, "candidate_activations": own}
+
+
+def candidate_activations(inputs: AdaptInputs, result: Any) -> dict[str, torch.Tensor] | None:
+    """The candidate's own frozen activations of the site and held-out source images when its
+    frozen part changed (whole-backbone mmd/coral, adabn scope "all"); None otherwise, when
+    the champion's cached activations are the candidate's too."""
+    if not result.frozen_changed:
+        return None
+    from models.adapt import cache_activations
+
+    site_x = inputs.site_images if inputs.site_images is not None else _images(inputs, inputs.site_paths)
+    return {"site": cache_activations(result.model, site_x),
+            "heldout": cache_activations(result.model, _images(inputs, inputs.heldout_paths))}
 
 
 def _images(inputs: AdaptInputs, paths: list[str]) -> torch.Tensor:
@@ -311,13 +354,14 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def candidate_profile(inputs: AdaptInputs, model: Any) -> Any:
+def candidate_profile(inputs: AdaptInputs, model: Any, own: dict[str, torch.Tensor] | None = None) -> Any:
     """Reference profile of the candidate: its features of the same held-out training-domain
-    images as the champion's profile (image-quality statistics are unchanged)."""
+    images as the champion's profile (image-quality statistics are unchanged). ``own``: the
+    candidate's own activations (:func:`candidate_activations`) when its frozen part changed."""
     from models.adapt import cached_outputs
     from models.profile import ReferenceProfile
 
-    z, p = cached_outputs(model, inputs.src_heldout)
+    z, p = cached_outputs(model, inputs.src_heldout if own is None else own["heldout"])
     prof = inputs.profile
     return ReferenceProfile.from_arrays(
         features=np.asarray(z, np.float32), probs=np.asarray(p, np.float32),
@@ -337,7 +381,8 @@ def register_challenger(settings: Settings, site: Site, inputs: AdaptInputs, res
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         prof_path = t / "reference_profile.npz"
-        candidate_profile(inputs, result.model).to_npz(prof_path)
+        own = validation.get("candidate_activations")
+        candidate_profile(inputs, result.model, own).to_npz(prof_path)
         artifacts: dict[str, Path] = {}
         try:
             from models.adapt import cached_outputs
@@ -346,8 +391,9 @@ def register_challenger(settings: Settings, site: Site, inputs: AdaptInputs, res
 
             z0s, _ = cached_outputs(inputs.ckpt.model, inputs.src_val[0])
             z0t, _ = cached_outputs(inputs.ckpt.model, inputs.site_h)
-            z1s, _ = cached_outputs(result.model, inputs.src_val[0])
-            z1t, _ = cached_outputs(result.model, inputs.site_h)
+            n_val = len(inputs.source_paths_val)
+            z1s, _ = cached_outputs(result.model, inputs.src_val[0] if own is None else own["heldout"][:n_val])
+            z1t, _ = cached_outputs(result.model, inputs.site_h if own is None else own["site"])
             fig = embedding_figure(np.asarray(z0s), np.asarray(z0t), np.asarray(z1s), np.asarray(z1t),
                                    title=f"{site.name}: source vs site features, before / after {method}")
             fig.savefig(t / "embedding.png", dpi=100, bbox_inches="tight")

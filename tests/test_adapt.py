@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from models.adapt import (
+    BACKBONE_BATCH,
+    BACKBONE_STEPS,
     AdaptConfig,
     CachedSet,
     adapt,
@@ -23,6 +25,7 @@ from models.adapt import (
     mix_bn_stats,
     mk_mmd2,
     rampup,
+    with_backbone,
 )
 from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
 
@@ -271,3 +274,47 @@ def test_discrepancies():
     assert rampup(0, 100, 10.0) == 0.0 and rampup(100, 100, 10.0) > 0.99 and rampup(5, 100, 0.0) == 1.0
     with pytest.raises(ValueError):
         mk_mmd2(a[:1], b)
+
+
+def test_backbone_mode_aligns_features_on_the_toy(toy):
+    """backbone_lr_mult > 0 trains from raw images (tiny backbone: the whole CNN)."""
+    model, src, val, site = toy
+    # mirror_source off: the toy's classes are quadrants, a mirror image changes the class
+    cfg = quick("mmd", lr=1e-3, backbone_lr_mult=0.1, batch_size=BACKBONE_BATCH, mirror_source=False)
+    with pytest.raises(ValueError, match="needs .images"):
+        adapt(model, src, site[0], "mmd", cfg)
+    res = adapt(model, CachedSet(h=src[0], labels=src[1], images=src[0]),
+                CachedSet(h=site[0], images=site[0]), "mmd", cfg)
+    assert res.frozen_changed and res.steps_done == 40 and res.config["backbone_lr_mult"] == 0.1
+    before = mmd2(cached_outputs(model, val[0])[0], cached_outputs(model, site[0])[0])
+    after = mmd2(cached_outputs(res.model, val[0])[0], cached_outputs(res.model, site[0])[0])
+    assert after < 0.8 * before, (before, after)
+    assert acc(res.model, *site) > acc(model, *site) + 0.2
+    assert acc(res.model, *val) > 0.9
+
+
+def test_backbone_mode_changes_the_frozen_part_and_nothing_else():
+    """On an EfficientNet (random weights, 32 px): the frozen blocks move in the COPY only,
+    its parameters end frozen again, and the recipe is the measured one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = EmotionNet(NetConfig(img_size=32, num_classes=K, pretrained=False)).eval()
+        x_src, x_site = torch.randn(24, 3, 32, 32), 0.3 * torch.randn(24, 3, 32, 32) - 0.5
+    y_src = torch.arange(24) % K
+    with torch.no_grad():
+        h_src, h_site = model.frozen_forward(x_src), model.frozen_forward(x_site)
+    before = {k: v.clone() for k, v in model.frozen.state_dict().items()}
+    cfg = with_backbone(AdaptConfig())
+    assert (cfg.steps, cfg.batch_size, cfg.backbone_lr_mult) == (BACKBONE_STEPS, BACKBONE_BATCH, 1.0)
+    cfg.steps = 3
+    res = adapt(model, CachedSet(h=h_src, labels=y_src, images=x_src),
+                CachedSet(h=h_site, images=x_site), "mmd", cfg)
+    assert res.frozen_changed and res.steps_done == 3
+    assert all(torch.equal(before[k], v) for k, v in model.frozen.state_dict().items())
+    new = res.model.frozen.state_dict()
+    weights = [k for k in before if "running" not in k and "num_batches" not in k]
+    assert any(not torch.equal(before[k], new[k]) for k in weights)
+    # the champion's BN statistics of the frozen part are kept (EmotionNet.train keeps it in eval)
+    assert all(torch.equal(before[k], new[k]) for k in before if "running" in k)
+    assert not any(p.requires_grad for p in res.model.frozen.parameters())
+    assert not any(p.requires_grad for p in model.frozen.parameters())

@@ -218,3 +218,42 @@ def test_status_and_site_list(world):
     assert r.exit_code == 0
     names = {s["name"] for s in json.loads(r.stdout)}
     assert names == {"clean", "night"}
+
+
+def test_readapt_default_and_cached_top(world):
+    """mmd adapts through the whole backbone by default (the night challenger, judged and
+    profiled on its own activations); the site option adapt.train_backbone = false keeps the
+    cached top. Each challenger's config says how it was made."""
+    from flows.ingest import ingest_site
+    from flows.readapt import readapt_site
+    from tasks import registry
+    from tasks.context import load_model
+
+    sites = world["root"] / "sites.toml"
+    original = sites.read_text(encoding="utf-8")
+    sites.write_text(original + '\n[sites.nightcached]\ninbox = "inbox/night"\n'
+                     '[sites.nightcached.adapt]\ntime_budget_s = 60\ntrain_backbone = false\n',
+                     encoding="utf-8")
+    try:
+        assert ingest_site(site="nightcached")["ingested"] == SITE_IMAGES
+        out = readapt_site(site="nightcached", method="mmd")
+    finally:
+        sites.write_text(original, encoding="utf-8")
+    assert out["verdict"] in ("pass", "fail", "unverifiable") and out["n_site_images"] == SITE_IMAGES
+    assert {"source_accuracy", "dev_risk", "residual_drift"} <= set(out["gates"])
+    assert registry.get_alias_version("emowatch-nightcached", "challenger") == out["version"]
+    ckpt, profile = load_model("emowatch-nightcached", out["version"])
+    cfg = ckpt.config["adaptation"]["config"]
+    assert cfg["backbone_lr_mult"] == 0.0 and cfg["batch_size"] == 32
+    assert profile.features.shape[1] == ckpt.model.config.bottleneck_dim
+    night, night_profile = load_model("emowatch-night", world["challenger"]["version"])
+    cfg = night.config["adaptation"]["config"]
+    assert cfg["backbone_lr_mult"] == 1.0 and cfg["batch_size"] == 16
+    assert night_profile.features.shape == profile.features.shape
+
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+
+    r = CliRunner().invoke(app, ["adapt", "night", "--method", "adabn", "--train-backbone", "--json"])
+    assert r.exit_code == 2 and "mmd and coral" in r.stderr
