@@ -91,6 +91,20 @@ def source_accuracies(m: EmotionNet, gate_x: torch.Tensor, extra_x: torch.Tensor
     return accuracy(m, ha, y_gate), accuracy(m, torch.cat([ha, hb]), y_wide)
 
 
+def source_set(records, labels: np.ndarray, views: torch.Tensor, idx: list[int], prep) -> CachedSet:
+    """Labelled source photos: cached activations of the image view and the decoded images."""
+    return CachedSet(h=views[idx, 0].float(), labels=torch.as_tensor(labels[idx]),
+                     images=prep.normalize(images(records, idx, "clean", 0, prep)))
+
+
+def judge(candidate: EmotionNet, champion: EmotionNet, h_va: torch.Tensor, y_va: torch.Tensor,
+          va_x: torch.Tensor, h_site: torch.Tensor, site_x: torch.Tensor):
+    """The gates, with the candidate judged on its own activations (its frozen part changed)."""
+    return validate_candidate(candidate, champion, (h_va, y_va), h_site, ValidationConfig(),
+                              site_candidate=cache_activations(candidate, site_x),
+                              source_candidate=(cache_activations(candidate, va_x), y_va))
+
+
 def faces_to_photos(args, acfg: AdaptConfig, e6, prep, e6_views) -> None:
     """mmd-full from a CK+48 model to Emotion6 photos: the gates must not call it good."""
     ck = read_image_folder(args.data_dir / "ckplus48", classes=E6_CLASSES, aliases={"happy": "joy"})
@@ -108,8 +122,7 @@ def faces_to_photos(args, acfg: AdaptConfig, e6, prep, e6_views) -> None:
                             "model-faces")
         cfg = copy.deepcopy(acfg)
         cfg.seed = seed
-        src = CachedSet(h=ck_views[tr, 0].float(), labels=torch.as_tensor(yc[tr]),
-                        images=prep.normalize(images(ck.records, tr, "clean", 0, prep)))
+        src = source_set(ck.records, yc, ck_views, tr, prep)
         va_x = prep.normalize(images(ck.records, va, "clean", 0, prep))
         ad_x = prep.normalize(images(e6.records, ad, "clean", 0, prep))
         y_va = torch.as_tensor(yc[va])
@@ -117,9 +130,7 @@ def faces_to_photos(args, acfg: AdaptConfig, e6, prep, e6_views) -> None:
         t = time.perf_counter()
         res = get_adapter("mmd").adapt(model, src, CachedSet(h=e6_views[ad, 0].float(), images=ad_x), cfg)
         m = res.model
-        rep = validate_candidate(m, model, (ck_views[va, 0].float(), y_va), e6_views[ad, 0].float(),
-                                 ValidationConfig(), site_candidate=cache_activations(m, ad_x),
-                                 source_candidate=(cache_activations(m, va_x), y_va))
+        rep = judge(m, model, ck_views[va, 0].float(), y_va, va_x, e6_views[ad, 0].float(), ad_x)
         secs = time.perf_counter() - t
         te_x = prep.normalize(images(e6.records, te, "clean", 0, prep))
         a = accuracy(m, cache_activations(m, te_x), y6[te])
@@ -163,8 +174,7 @@ def main() -> None:
         (tr, es, va, ad, te), model = photos_model(e6, views, seed, args.cache_dir)
         cfg = copy.deepcopy(acfg)
         cfg.seed = seed
-        src = CachedSet(h=views[tr, 0].float(), labels=torch.as_tensor(y6[tr]),
-                        images=prep.normalize(images(e6.records, tr, "clean", 0, prep)))
+        src = source_set(e6.records, y6, views, tr, prep)
         va_x = prep.normalize(images(e6.records, va, "clean", 0, prep))
         te_clean_x = prep.normalize(images(e6.records, te, "clean", 0, prep))
         y_va = torch.as_tensor(y6[va])
@@ -187,10 +197,7 @@ def main() -> None:
                 else:
                     res = get_adapter("mmd").adapt(model, src, CachedSet(h=h_ad, images=ad_x), cfg)
                     m = res.model
-                    rep = validate_candidate(
-                        m, model, (h_va, y_va), h_ad, ValidationConfig(),
-                        site_candidate=cache_activations(m, ad_x),
-                        source_candidate=(cache_activations(m, va_x), y_va))
+                    rep = judge(m, model, h_va, y_va, va_x, h_ad, ad_x)
                     verdict = rep.verdict
                     failed = str([k for k, g in rep.gates.items() if not g["passed"]])
                 secs = time.perf_counter() - t
