@@ -196,8 +196,8 @@ def load_inputs(settings: Settings, site: Site, site_id: int, model_name: str, v
         site_paths=[p for _, p in site_items], source_paths_val=val_paths,
     )
     if train_backbone and src_train is None:
-        log.warning("train_backbone applies to mmd and coral only (they use the training data); "
-                    "this source-free adaptation runs on the cached path")
+        log.info("train_backbone applies to mmd and coral only (they use the training data); "
+                 "this source-free adaptation runs on the cached path")
     elif train_backbone:
         # BACKBONE_STEPS x BACKBONE_BATCH = 2,400 source draws: a seeded sample of at most
         # MAX_BACKBONE_SOURCE training images serves them and bounds memory (~0.6 MB each).
