@@ -117,6 +117,12 @@ def condition_array(path, prep, condition: str, severity: int, index: int,
     return prep.to_array(img)
 
 
+def condition_images(records, idx, condition: str, severity: int, prep) -> np.ndarray:
+    """(n, S, S, 3) uint8 of ``records[idx]`` under ``condition``, with the same per-photo
+    noise seeds as the cached activations (:func:`condition_array`)."""
+    return np.stack([condition_array(records[i].path, prep, condition, severity, i) for i in idx])
+
+
 def condition_activations(model, records, cache_dir, name, condition, severity) -> torch.Tensor:
     """(N, C, s, s) float16 of each image under ``condition`` (applied at full resolution,
     before resizing, with a per-image seed: the same site photo always gets the same noise)."""
@@ -422,11 +428,9 @@ def time_one_site(args, acfg, vcfg, e6, e6_views, y6, n_site: int = 500,
     own: dict = {}
     t1 = time.perf_counter()
     if backbone:
-        def decode(idx):
-            return prep.normalize(np.stack([condition_array(e6.records[i].path, prep, "clean", 0, i)
-                                            for i in idx]))
-        source = CachedSet(h=e6_views[tr, 0].float(), labels=torch.as_tensor(y6[tr]), images=decode(tr))
-        va_x = decode(va)
+        source = CachedSet(h=e6_views[tr, 0].float(), labels=torch.as_tensor(y6[tr]),
+                           images=prep.normalize(condition_images(e6.records, tr, "clean", 0, prep)))
+        va_x = prep.normalize(condition_images(e6.records, va, "clean", 0, prep))
         rows.append((f"decode {len(tr)} source training + {len(va)} validation photos",
                      time.perf_counter() - t1))
         cfg = with_backbone(acfg)

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from bench.adapt import (  # noqa: E402
     accuracy,
-    condition_array,
+    condition_images,
     emotion6_views,
     gap_recovered,
     log,
@@ -42,11 +42,6 @@ from models.adapt import (  # noqa: E402
     reestimate_bn,
 )
 from models.network import EmotionNet  # noqa: E402
-
-
-def images(records, idx, condition, severity, prep) -> np.ndarray:
-    """The photos bench/adapt.py's cached activations were made from (same noise seeds)."""
-    return np.stack([condition_array(records[i].path, prep, condition, severity, i) for i in idx])
 
 
 @torch.no_grad()
@@ -88,12 +83,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:
         (tr, es, va, ad, te), model = photos_model(e6, views, seed, args.cache_dir)
-        va_u8 = images(e6.records, va, "clean", 0, prep)
+        va_u8 = condition_images(e6.records, va, "clean", 0, prep)
         src0 = accuracy(model, views[va, 0].float(), y6[va])
         clean = accuracy(model, views[te, 0].float(), y6[te])
         for c in args.conditions:
-            ad_u8 = images(e6.records, ad, c, args.severity, prep)
-            te_u8 = images(e6.records, te, c, args.severity, prep)
+            ad_u8 = condition_images(e6.records, ad, c, args.severity, prep)
+            te_u8 = condition_images(e6.records, te, c, args.severity, prep)
             so = acc_raw(model, te_u8, y6[te], prep)
             for w in args.weights:
                 t = time.perf_counter()

@@ -37,6 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.adapt import (  # noqa: E402
     E6_CLASSES,
     accuracy,
+    condition_images,
     emotion6_views,
     face_split,
     gap_recovered,
@@ -45,7 +46,6 @@ from bench.adapt import (  # noqa: E402
     train_model,
     views_activations,
 )
-from bench.adapt_allbn import images  # noqa: E402
 from models.adapt import AdaptConfig, CachedSet, cache_activations, get_adapter, with_backbone  # noqa: E402
 from models.data import read_image_folder, stratified_split  # noqa: E402
 from models.network import EmotionNet, NetConfig  # noqa: E402
@@ -94,7 +94,7 @@ def source_accuracies(m: EmotionNet, gate_x: torch.Tensor, extra_x: torch.Tensor
 def source_set(records, labels: np.ndarray, views: torch.Tensor, idx: list[int], prep) -> CachedSet:
     """Labelled source photos: cached activations of the image view and the decoded images."""
     return CachedSet(h=views[idx, 0].float(), labels=torch.as_tensor(labels[idx]),
-                     images=prep.normalize(images(records, idx, "clean", 0, prep)))
+                     images=prep.normalize(condition_images(records, idx, "clean", 0, prep)))
 
 
 def judge(candidate: EmotionNet, champion: EmotionNet, h_va: torch.Tensor, y_va: torch.Tensor,
@@ -123,8 +123,8 @@ def faces_to_photos(args, acfg: AdaptConfig, e6, prep, e6_views) -> None:
         cfg = copy.deepcopy(acfg)
         cfg.seed = seed
         src = source_set(ck.records, yc, ck_views, tr, prep)
-        va_x = prep.normalize(images(ck.records, va, "clean", 0, prep))
-        ad_x = prep.normalize(images(e6.records, ad, "clean", 0, prep))
+        va_x = prep.normalize(condition_images(ck.records, va, "clean", 0, prep))
+        ad_x = prep.normalize(condition_images(e6.records, ad, "clean", 0, prep))
         y_va = torch.as_tensor(yc[va])
         so = accuracy(model, e6_views[te, 0].float(), y6[te])
         t = time.perf_counter()
@@ -132,7 +132,7 @@ def faces_to_photos(args, acfg: AdaptConfig, e6, prep, e6_views) -> None:
         m = res.model
         rep = judge(m, model, ck_views[va, 0].float(), y_va, va_x, e6_views[ad, 0].float(), ad_x)
         secs = time.perf_counter() - t
-        te_x = prep.normalize(images(e6.records, te, "clean", 0, prep))
+        te_x = prep.normalize(condition_images(e6.records, te, "clean", 0, prep))
         a = accuracy(m, cache_activations(m, te_x), y6[te])
         failed = [k for k, g in rep.gates.items() if not g["passed"]]
         print(f"| faces→photos | {seed} | {so:.3f} | {a:.3f} | "
@@ -175,8 +175,8 @@ def main() -> None:
         cfg = copy.deepcopy(acfg)
         cfg.seed = seed
         src = source_set(e6.records, y6, views, tr, prep)
-        va_x = prep.normalize(images(e6.records, va, "clean", 0, prep))
-        te_clean_x = prep.normalize(images(e6.records, te, "clean", 0, prep))
+        va_x = prep.normalize(condition_images(e6.records, va, "clean", 0, prep))
+        te_clean_x = prep.normalize(condition_images(e6.records, te, "clean", 0, prep))
         y_va = torch.as_tensor(y6[va])
         h_va = views[va, 0].float()
         # the gate's 126 photos plus the clean site-test photos, as in bench/adapt.py
@@ -185,8 +185,8 @@ def main() -> None:
         clean = accuracy(model, views[te, 0].float(), y6[te])
         log(f"seed {seed}: {len(tr)} source photos decoded")
         for c in args.conditions:
-            ad_x = prep.normalize(images(e6.records, ad, c, args.severity, prep))
-            te_x = prep.normalize(images(e6.records, te, c, args.severity, prep))
+            ad_x = prep.normalize(condition_images(e6.records, ad, c, args.severity, prep))
+            te_x = prep.normalize(condition_images(e6.records, te, c, args.severity, prep))
             h_ad = cache_activations(model, ad_x)
             so = accuracy(model, cache_activations(model, te_x), y6[te])
             for meth in args.methods:
