@@ -149,26 +149,34 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def source_net(single_level: bool = False) -> NetConfig:
+    """The source models' network: the shipped NetConfig, or (``--single-level``) the one
+    without pooled mid-level features that the tables before 2026-11-27 session 6 used."""
+    return NetConfig(num_classes=len(E6_CLASSES), multilevel=not single_level)
+
+
 def train_model(h_tr_views, y_tr, h_va, y_va, seed, epochs, cache_dir: Path | None = None,
-                name: str = "model") -> EmotionNet:
+                name: str = "model", ncfg: NetConfig | None = None) -> EmotionNet:
     """Source training on cached views with models.train's loop (same recipe as train_source);
-    the weights are cached too (keyed by the data and the seed)."""
+    the weights are cached too (keyed by the data, the seed and the network config)."""
     from models.train import TrainConfig, _fit
 
+    ncfg = ncfg or source_net()
     cfg = TrainConfig(seed=seed, epochs=epochs)
     key = hashlib.sha1(np.asarray(y_tr).tobytes() + np.asarray(y_va).tobytes()
                        + h_tr_views[:, 0].contiguous().numpy().tobytes()
-                       + repr((seed, epochs, tuple(h_tr_views.shape), cfg.to_dict())).encode()
+                       + repr((seed, epochs, tuple(h_tr_views.shape), cfg.to_dict(),
+                               ncfg.to_dict())).encode()
                        ).hexdigest()[:16]
     path = cache_dir / f"{name}-{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
-        model = EmotionNet(NetConfig(num_classes=len(E6_CLASSES)))
+        model = EmotionNet(ncfg)
         model.load_state_dict(torch.load(path, weights_only=True))
         model.eval()
         return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = EmotionNet(NetConfig(num_classes=len(E6_CLASSES)))
+        model = EmotionNet(ncfg)
         _, best_state, best_epoch = _fit(model, h_tr_views, np.asarray(y_tr),
                                          h_va[:, None], np.asarray(y_va), cfg, None)
     model.load_state_dict(best_state)
@@ -266,14 +274,15 @@ def emotion6_views(data_dir: Path, cache_dir: Path):
     return e6, preprocessing_for(fmodel.config), views
 
 
-def photos_model(e6, views, seed: int, cache_dir: Path | None, epochs: int = 40):
+def photos_model(e6, views, seed: int, cache_dir: Path | None, epochs: int = 40,
+                 ncfg: NetConfig | None = None):
     """One seed's photo split (train, early-stop, gate-val, site-adapt, site-test) and its
     source model (cached)."""
     split = photo_split(e6.records, seed)
     tr, es = split[0], split[1]
     y = e6.labels
     return split, train_model(views[tr], y[tr], views[es, 0], y[es], seed, epochs, cache_dir,
-                              "model-photos")
+                              "model-photos", ncfg)
 
 
 # --- one setting, one seed ----------------------------------------------------------------------
@@ -405,7 +414,8 @@ def time_one_site(args, acfg, vcfg, e6, e6_views, y6, n_site: int = 500,
     the condition + frozen forward (no disk cache), adapt (default method), validate.
     ``backbone``: mmd through the whole backbone (``with_backbone``), which also decodes the
     source training photos and validates on the candidate's own activations."""
-    (tr, es, va, _, _), model = photos_model(e6, e6_views, 0, args.cache_dir, args.epochs)
+    (tr, es, va, _, _), model = photos_model(e6, e6_views, 0, args.cache_dir, args.epochs,
+                                             ncfg=source_net(args.single_level))
     used = set(tr) | set(es) | set(va)
     site = [r for i, r in enumerate(e6.records) if i not in used]
     site = (site * (n_site // len(site) + 1))[:n_site]  # reuse photos if the site pool is smaller
@@ -483,6 +493,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --time-site: mmd through the whole backbone (with_backbone)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--single-level", action="store_true",
+                    help="source models without pooled mid-level features (NetConfig.multilevel "
+                         "= False), as in the tables before 2026-11-27 session 6")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -516,7 +529,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     for seed in args.seeds:
         if "photos" in args.settings:
-            (tr, es, va, ad, te), model = photos_model(e6, e6_views, seed, cache, args.epochs)
+            (tr, es, va, ad, te), model = photos_model(e6, e6_views, seed, cache, args.epochs,
+                                                       ncfg=source_net(args.single_level))
             log(f"photos seed {seed}: train {len(tr)} early-stop {len(es)} gate-val {len(va)} "
                 f"site adapt {len(ad)} test {len(te)}; "
                 f"gate-val acc {accuracy(model, e6_views[va, 0].float(), y6[va]):.3f}")
@@ -529,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
             tr, es, va = face_split(ck.records, seed)
             ad, te = stratified_split(e6.records, 0.5, seed + 300)
             model = train_model(ck_views[tr], yc[tr], ck_views[es, 0], yc[es], seed, args.epochs,
-                                cache, "model-faces")
+                                cache, "model-faces", source_net(args.single_level))
             log(f"faces seed {seed}: CK+ train {len(tr)} early-stop {len(es)} gate-val {len(va)} "
                 f"(gate-val acc {accuracy(model, ck_views[va, 0].float(), yc[va]):.3f}); "
                 f"photos adapt {len(ad)} test {len(te)}")

@@ -30,6 +30,7 @@ from bench.adapt import (  # noqa: E402
     gap_recovered,
     log,
     photos_model,
+    source_net,
 )
 from models.adapt import (  # noqa: E402
     AdaptConfig,
@@ -74,6 +75,9 @@ def main() -> None:
     ap.add_argument("--conditions", nargs="+", default=["night", "blur"])
     ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 0.5])
     ap.add_argument("--severity", type=int, default=2)
+    ap.add_argument("--single-level", action="store_true",
+                    help="source models without pooled mid-level features (NetConfig.multilevel "
+                         "= False), as in the tables before 2026-11-27 session 6")
     args = ap.parse_args()
     torch.set_num_threads(2)
     e6, prep, views = emotion6_views(args.data_dir, args.cache_dir)
@@ -82,7 +86,8 @@ def main() -> None:
           "source drop (pts) | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:
-        (tr, es, va, ad, te), model = photos_model(e6, views, seed, args.cache_dir)
+        (tr, es, va, ad, te), model = photos_model(e6, views, seed, args.cache_dir,
+                                                   ncfg=source_net(args.single_level))
         va_u8 = condition_images(e6.records, va, "clean", 0, prep)
         src0 = accuracy(model, views[va, 0].float(), y6[va])
         clean = accuracy(model, views[te, 0].float(), y6[te])

@@ -61,7 +61,7 @@ def probe_accuracy(ls: LabelledSet, split, img_size: int) -> float:
     from models.evaluate import iter_input_batches
     from models.network import EmotionNet
 
-    cfg = NetConfig(img_size=img_size, trainable_blocks=0)
+    cfg = NetConfig(img_size=img_size, trainable_blocks=0, multilevel=False)
     net = EmotionNet(cfg).eval()
     prep = preprocessing_for(cfg)
     feats = []

