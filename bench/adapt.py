@@ -155,6 +155,12 @@ def source_net(single_level: bool = False) -> NetConfig:
     return NetConfig(num_classes=len(E6_CLASSES), multilevel=not single_level)
 
 
+def add_single_level_flag(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--single-level", action="store_true",
+                    help="source models without pooled mid-level features (NetConfig.multilevel "
+                         "= False), as in the tables before 2026-11-27 session 6")
+
+
 def train_model(h_tr_views, y_tr, h_va, y_va, seed, epochs, cache_dir: Path | None = None,
                 name: str = "model", ncfg: NetConfig | None = None) -> EmotionNet:
     """Source training on cached views with models.train's loop (same recipe as train_source);
@@ -493,9 +499,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --time-site: mmd through the whole backbone (with_backbone)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--single-level", action="store_true",
-                    help="source models without pooled mid-level features (NetConfig.multilevel "
-                         "= False), as in the tables before 2026-11-27 session 6")
+    add_single_level_flag(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

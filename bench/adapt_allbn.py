@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from bench.adapt import (  # noqa: E402
     accuracy,
+    add_single_level_flag,
     condition_images,
     emotion6_views,
     gap_recovered,
@@ -75,9 +76,7 @@ def main() -> None:
     ap.add_argument("--conditions", nargs="+", default=["night", "blur"])
     ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 0.5])
     ap.add_argument("--severity", type=int, default=2)
-    ap.add_argument("--single-level", action="store_true",
-                    help="source models without pooled mid-level features (NetConfig.multilevel "
-                         "= False), as in the tables before 2026-11-27 session 6")
+    add_single_level_flag(ap)
     args = ap.parse_args()
     torch.set_num_threads(2)
     e6, prep, views = emotion6_views(args.data_dir, args.cache_dir)

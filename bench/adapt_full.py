@@ -37,6 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.adapt import (  # noqa: E402
     E6_CLASSES,
     accuracy,
+    add_single_level_flag,
     condition_images,
     emotion6_views,
     face_split,
@@ -158,9 +159,7 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=None,
                     help="AdaptConfig.time_budget_s (default: the shipped 600 s); a run that hits "
                          "it stops early and is logged")
-    ap.add_argument("--single-level", action="store_true",
-                    help="source models without pooled mid-level features (NetConfig.multilevel "
-                         "= False), as in the tables before 2026-11-27 session 6")
+    add_single_level_flag(ap)
     args = ap.parse_args()
     torch.set_num_threads(2)
     acfg = with_backbone(AdaptConfig(), args.backbone_lr_mult)
