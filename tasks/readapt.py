@@ -264,8 +264,8 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
     own = candidate_activations(inputs, result)
     site_cand = src_cand = None
     if own is not None:  # the candidate's frozen part changed: judge it on its own activations
-        site_cand = own["site"]
-        src_cand = (own["heldout"][:len(inputs.source_paths_val)], inputs.src_val[1])
+        src_h, site_cand = candidate_inputs(inputs, own)
+        src_cand = (src_h, inputs.src_val[1])
     rep = validate_candidate(result.model, inputs.ckpt.model, inputs.src_val, inputs.site_h,
                              vcfg, site_candidate=site_cand, source_candidate=src_cand)
     gates = {k: _plain(v) for k, v in rep.gates.items()}
@@ -305,6 +305,16 @@ def candidate_activations(inputs: AdaptInputs, result: Any) -> dict[str, torch.T
     site_x = inputs.site_images if inputs.site_images is not None else _images(inputs, inputs.site_paths)
     return {"site": cache_activations(result.model, site_x),
             "heldout": cache_activations(result.model, _images(inputs, inputs.heldout_paths))}
+
+
+def candidate_inputs(inputs: AdaptInputs, own: dict[str, torch.Tensor] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source-validation, site) activations as the candidate sees them: its own
+    (:func:`candidate_activations`; the held-out set starts with the validation images) or,
+    when its frozen part is the champion's, the champion's cached ones."""
+    if own is None:
+        return inputs.src_val[0], inputs.site_h
+    return own["heldout"][:len(inputs.source_paths_val)], own["site"]
 
 
 def _images(inputs: AdaptInputs, paths: list[str]) -> torch.Tensor:
@@ -391,9 +401,9 @@ def register_challenger(settings: Settings, site: Site, inputs: AdaptInputs, res
 
             z0s, _ = cached_outputs(inputs.ckpt.model, inputs.src_val[0])
             z0t, _ = cached_outputs(inputs.ckpt.model, inputs.site_h)
-            n_val = len(inputs.source_paths_val)
-            z1s, _ = cached_outputs(result.model, inputs.src_val[0] if own is None else own["heldout"][:n_val])
-            z1t, _ = cached_outputs(result.model, inputs.site_h if own is None else own["site"])
+            src_h, site_h = candidate_inputs(inputs, own)
+            z1s, _ = cached_outputs(result.model, src_h)
+            z1t, _ = cached_outputs(result.model, site_h)
             fig = embedding_figure(np.asarray(z0s), np.asarray(z0t), np.asarray(z1s), np.asarray(z1t),
                                    title=f"{site.name}: source vs site features, before / after {method}")
             fig.savefig(t / "embedding.png", dpi=100, bbox_inches="tight")
