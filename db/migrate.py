@@ -3,7 +3,7 @@
 The migration scripts live in ``db/migrations`` next to this file, so they are found from the
 installed package whatever the working directory. The database URL comes from the caller (a URL
 or an Engine); ``alembic -c db/alembic.ini ...`` on the command line falls back to
-``Settings.db_url`` (EMOWATCH_DATABASE_URL).
+``Settings().db_url`` (EMOWATCH_DATABASE_URL).
 
 New revision after changing ``db/models.py``:
 ``alembic -c db/alembic.ini revision --autogenerate -m "what changed"`` (then read it), and
@@ -21,6 +21,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Alembic keeps the running migration context in module globals: one migration per process at a
@@ -70,6 +71,17 @@ def current(url: str | Engine) -> str | None:
             engine.dispose()
 
 
+def init_db(url: str | Engine) -> str:
+    """Create or upgrade the database at ``url`` to the newest schema; returns the revision it
+    is at. Safe to call on every start: a database already at head is left alone, and two
+    processes migrating PostgreSQL at once take turns."""
+    if isinstance(url, str):
+        u = make_url(url)
+        if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
+            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return upgrade(url)
+
+
 def upgrade(url: str | Engine, rev: str = "head") -> str:
     """Migrate the database up to ``rev``; returns the revision it is at afterwards."""
     _run(url, command.upgrade, rev)
@@ -108,6 +120,7 @@ __all__ = [
     "current",
     "downgrade",
     "head",
+    "init_db",
     "schema_diff",
     "upgrade",
 ]

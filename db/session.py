@@ -1,7 +1,8 @@
 """Engines and sessions for emowatch's database (SQLite or PostgreSQL).
 
-``make_engine(url)`` builds a configured engine, ``session_scope(engine)`` is a unit of work,
-``init_db(url)`` migrates a database to the newest schema. Nothing here runs at import time.
+``make_engine(url)`` builds a configured engine, ``session_scope(engine)`` is a unit of work
+(``db.migrate.init_db(url)`` migrates a database to the newest schema). Nothing here runs at
+import time.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -69,15 +69,11 @@ _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def get_engine(url: str | None = None) -> Engine:
-    """One shared engine per URL in this process (default: ``Settings.db_url``).
+def get_engine(url: str) -> Engine:
+    """One shared engine per URL in this process.
 
     Tasks running in threads share the pool. After a fork, call :func:`dispose_engines`
     in the child (or create your own with :func:`make_engine`)."""
-    if url is None:
-        from emowatch.settings import get_settings
-
-        url = get_settings().db_url
     with _ENGINES_LOCK:
         eng = _ENGINES.get(url)
         if eng is None:
@@ -110,28 +106,10 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         session.close()
 
 
-def init_db(url: str | Engine | None = None) -> str:
-    """Create or upgrade the database at ``url`` (default: ``Settings.db_url``) to the newest
-    schema; returns the revision it is at. Safe to call on every start: a database already at
-    head is left alone, and two processes migrating PostgreSQL at once take turns."""
-    from db import migrate
-
-    if url is None:
-        from emowatch.settings import get_settings
-
-        url = get_settings().db_url
-    if isinstance(url, str):
-        u = make_url(url)
-        if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
-            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return migrate.upgrade(url)
-
-
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "dispose_engines",
     "get_engine",
-    "init_db",
     "make_engine",
     "session_scope",
 ]

@@ -1,25 +1,26 @@
 """What ``emowatch init``, ``site list``, ``status`` and ``outbox`` do (plain functions).
 
-Every function returns JSON-able dicts/lists for the CLI to print. URLs are printed with their
-passwords hidden (:func:`redact_url`); the SMTP password is never printed at all.
+Every function takes the command's :class:`tasks.context.Runtime` and returns JSON-able
+dicts/lists for the CLI to print. URLs are printed with their passwords hidden
+(``emowatch.redact``); the SMTP password is never printed at all.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from emowatch.redact import redact, redact_url
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from emowatch.settings import Settings
     from emowatch.sites import Site
+    from tasks.context import Runtime
 
-# ``scheme://user:password@host`` -> ``scheme://user:***@host`` (SQLAlchemy and http URLs alike).
-_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@/\s]*(?P<tail>@)")
 # `emowatch outbox` shows this many of the newest alerts: a screenful.
 OUTBOX_LIMIT = 20
 
@@ -37,13 +38,6 @@ policy = "manual"               # a person approves challengers ("auto": promote
 """
 
 
-def redact_url(url: str | None) -> str | None:
-    """``url`` with any password replaced by ``***``."""
-    if url is None:
-        return None
-    return _PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", url)
-
-
 # --- init -----------------------------------------------------------------------------------------
 def _example_text(settings: Settings, sites_file: Path) -> tuple[str, Path]:
     inbox = (Path(settings.home) / "inboxes" / EXAMPLE_SITE).resolve()
@@ -55,16 +49,15 @@ def _example_text(settings: Settings, sites_file: Path) -> tuple[str, Path]:
     return _EXAMPLE.format(name=EXAMPLE_SITE, inbox=shown), inbox
 
 
-def init_project(settings: Settings, write_example: bool = True) -> dict[str, Any]:
+def init_project(rt: Runtime, write_example: bool = True) -> dict[str, Any]:
     """State folders, a migrated database, MLflow configured, the sites file (an example one
     only if there is none and ``write_example``), and every site registered in the database."""
-    from db import queries
+    from db import sites as site_rows
     from db.migrate import current
     from db.session import session_scope
     from emowatch.sites import load_sites, parse_sites
-    from tasks.context import prepare
 
-    settings, engine = prepare(settings)
+    settings, engine = rt.settings, rt.engine
     sites_file = Path(settings.sites_file)
     created = False
     if not sites_file.exists() and write_example:
@@ -81,7 +74,7 @@ def init_project(settings: Settings, write_example: bool = True) -> dict[str, An
         sites = load_sites(sites_file)
         with session_scope(engine) as s:
             for site in sites.values():
-                queries.upsert_site(s, site)
+                site_rows.upsert_site(s, site)
         names = sorted(sites)
     return {
         "home": str(Path(settings.home).resolve()),
@@ -104,35 +97,32 @@ def _registry_missing(settings: Settings) -> bool:
     return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
 
 
-def _models(settings: Settings, site: Site) -> dict[str, Any]:
+def _models(rt: Runtime, site: Site) -> dict[str, Any]:
     """champion/challenger of ``emowatch-<site>`` and what serves the site right now."""
-    from tasks import registry
+    from tasks.registry import CHALLENGER, CHAMPION, RegistryError
 
     out: dict[str, Any] = {"champion": None, "challenger": None, "serving": None}
-    if _registry_missing(settings):
+    if _registry_missing(rt.settings):
         return out
+    reg = rt.registry
     try:
-        out["champion"] = registry.get_alias_version(site.model_name, registry.CHAMPION)
-        out["challenger"] = registry.get_alias_version(site.model_name, registry.CHALLENGER)
+        out["champion"] = reg.get_alias_version(site.model_name, CHAMPION)
+        out["challenger"] = reg.get_alias_version(site.model_name, CHALLENGER)
         try:
-            name, version, _ = registry.resolve_site_model(site.name)
+            name, version, _ = reg.resolve_site_model(site.name)
             out["serving"] = f"{name}/{version}"
-        except registry.RegistryError:
+        except RegistryError:
             pass
     except Exception as e:  # noqa: BLE001 -- a down tracking server must not hide the rest
-        out["registry_error"] = f"{type(e).__name__}: {e}"
+        out["registry_error"] = redact(f"{type(e).__name__}: {e}")
     return out
 
 
-def list_sites(settings: Settings) -> list[dict[str, Any]]:
+def list_sites(rt: Runtime) -> list[dict[str, Any]]:
     """The sites of the sites file with their settings and models (champion/challenger
     versions of ``emowatch-<site>``, None when there is none)."""
-    from emowatch.sites import load_sites
-    from tasks import registry
-
-    registry.configure(settings)
     rows = []
-    for site in load_sites(Path(settings.sites_file)).values():
+    for site in rt.sites().values():
         rows.append({
             "name": site.name,
             "inbox": str(site.inbox),
@@ -142,7 +132,7 @@ def list_sites(settings: Settings) -> list[dict[str, Any]]:
             "approvers": list(site.approvers),
             "audit": str(site.audit) if site.audit else None,
             "model": site.model_name,
-            **_models(settings, site),
+            **_models(rt, site),
             "drift": site.drift.model_dump(mode="json"),
             "adapt_method": site.adapt.method,
             "adapt_auto": site.adapt.auto,
@@ -155,21 +145,15 @@ def _iso(ts: Any) -> str | None:
     return ts.isoformat(timespec="seconds") if ts is not None else None
 
 
-def _latest(session: Session, model: Any, site_id: int) -> Any:
-    from sqlalchemy import select
-
-    return session.execute(
-        select(model).where(model.site_id == site_id).order_by(model.id.desc()).limit(1)
-    ).scalar_one_or_none()
-
-
 def _details(session: Session, site_id: int, model_name: str) -> dict[str, Any]:
-    from db.models import AdaptationRun, DriftCheck, ModelDeployment
-    from tasks.promote import champion_stack
+    from db.adaptations import latest_run
+    from db.checks import latest_check
+    from db.deployments import latest_deployment
+    from tasks.history import champion_stack
 
-    d = _latest(session, DriftCheck, site_id)
-    a = _latest(session, AdaptationRun, site_id)
-    m = _latest(session, ModelDeployment, site_id)
+    d = latest_check(session, site_id)
+    a = latest_run(session, site_id)
+    m = latest_deployment(session, site_id)
     stack = champion_stack(session, site_id, model_name)
     return {
         "last_drift_check": None if d is None else {
@@ -197,16 +181,17 @@ _ZERO = {"images": 0, "quarantined": 0, "batches": 0, "last_ingest_at": None,
          "deployments": 0, "alerts_pending": 0}
 
 
-def site_status(settings: Settings, site: str | None = None) -> dict[str, Any]:
-    """Counts (db.queries.status_counts), models and the latest drift check / adaptation /
+def site_status(rt: Runtime, site: str | None = None) -> dict[str, Any]:
+    """Counts (db.status.status_counts), models and the latest drift check / adaptation /
     deployment per site; ``site``: only that one (a clear error when it is unknown)."""
-    from db import queries
+    from db import outbox
     from db.session import session_scope
+    from db.sites import site_ids
+    from db.status import status_counts
     from emowatch.sites import SitesFileError, get_site, load_sites
-    from tasks import registry
-    from tasks.context import prepare
+    from tasks.registry import site_model_name
 
-    settings, engine = prepare(settings)
+    settings, engine = rt.settings, rt.engine
     sites_file = Path(settings.sites_file)
     note = None
     try:
@@ -216,8 +201,8 @@ def site_status(settings: Settings, site: str | None = None) -> dict[str, Any]:
             raise  # an invalid file is an error, not "no sites"
         file_sites, note = {}, str(e)
     with session_scope(engine) as s:
-        counts = queries.status_counts(s)
-        ids = {r.name: r.id for r in s.execute(_site_rows())}
+        counts = status_counts(s)
+        ids = site_ids(s)
         names = sorted(set(file_sites) | set(ids))
         if site is not None:
             if site not in names:
@@ -225,7 +210,7 @@ def site_status(settings: Settings, site: str | None = None) -> dict[str, Any]:
             names = [site]
         per_site: dict[str, Any] = {}
         for name in names:
-            model_name = registry.site_model_name(name)
+            model_name = site_model_name(name)
             entry: dict[str, Any] = {**_ZERO, **counts["sites"].get(name, {})}
             entry["in_sites_file"] = name in file_sites
             entry["in_database"] = name in ids
@@ -236,10 +221,10 @@ def site_status(settings: Settings, site: str | None = None) -> dict[str, Any]:
                 entry.update({"last_drift_check": None, "last_adaptation": None,
                               "last_deployment": None, "history_champion": None})
             per_site[name] = entry
-        outbox = _outbox_counts(s)
+        outbox_counts = outbox.counts_by_status(s)
     for name, entry in per_site.items():
         if name in file_sites:
-            entry.update(_models(settings, file_sites[name]))
+            entry.update(_models(rt, file_sites[name]))
         else:
             entry.update({"champion": None, "challenger": None, "serving": None})
         entry["history_agrees"] = entry["history_champion"] == entry["champion"]
@@ -250,52 +235,29 @@ def site_status(settings: Settings, site: str | None = None) -> dict[str, Any]:
         "note": note,
         "sites": per_site,
         "totals": counts["totals"],
-        "outbox": outbox,
+        "outbox": outbox_counts,
     }
 
 
-def _site_rows() -> Any:
-    from sqlalchemy import select
-
-    from db.models import SiteRow
-
-    return select(SiteRow.name, SiteRow.id)
-
-
 # --- outbox -----------------------------------------------------------------------------------------
-def _outbox_counts(session: Session) -> dict[str, int]:
-    from sqlalchemy import func, select
-
-    from db.models import Alert
-
-    q = select(Alert.status, func.count()).group_by(Alert.status)
-    return {status: int(n) for status, n in session.execute(q)}
-
-
-def outbox_status(settings: Settings, send: bool = False,
-                  limit: int = OUTBOX_LIMIT) -> dict[str, Any]:
+def outbox_status(rt: Runtime, send: bool = False, limit: int = OUTBOX_LIMIT) -> dict[str, Any]:
     """Alerts by status and the ``limit`` newest; ``send``: deliver what is pending first."""
-    from sqlalchemy import select
-
-    from db.models import Alert, SiteRow
+    from db import outbox
     from db.session import session_scope
-    from tasks.context import prepare
     from tasks.notify import deliver_pending
 
     if limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    settings, engine = prepare(settings)
+    settings, engine = rt.settings, rt.engine
     delivery = asdict(deliver_pending(engine, settings)) if send else None
     with session_scope(engine) as s:
-        counts = _outbox_counts(s)
-        q = (select(Alert, SiteRow.name).outerjoin(SiteRow, SiteRow.id == Alert.site_id)
-             .order_by(Alert.id.desc()).limit(limit))
+        counts = outbox.counts_by_status(s)
         alerts = [{
             "id": a.id, "kind": a.kind, "site": site_name, "subject": a.subject,
             "status": a.status, "attempts": a.attempts, "recipients": list(a.recipients or []),
             "created_at": _iso(a.created_at), "sent_at": _iso(a.sent_at),
             "last_error": (a.last_error or None) and a.last_error[:300], "eml_path": a.eml_path,
-        } for a, site_name in s.execute(q)]
+        } for a, site_name in outbox.newest(s, limit)]
     smtp = (f"{settings.smtp_host}:{settings.smtp_port} ({settings.smtp_security})"
             if settings.smtp_host else None)
     return {

@@ -2,7 +2,8 @@
 
 Every command takes ``--json`` and then prints exactly one JSON document on stdout (logs go
 to stderr). Exit codes: 0 success, 2 usage or configuration error, 1 failure.
-Commands are thin: they resolve settings and the site, then run a Prefect flow.
+Commands are thin: they read the settings once (``Settings()``: the environment and ``.env``),
+resolve the site, then run a Prefect flow or a plain function with them.
 """
 
 from __future__ import annotations
@@ -90,17 +91,26 @@ def _human(result: Any, indent: int = 0) -> str:
     return f"{pad}{result}"
 
 
-def _ctx():
-    """Settings + sites (raises SitesFileError with line/field on a bad file)."""
-    from emowatch.settings import get_settings
+def _settings():
+    """The command's settings, read from the environment at its start."""
+    from emowatch.settings import Settings
 
-    return get_settings()
+    return Settings()
+
+
+def _runtime(settings=None):
+    """Settings, a migrated database and the registry (``tasks.context.Runtime``)."""
+    from tasks.context import Runtime
+
+    return Runtime.open(settings if settings is not None else _settings())
 
 
 def _site(name: str):
+    """(settings, site) -- the site from the sites file (SitesFileError with line/field on a
+    bad file, or "unknown site ... (known: ...)"), checked before any flow starts."""
     from emowatch.sites import get_site, load_sites
 
-    s = _ctx()
+    s = _settings()
     return s, get_site(load_sites(s.sites_file), name)
 
 
@@ -117,7 +127,7 @@ def init(
     def go() -> dict[str, Any]:
         from deployments.admin import init_project
 
-        return init_project(_ctx(), write_example=example)
+        return init_project(_runtime(), write_example=example)
 
     _run(go, as_json)
 
@@ -129,7 +139,7 @@ def site_list(as_json: JsonOpt = False) -> None:
     def go() -> list[dict[str, Any]]:
         from deployments.admin import list_sites
 
-        return list_sites(_ctx())
+        return list_sites(_runtime())
 
     def human(rows: list[dict[str, Any]]) -> str:
         if not rows:
@@ -153,7 +163,7 @@ def status(
     def go() -> dict[str, Any]:
         from deployments.admin import site_status
 
-        return site_status(_ctx(), site)
+        return site_status(_runtime(), site)
 
     _run(go, as_json)
 
@@ -169,7 +179,7 @@ def ingest(
         settings, s = _site(site)
         from flows.ingest import ingest_site
 
-        return ingest_site(site=s.name)
+        return ingest_site(site=s.name, settings=settings)
 
     _run(go, as_json)
 
@@ -200,6 +210,7 @@ def train(
         from flows.train import train_source
 
         return train_source(
+            settings=_settings(),
             data=str(data),
             classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None,
             aliases=_parse_aliases(aliases),
@@ -237,10 +248,10 @@ def predict(
     """Predict emotions of images with the site's champion (or the source champion)."""
 
     def go() -> list[dict[str, Any]]:
-        _, s = _site(site)
+        settings, s = _site(site)
         from tasks.predict import predict_paths
 
-        return predict_paths(_ctx(), s.name, [str(p) for p in images], version=version)
+        return predict_paths(_runtime(settings), s.name, [str(p) for p in images], version=version)
 
     _run(go, as_json)
 
@@ -255,12 +266,12 @@ def evaluate(
     """Accuracy, macro-F1 and per-class recall of the site's model on a labelled folder."""
 
     def go() -> dict[str, Any]:
-        _, s = _site(site)
+        settings, s = _site(site)
         if not data.is_dir():
             raise UsageError(f"--data {data}: not a folder")
         from tasks.predict import evaluate_folder
 
-        return evaluate_folder(_ctx(), s.name, str(data), version=version)
+        return evaluate_folder(_runtime(settings), s.name, str(data), version=version)
 
     _run(go, as_json)
 
@@ -273,11 +284,11 @@ def monitor(
     """Ingest, featurize and test the site for drift against the training domain."""
 
     def go() -> dict[str, Any]:
-        _, s = _site(site)
+        settings, s = _site(site)
         from flows.monitor import monitor_site
         from flows.runner import configured
 
-        return configured(monitor_site)(site=s.name)
+        return configured(monitor_site, settings)(site=s.name, settings=settings)
 
     _run(go, as_json)
 
@@ -295,7 +306,7 @@ def adapt(
     """Re-adapt the site's champion to its recent images (no labels); register a challenger."""
 
     def go() -> dict[str, Any]:
-        _, s = _site(site)
+        settings, s = _site(site)
         if method and method not in ("mmd", "coral", "adabn", "shot-im", "tent"):
             raise UsageError(f"--method {method!r}: choose mmd, coral, adabn, shot-im or tent")
         from flows.readapt import readapt_site
@@ -304,7 +315,8 @@ def adapt(
         m = resolve_method(s, method)  # a bad method for this site fails here, before Prefect starts
         if train_backbone and m not in ("mmd", "coral"):
             raise UsageError(f"--train-backbone applies to mmd and coral, not {m!r}")
-        return readapt_site(site=s.name, method=method, train_backbone=train_backbone)
+        return readapt_site(site=s.name, method=method, train_backbone=train_backbone,
+                            settings=settings)
 
     _run(go, as_json)
 
@@ -321,12 +333,13 @@ def explain(
     """Explain one prediction with DnCShap region attributions and write an overlay PNG."""
 
     def go() -> dict[str, Any]:
-        _, s = _site(site)
+        settings, s = _site(site)
         if not image.is_file():
             raise UsageError(f"{image}: no such file")
         from tasks.explain import explain_image
 
-        return explain_image(_ctx(), s.name, str(image), str(output), version=version, depth=depth)
+        return explain_image(_runtime(settings), s.name, str(image), str(output), version=version,
+                             depth=depth)
 
     _run(go, as_json)
 
@@ -355,16 +368,16 @@ def _promote(site: str, version: str | None, action: str, by: str, reason: str,
         raise UsageError("--force needs --reason")
     if not by.strip():
         raise UsageError("--by must name who acts")
-    from tasks.context import load_site
     from tasks.promote import check_promotion
 
-    cfg, site_id = load_site(s.name, settings)
+    ctx = _runtime(settings).site_context(s.name)
     # Refusals (failed gates without --force, unknown version, ...) are answered at once,
     # without starting Prefect; the flow then does the move.
-    check_promotion(settings, cfg, site_id, version, action, force, reason)
+    check_promotion(ctx, version, action, force, reason)
     from flows.promote import promote
 
-    return promote(site=s.name, version=version, action=action, actor=by, reason=reason, force=force)
+    return promote(site=s.name, version=version, action=action, actor=by, reason=reason,
+                   force=force, settings=settings)
 
 
 @app.command()
@@ -408,7 +421,7 @@ def outbox(
     def go() -> dict[str, Any]:
         from deployments.admin import outbox_status
 
-        return outbox_status(_ctx(), send=send)
+        return outbox_status(_runtime(), send=send)
 
     _run(go, as_json)
 
@@ -424,7 +437,7 @@ def serve(
     def go() -> dict[str, Any]:
         from deployments.serve import build_deployments, describe, serve_all
 
-        settings = _ctx()
+        settings = _settings()
         from emowatch.sites import load_sites
 
         deps = build_deployments(load_sites(settings.sites_file))
@@ -448,7 +461,7 @@ def demo(
     def go() -> dict[str, Any]:
         from flows.demo import demo as demo_flow
 
-        return demo_flow(workdir=str(workdir), fast=fast)
+        return demo_flow(workdir=str(workdir), fast=fast, settings=_settings())
 
     def human(r: dict[str, Any]) -> str:
         return r.get("summary_text") or _human(r)

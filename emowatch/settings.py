@@ -1,18 +1,22 @@
 """The one Settings object of emowatch.
 
 Every value can be set by an environment variable with the prefix ``EMOWATCH_``
-(e.g. ``EMOWATCH_DATABASE_URL``) or in a ``.env`` file. Nothing here touches the disk,
-the network or a database at import time: paths are *computed*, and created only by
-``Settings.ensure_dirs()`` which the CLI and the flows call when they start work.
+(e.g. ``EMOWATCH_DATABASE_URL``) or in a ``.env`` file. The environment is read once, where a
+process starts work (the CLI, ``serve``, a deployment's flow run): ``Settings()`` there, and the
+object is passed down from then on (``tasks.context.RunContext``); nothing deeper reads the
+environment. Nothing here touches the disk, the network or a database at import time: paths are
+*computed*, and created only by ``Settings.ensure_dirs()``.
+
+Serialised to JSON (Prefect stores flow-run parameters; ``emowatch status``) the URLs come out
+with their passwords hidden and the SMTP password as ``**********``.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_serializer
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -57,13 +61,24 @@ class Settings(BaseSettings):
     )
 
     # --- compute ----------------------------------------------------------------------------
-    device: str = Field("cpu", description="torch device for training/featurizing.")
-    num_threads: int | None = Field(None, ge=1, description="torch threads; default: torch's.")
     task_runner: Literal["thread", "dask"] = "thread"
     dask_address: str | None = Field(
         None, description="Scheduler address for the dask task runner; unset: local cluster."
     )
     featurize_batch: int = Field(64, ge=1, le=4096)
+
+    @field_serializer("database_url", "mlflow_tracking_uri", when_used="json")
+    def _hide_passwords(self, url: str | None) -> str | None:
+        from emowatch.redact import redact_url
+
+        return redact_url(url)
+
+    def register_secrets(self) -> None:
+        """Tell the redaction helper which values must never be printed."""
+        from emowatch.redact import register_secret
+
+        if self.smtp_password is not None:
+            register_secret(self.smtp_password.get_secret_value())
 
     # --- derived locations (no I/O) ---------------------------------------------------------
     @property
@@ -102,14 +117,3 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         for p in (self.home, self.store_dir, self.reports_dir, self.outbox_dir, self.cache_dir):
             p.mkdir(parents=True, exist_ok=True)
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings (read from the environment on first call)."""
-    return Settings()
-
-
-def reset_settings() -> None:
-    """Forget the cached settings (tests change the environment)."""
-    get_settings.cache_clear()

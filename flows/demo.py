@@ -8,13 +8,13 @@ as the approver of a manual site whose challenger passed) -> audit accuracy -> s
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
+from emowatch.settings import Settings
 from flows.monitor import monitor_site
 from flows.promote import promote
 from flows.readapt import readapt_site
@@ -32,28 +32,31 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
+def demo_settings(settings: Settings, workdir: Path, sites_file: Path) -> Settings:
+    """The demo's own settings: its sites file and its own state folder (a fresh registry,
+    database and outbox every run); the user's own .emowatch state is untouched."""
+    return settings.model_copy(update={
+        "home": Path(workdir).resolve() / "state", "sites_file": sites_file,
+        "database_url": None, "mlflow_tracking_uri": None})
+
+
 @flow(name="demo", task_runner=default_runner(), log_prints=False)
-def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> dict[str, Any]:
-    from emowatch.settings import get_settings, reset_settings
+def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0,
+         settings: Settings | None = None) -> dict[str, Any]:
+    from flows.runner import open_runtime
     from tasks.demo import prepare_demo
     from tasks.predict import evaluate_folder
 
     log = get_run_logger()
     t_start = time.perf_counter()
-    settings = get_settings()
+    settings = settings if settings is not None else Settings()
     data_dir = None if fast else settings.data_dir
     if not fast and settings.require_data and data_dir is None:  # --fast never uses real data
         raise ValueError("EMOWATCH_REQUIRE_DATA is set but EMOWATCH_DATA_DIR is not")
     _say(f"preparing data in {workdir} ({'real photos from ' + str(data_dir) if data_dir else 'generated faces'})")
     data = prepare_demo(Path(workdir), data_dir, seed=seed)
-    # The demo's sites file and its own state folder (a fresh registry, database and outbox
-    # every run) are what every flow below reads; the user's own .emowatch state is untouched.
-    os.environ["EMOWATCH_SITES_FILE"] = str(data.sites_file)
-    os.environ["EMOWATCH_HOME"] = str(Path(workdir).resolve() / "state")
-    for var in ("EMOWATCH_DATABASE_URL", "EMOWATCH_MLFLOW_TRACKING_URI"):
-        os.environ.pop(var, None)
-    reset_settings()
-    settings = get_settings()
+    settings = demo_settings(settings, Path(workdir), data.sites_file)
+    rt = open_runtime(settings)
 
     _say(f"1/5 training the source model ({data.backbone}) on {data.source_dir}")
     # The demo trains a lighter model than `emowatch train`'s defaults so the whole loop fits
@@ -61,15 +64,16 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> 
     # the full-size figures).
     trained = train_source(data=str(data.source_dir), backbone=data.backbone, img_size=data.img_size,
                            epochs=(30 if data.kind == "generated" else DEMO_EPOCHS), seed=seed,
-                           promote=True, trainable_blocks=DEMO_TRAINABLE_BLOCKS, crops=0)
+                           promote=True, trainable_blocks=DEMO_TRAINABLE_BLOCKS, crops=0,
+                           settings=settings)
     _say(f"    emowatch-source v{trained['version']}: test accuracy {trained['test_accuracy']:.3f}")
 
     rows: list[dict[str, Any]] = []
     for s in data.sites:
         name = s["name"]
-        before = evaluate_folder(settings, name, s["audit"])  # source champion on the audit set
+        before = evaluate_folder(rt, name, s["audit"])  # source champion on the audit set
         _say(f"2/5 monitoring {name} (camera: {s['condition']})")
-        mon = monitor_site(site=name)
+        mon = monitor_site(site=name, settings=settings)
         _say(f"    {name}: {mon['decision']} (p={_f(mon['p_value'])}, n={mon['n_cur']})"
              + (f"; {', '.join(mon['quality_shift'])}" if mon["quality_shift"] else ""))
         row = {"site": name, "camera": s["condition"], "policy": s["policy"],
@@ -79,7 +83,7 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> 
                "gates": None, "challenger": None, "promoted": False}
         if mon["decision"] == "drift":
             _say(f"3/5 re-adapting {name} without labels (mmd)")
-            ad = readapt_site(site=name, method="mmd", seed=seed)
+            ad = readapt_site(site=name, method="mmd", seed=seed, settings=settings)
             failed = [k for k, v in ad["gates"].items() if not v["passed"]]
             row.update(method=ad["method"], verdict=ad["verdict"], challenger=ad["version"],
                        gates=f"{len(ad['gates']) - len(failed)}/{len(ad['gates'])}",
@@ -90,7 +94,7 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> 
                 row["promoted"] = True
                 _say(f"4/5 {name}: auto-promoted (policy auto, every gate passed)")
             elif s["policy"] == "manual" and ad["verdict"] in ("pass", "unverifiable"):
-                refusal = _approval_refusal(settings, name, ad["version"])
+                refusal = _approval_refusal(rt, name, ad["version"])
                 if refusal:  # e.g. the audit set says the challenger is worse: no --force here
                     _say(f"4/5 {name}: challenger v{ad['version']} waits: {refusal}")
                     row["waits_because"] = refusal
@@ -98,12 +102,13 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> 
                     _say(f"4/5 {name}: the demo approves v{ad['version']} as its approver")
                     promote(site=name, version=ad["version"], action="approve",
                             actor="demo-approver",
-                            reason=f"demo: verdict {ad['verdict']}, gates {row['gates']}")
+                            reason=f"demo: verdict {ad['verdict']}, gates {row['gates']}",
+                            settings=settings)
                     row["promoted"] = True
             else:
                 _say(f"4/5 {name}: challenger v{ad['version']} waits (verdict {ad['verdict']}; "
                      f"policy {s['policy']})")
-        after = evaluate_folder(settings, name, s["audit"])
+        after = evaluate_folder(rt, name, s["audit"])
         row["audit_acc_after"] = after["accuracy"]
         row["champion"] = after["model"]
         rows.append(row)
@@ -116,14 +121,12 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0) -> 
             "summary_text": text, "sites_file": str(data.sites_file)}
 
 
-def _approval_refusal(settings: Any, site: str, version: str) -> str | None:
+def _approval_refusal(rt: Any, site: str, version: str) -> str | None:
     """Why ``emowatch approve`` (without --force) would refuse, or None (the blessing's dry run)."""
-    from tasks.context import load_site
     from tasks.promote import check_promotion
 
-    cfg, site_id = load_site(site, settings)
     try:
-        check_promotion(settings, cfg, site_id, version, "approve")
+        check_promotion(rt.site_context(site), version, "approve")
     except ValueError as e:
         return str(e)
     return None

@@ -9,15 +9,15 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.ingest import ingest_inbox_task, init_db_task, load_site_task
+from emowatch.settings import Settings
+from flows.runner import open_runtime
+from tasks.ingest import ingest_inbox_task
 
 
 @flow(name="ingest-site")
-def ingest_site(
-    site: str, sites_file: str | None = None, workers: int | None = None
-) -> dict[str, Any]:
+def ingest_site(site: str, settings: Settings | None = None, workers: int | None = None
+                ) -> dict[str, Any]:
     """Ingest the new images of ``site``; returns the ingestion summary (see
-    ``tasks.ingest.ingest_inbox``). ``sites_file`` defaults to ``Settings.sites_file``."""
-    s = load_site_task(site, sites_file)
-    init_db_task()
-    return ingest_inbox_task(s, workers=workers)
+    ``tasks.ingest.ingest_inbox``)."""
+    ctx = open_runtime(settings).site_context(site)
+    return ingest_inbox_task(ctx, workers=workers)

@@ -10,8 +10,10 @@ from typing import Any
 
 from prefect import flow
 
+from emowatch.settings import Settings
+from flows.runner import open_runtime
 from tasks.notify import deliver_alerts
-from tasks.promote import load_site_task, promote_version_task
+from tasks.promote import promote_version_task
 
 
 @flow(name="promote")
@@ -22,12 +24,13 @@ def promote(
     actor: str = "prefect",
     reason: str = "",
     force: bool = False,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Move ``emowatch-<site>@champion`` (see ``tasks.promote.promote_version``); the e-mail
     is queued with the move and delivered by the last task. Returns the promotion summary
     with ``delivery`` (the outbox run's counts)."""
-    s, site_id = load_site_task(site)
-    result = promote_version_task(s, site_id, version, action=action, actor=actor,
-                                  reason=reason, force=force, deliver=False)
-    result["delivery"] = asdict(deliver_alerts())
+    ctx = open_runtime(settings).site_context(site)
+    result = promote_version_task(ctx, version, action=action, actor=actor, reason=reason,
+                                  force=force, deliver=False)
+    result["delivery"] = asdict(deliver_alerts(ctx))
     return result

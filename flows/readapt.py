@@ -8,73 +8,72 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.runner import default_runner
+from emowatch.settings import Settings
+from flows.runner import default_runner, open_runtime
+from tasks import candidate as c
 from tasks import readapt as t
-from tasks.context import ensure_site_model, load_site
 
 
 @flow(name="readapt_site", task_runner=default_runner(), log_prints=True)
 def readapt_site(site: str, method: str | None = None, drift_check_id: int | None = None,
-                 seed: int = 0, train_backbone: bool | None = None) -> dict[str, Any]:
+                 seed: int = 0, train_backbone: bool | None = None,
+                 settings: Settings | None = None) -> dict[str, Any]:
     """Returns ``{site, method, version, gates: {name: {passed, value, threshold}}, verdict}``.
     ``train_backbone`` overrides the site's ``adapt.train_backbone`` (None: the site's)."""
-    from emowatch.settings import get_settings
     from tasks.notify import deliver_alerts
     from tasks.promote import promote_version_task, request_approval_task
 
     log = get_run_logger()
-    settings = get_settings()
-    cfg, site_id = load_site(site, settings)
+    ctx = open_runtime(settings).site_context(site)
+    cfg = ctx.site
     check_id = _as_int(drift_check_id)
     if check_id is not None:  # started by the drift event, not by a person
-        skip = t.auto_adapt_blocker(cfg)
+        skip = t.auto_adapt_blocker(ctx)
         if skip:
             log.info("site %s: not re-adapting on drift check %s: %s", site, check_id, skip)
             return {"site": site, "method": method or cfg.adapt.method, "version": None,
                     "gates": {}, "verdict": None, "skipped": skip}
     m = t.resolve_method(cfg, method)
-    served = ensure_site_model(cfg, site_id, settings)
+    ctx = ctx.serving()
     owner = t.owner_id()
-    t.acquire(settings, cfg, owner)  # one adaptation per site at a time (database lock)
-    run_id = t.start_run(settings, site_id, m, served.key, check_id)
+    t.acquire(ctx, owner)  # one adaptation per site at a time (database lock)
+    run_id = t.start_run(ctx, m, check_id)
     t0 = time.perf_counter()
     try:
-        inputs = t.load_inputs(settings, cfg, site_id, served.name, served.version,
-                               source_free=m not in ("mmd", "coral"),
+        inputs = t.load_inputs(ctx, source_free=m not in ("mmd", "coral"),
                                train_backbone=cfg.adapt.train_backbone if train_backbone is None
                                else bool(train_backbone))
         result = t.run_adaptation(inputs, m, cfg, seed)
-        validation = t.validate(inputs, result, cfg)
-        reg = t.register_challenger(settings, cfg, inputs, result, validation, m)
-        t.finish_run(settings, run_id, status="done", candidate_version=reg["version"],
+        validation = c.validate(inputs, result, cfg)
+        reg = c.register_challenger(ctx, inputs, result, validation, m)
+        t.finish_run(ctx, run_id, status="done", candidate_version=reg["version"],
                      verdict=validation["verdict"], gates=validation["gates"],
                      n_site_images=len(inputs.site_h), seconds=time.perf_counter() - t0,
                      mlflow_run_id=reg["run_id"])
     except BaseException as e:
-        t.finish_run(settings, run_id, status="failed", error=f"{type(e).__name__}: {e}",
+        t.finish_run(ctx, run_id, status="failed", error=f"{type(e).__name__}: {e}",
                      seconds=time.perf_counter() - t0)
         raise
     finally:
-        t.release(settings, cfg, owner)
+        t.release(ctx, owner)
 
     verdict = validation["verdict"]
     promotion = alert_id = None
     if cfg.policy == "auto" and verdict == "pass":
-        promotion = promote_version_task(cfg, site_id, reg["version"], action="auto",
+        promotion = promote_version_task(ctx, reg["version"], action="auto",
                                          actor="emowatch-auto", reason="every gate passed")
     else:
-        attachments = [p for p in reg["plots"].values()]
-        alert_id = request_approval_task(cfg, site_id, reg["version"], verdict,
-                                         validation["gates"], attachments,
-                                         audit=validation.get("audit"))
-    deliver_alerts(settings=settings)  # a mail server that is down never fails the flow
+        attachments = list(reg["plots"].values())
+        alert_id = request_approval_task(ctx, reg["version"], verdict, validation["gates"],
+                                         attachments, audit=validation.get("audit"))
+    deliver_alerts(ctx)  # a mail server that is down never fails the flow
     log.info("site %s: challenger %s/%s verdict %s", site, cfg.model_name, reg["version"], verdict)
     return {
         "site": site,
         "method": m,
         "version": reg["version"],
         "model": cfg.model_name,
-        "base_model": served.key,
+        "base_model": ctx.model.key,
         "gates": validation["gates"],
         "verdict": verdict,
         "dev": validation["dev"],

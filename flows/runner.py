@@ -1,13 +1,23 @@
-"""Task runners: Prefect's thread pool by default, Dask when ``EMOWATCH_TASK_RUNNER=dask``."""
+"""What every flow starts with: its runtime, and the task runner the settings ask for.
+
+Prefect's thread pool by default, Dask when ``EMOWATCH_TASK_RUNNER=dask``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from emowatch.settings import Settings, get_settings
+from emowatch.settings import Settings
+from tasks.context import Runtime
 
 # 2 threads: on a 2-core machine more would only contend with torch's own threads.
 THREADS = 2
+
+
+def open_runtime(settings: Settings | None) -> Runtime:
+    """The flow's runtime: from the settings it was given, or -- started by a deployment, with
+    no settings -- from ``Settings()`` read at this start."""
+    return Runtime.open(settings if settings is not None else Settings())
 
 
 def default_runner() -> Any:
@@ -16,14 +26,13 @@ def default_runner() -> Any:
     return ThreadPoolTaskRunner(max_workers=THREADS)
 
 
-def task_runner(settings: Settings | None = None) -> Any:
+def task_runner(settings: Settings) -> Any:
     """The runner the settings ask for.
 
     ``task_runner = "dask"`` with ``dask_address = "tcp://scheduler:8786"`` runs featurization
     chunks on an existing Dask cluster; without an address, a local cluster of 2 worker
     processes is started for the flow run and closed after it.
     """
-    settings = settings or get_settings()
     if settings.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -34,9 +43,8 @@ def task_runner(settings: Settings | None = None) -> Any:
     return default_runner()
 
 
-def configured(flow_obj: Any, settings: Settings | None = None) -> Any:
+def configured(flow_obj: Any, settings: Settings) -> Any:
     """``flow_obj`` with the task runner of the settings (flows are declared with threads)."""
-    settings = settings or get_settings()
     if settings.task_runner == "thread":
         return flow_obj
     return flow_obj.with_options(task_runner=task_runner(settings))

@@ -6,7 +6,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.runner import default_runner
+from emowatch.settings import Settings
+from flows.runner import default_runner, open_runtime
 from tasks import training as t
 
 
@@ -23,12 +24,11 @@ def train_source(
     promote: bool | None = None,
     trainable_blocks: int | None = None,
     crops: int | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Train on ``<data>/<class>/<image>`` and register ``emowatch-source`` (the first version
     becomes champion). Returns ``{model, version, val_accuracy, classes, ...}``."""
-    from tasks.context import prepare
-
-    prepare()
+    rt = open_runtime(settings)
     spec = t.SourceSpec(data=data, classes=classes, aliases=aliases, split=split, seed=seed)  # type: ignore[arg-type]
     splits = t.load_source_task(spec)
     net_cfg, train_cfg = t.train_configs(backbone, img_size, epochs, seed, len(splits.data.classes),
@@ -37,7 +37,7 @@ def train_source(
     t.attach_config(result, spec, train_cfg)
     test_metrics = t.evaluate_test(result.checkpoint, splits)
     profile = t.reference_profile(result.checkpoint, splits, seed)
-    reg = t.register(result, test_metrics, profile, spec, promote)
+    reg = t.register(rt, result, test_metrics, profile, spec, promote)
     return {
         **reg,
         "classes": list(result.checkpoint.classes),

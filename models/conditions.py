@@ -23,27 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-ImageLike = Image.Image | np.ndarray
+from models.images import ImageLike, rgb_array
+
 RngLike = np.random.Generator | int | None
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _to_rgb_array(img: ImageLike) -> np.ndarray:
-    """PIL or uint8 array -> (H,W,3) uint8."""
-    if isinstance(img, Image.Image):
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    a = np.asarray(img)
-    if a.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8, got {a.dtype}")
-    if a.ndim == 2:
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim == 3 and a.shape[2] == 3:
-        return a
-    if a.ndim == 3 and a.shape[2] == 4:
-        return np.ascontiguousarray(a[:, :, :3])
-    raise ValueError(f"image array must be (H,W), (H,W,3) or (H,W,4), got shape {a.shape}")
-
-
 def _like(out: np.ndarray, original: ImageLike) -> ImageLike:
     """Return ``out`` (H,W,3 uint8) as the same kind of object as ``original``."""
     return Image.fromarray(out, "RGB") if isinstance(original, Image.Image) else out
@@ -70,7 +55,7 @@ def night(img: ImageLike, severity: int = 1, rng: RngLike = None) -> ImageLike:
     """Darken, crush shadows (gamma) and add sensor noise (Gaussian, per pixel and channel)."""
     _check_severity("night", severity, _NIGHT)
     gain, gamma, sigma = _NIGHT[severity]
-    x = _to_rgb_array(img).astype(np.float32) / 255.0  # (H,W,3)
+    x = rgb_array(img).astype(np.float32) / 255.0  # (H,W,3)
     x = 255.0 * gain * np.power(x, gamma)
     x += _rng(rng).normal(0.0, sigma, size=x.shape).astype(np.float32)
     return _like(np.clip(np.rint(x), 0, 255).astype(np.uint8), img)
@@ -84,7 +69,7 @@ _BLUR = {1: 1 / 160, 2: 1 / 80, 3: 1 / 40}
 def blur(img: ImageLike, severity: int = 1, rng: RngLike = None) -> ImageLike:
     """Gaussian blur with a radius proportional to the image size (rng unused)."""
     _check_severity("blur", severity, _BLUR)
-    a = _to_rgb_array(img)
+    a = rgb_array(img)
     radius = max(0.5, _BLUR[severity] * max(a.shape[:2]))
     out = Image.fromarray(a, "RGB").filter(ImageFilter.GaussianBlur(radius))
     return _like(np.asarray(out, dtype=np.uint8), img)
@@ -98,7 +83,7 @@ def jpeg(img: ImageLike, severity: int = 1, rng: RngLike = None) -> ImageLike:
     """Re-encode as JPEG at low quality, in memory (rng unused)."""
     _check_severity("jpeg", severity, _JPEG)
     buf = io.BytesIO()
-    Image.fromarray(_to_rgb_array(img), "RGB").save(buf, format="JPEG", quality=_JPEG[severity])
+    Image.fromarray(rgb_array(img), "RGB").save(buf, format="JPEG", quality=_JPEG[severity])
     buf.seek(0)
     with Image.open(buf) as decoded:
         out = np.asarray(decoded.convert("RGB"), dtype=np.uint8)
@@ -113,7 +98,7 @@ _CAST = {1: (1.15, 1.0, 0.8), 2: (1.3, 1.0, 0.6), 3: (1.45, 0.95, 0.4)}
 def colour_cast(img: ImageLike, severity: int = 1, rng: RngLike = None) -> ImageLike:
     """Multiply the R,G,B channels by fixed gains (a warm cast; rng unused)."""
     _check_severity("colour_cast", severity, _CAST)
-    x = _to_rgb_array(img).astype(np.float32) * np.asarray(_CAST[severity], np.float32)
+    x = rgb_array(img).astype(np.float32) * np.asarray(_CAST[severity], np.float32)
     return _like(np.clip(np.rint(x), 0, 255).astype(np.uint8), img)
 
 
@@ -124,7 +109,7 @@ _GREY = {1: 0.7, 2: 1.0}
 def greyscale(img: ImageLike, severity: int = 2, rng: RngLike = None) -> ImageLike:
     """Desaturate towards ITU-R 601 luma (severity 2: fully grey, still 3 channels)."""
     _check_severity("greyscale", severity, _GREY)
-    x = _to_rgb_array(img).astype(np.float32)
+    x = rgb_array(img).astype(np.float32)
     luma = x @ np.asarray([0.299, 0.587, 0.114], np.float32)  # (H,W)
     t = _GREY[severity]
     x = (1.0 - t) * x + t * luma[:, :, None]

@@ -20,11 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.images import IMAGE_EXTENSIONS, UnreadableImageError, load_rgb
 from models.network import Preprocessing
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 # CK+ file names are S<subject>_<sequence>_<frame>: the subject is the leak unit.
 _CK_SUBJECT = re.compile(r"^(S\d+)_")
@@ -62,23 +60,6 @@ class LabelledSet:
         return LabelledSet([self.records[int(i)] for i in idx], list(self.classes))
 
 
-class UnreadableImageError(ValueError):
-    """An image file that Pillow cannot decode."""
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode one image as RGB, upright (EXIF orientation applied). Errors name the file."""
-    p = Path(path)
-    try:
-        with Image.open(p) as im:
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")  # convert() loads the pixels: truncation errors show here
-    except FileNotFoundError as e:
-        raise UnreadableImageError(f"image file not found: {p}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UnreadableImageError(f"cannot read image {p}: {e}") from e
-
-
 def group_of(path: Path) -> str:
     """The leak unit of an image: the CK+ subject ``S###`` if the name has one, else the file."""
     m = _CK_SUBJECT.match(path.name)
@@ -110,7 +91,7 @@ def read_image_folder(
     for d in _subdirs(root):
         name = aliases.get(d.name, d.name)
         found[name].extend(
-            sorted((f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES),
+            sorted((f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
                    key=lambda f: _natural_key(f.name))
         )
     if not found:
@@ -129,7 +110,7 @@ def read_image_folder(
             )
     empty = [c for c in names if not found[c]]
     if len(empty) == len(names):
-        raise ValueError(f"no images found under {root} (suffixes: {sorted(IMAGE_SUFFIXES)})")
+        raise ValueError(f"no images found under {root} (suffixes: {sorted(IMAGE_EXTENSIONS)})")
     if empty:
         raise ValueError(f"class folder(s) without images under {root}: {empty}")
     if len(names) < 2:

@@ -105,7 +105,8 @@ def _to_uint8_grid(img: Any, prep: Preprocessing) -> np.ndarray:
         if img.shape[:2] == (prep.img_size, prep.img_size):
             return img
         return prep.to_array(Image.fromarray(img))
-    from models.data import ImageRecord, load_rgb  # paths: decode here
+    from models.data import ImageRecord  # paths: decode here
+    from models.images import load_rgb
 
     path = img.path if isinstance(img, ImageRecord) else img
     return prep.to_array(load_rgb(path))

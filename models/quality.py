@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from models.conditions import ImageLike, _to_rgb_array
+from models.images import ImageLike, rgb_array
 
 # Order of the statistics (also the columns of a quality frame).
 STAT_NAMES: tuple[str, ...] = (
@@ -74,7 +74,7 @@ def _blockiness(grey: np.ndarray) -> float:
 
 def image_stats(img: ImageLike) -> dict[str, float]:
     """Quality statistics of one image (PIL or uint8 array) as plain floats, keyed by STAT_NAMES."""
-    rgb = _to_rgb_array(img)  # (H,W,3) uint8
+    rgb = rgb_array(img)  # (H,W,3) uint8
     h, w = rgb.shape[:2]
     x = rgb.astype(np.float32)
     luma = x @ _LUMA  # (H,W) 0..255

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.data import ImageRecord, LabelledSet, load_rgb, split_records, stratified_split
+from models.data import ImageRecord, LabelledSet, split_records, stratified_split
 from models.evaluate import EvalResult, metrics_from_predictions
+from models.images import load_rgb
 from models.network import Checkpoint, EmotionNet, NetConfig, Preprocessing, preprocessing_for
 
 Progress = Callable[[dict[str, Any]], None]

@@ -57,7 +57,7 @@ def cached_activations(ckpt: Any, items: Sequence[tuple[str, str | Path]], cache
                        batch_size: int = 32, progress: Any = None) -> torch.Tensor:
     """Frozen activations (N, C, s, s) float32 of ``(sha256, path)`` images, computing and
     storing only the missing ones. Unreadable images raise (callers pass validated images)."""
-    from models.data import load_rgb
+    from models.images import load_rgb
 
     root = Path(cache_dir) / "frozen" / frozen_key(ckpt)
     paths = [root / sha[:2] / f"{sha}.npy" for sha, _ in items]

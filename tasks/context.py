@@ -1,55 +1,32 @@
-"""What every task needs: settings, the database, the site, and the site's model.
+"""The run context: what every task needs, built once where a run starts and passed down.
 
-Plain functions (no Prefect): tasks and flows call them; tests call them directly.
+    rt = Runtime.open(settings)            # settings, a migrated database, the registry
+    ctx = rt.site_context("night-cam")     # + the site's config and database id
+    ctx = ctx.serving()                    # + the model that serves the site now
+
+Nothing below the flows reads the environment or a global: a flow builds its context from the
+``Settings`` it was given (or, started by a deployment, from ``Settings()`` at that start) and
+passes it to its tasks. Plain functions (no Prefect): tasks and flows call them; tests too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine
-
-from emowatch.settings import Settings, get_settings
+from emowatch.settings import Settings
 from emowatch.sites import Site, get_site, load_sites
 
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from tasks.registry import Registry
+
 _INIT_LOCK = threading.Lock()
-_INITIALISED: set[tuple[str, str]] = set()
-
-
-def prepare(settings: Settings | None = None) -> tuple[Settings, Engine]:
-    """Settings, state folders, a migrated database and a configured MLflow (once per process)."""
-    from db.session import get_engine, init_db
-    from tasks import registry
-
-    settings = settings or get_settings()
-    key = (settings.db_url, settings.tracking_uri)
-    with _INIT_LOCK:
-        if key not in _INITIALISED:
-            settings.ensure_dirs()
-            init_db(settings.db_url)
-            registry.configure(settings)
-            _INITIALISED.add(key)
-    return settings, get_engine(settings.db_url)
-
-
-def forget_prepared() -> None:
-    """Tests that switch databases call this (and db.session.dispose_engines)."""
-    with _INIT_LOCK:
-        _INITIALISED.clear()
-
-
-def load_site(name: str, settings: Settings | None = None) -> tuple[Site, int]:
-    """The site's config from the sites file and its database id (registered on first use)."""
-    from db import queries
-    from db.session import session_scope
-
-    settings, engine = prepare(settings)
-    site = get_site(load_sites(settings.sites_file), name)
-    with session_scope(engine) as s:
-        row = queries.upsert_site(s, site)
-        return site, row.id
+_MIGRATED: set[str] = set()  # database URLs this process has brought to head
 
 
 @dataclass(frozen=True)
@@ -65,52 +42,100 @@ class ServedModel:
         return f"{self.name}/{self.version}"
 
 
-def ensure_site_model(site: Site, site_id: int, settings: Settings | None = None) -> ServedModel:
+@dataclass(frozen=True)
+class Runtime:
+    """The settings of one run, with the database engine and the model registry they name.
+
+    Only the settings are data: the engine (one per URL and process, ``db.session``) and the
+    registry are derived from them, so a context can be copied, pickled or handed to Prefect
+    and Dask (which turn task parameters into plain data) and opens the same resources again
+    wherever it lands."""
+
+    settings: Settings
+
+    @classmethod
+    def open(cls, settings: Settings) -> Runtime:
+        """State folders and a migrated database (once per process and URL)."""
+        from db.migrate import init_db
+
+        settings.register_secrets()
+        with _INIT_LOCK:
+            if settings.db_url not in _MIGRATED:
+                settings.ensure_dirs()
+                init_db(settings.db_url)
+                _MIGRATED.add(settings.db_url)
+        return cls(settings)
+
+    @property
+    def engine(self) -> Engine:
+        from db.session import get_engine
+
+        return get_engine(self.settings.db_url)
+
+    @functools.cached_property
+    def registry(self) -> Registry:
+        from tasks.registry import Registry
+
+        return Registry.from_settings(self.settings)
+
+    def sites(self) -> dict[str, Site]:
+        """The sites file, read now (it is the truth; raises SitesFileError with line/field)."""
+        return load_sites(self.settings.sites_file)
+
+    def site_context(self, name: str, sites: dict[str, Site] | None = None) -> RunContext:
+        """This runtime for one site: its config from the sites file (``sites`` if already
+        read) and its database id (registered on first use)."""
+        from db import sites as site_rows
+        from db.session import session_scope
+
+        site = get_site(self.sites() if sites is None else sites, name)
+        with session_scope(self.engine) as s:
+            site_id = site_rows.upsert_site(s, site).id
+        return RunContext(self.settings, site, site_id)
+
+
+@dataclass(frozen=True)
+class RunContext(Runtime):
+    """A runtime for one site: its config, database id and (after :meth:`serving`) the model
+    that serves it."""
+
+    site: Site
+    site_id: int
+    served: ServedModel | None = None
+
+    def serving(self) -> RunContext:
+        """This context with ``served`` set (:func:`ensure_site_model`)."""
+        return dataclasses.replace(self, served=ensure_site_model(self))
+
+    @property
+    def model(self) -> ServedModel:
+        if self.served is None:
+            raise RuntimeError("the run context has no served model yet (call serving())")
+        return self.served
+
+
+def ensure_site_model(ctx: RunContext) -> ServedModel:
     """The site's champion; on first use the source champion is registered as version 1 of
     ``emowatch-<site>`` with alias ``champion`` (recorded in the deployment history)."""
-    from db.models import ModelDeployment
+    from db import deployments
     from db.session import session_scope
-    from tasks import registry
+    from tasks.registry import CHAMPION, SOURCE_MODEL, RegistryError
 
-    settings, engine = prepare(settings)
-    v = registry.get_alias_version(site.model_name, registry.CHAMPION)
+    reg, site = ctx.registry, ctx.site
+    v = reg.get_alias_version(site.model_name, CHAMPION)
     if v is not None:
-        return ServedModel(site.model_name, v, registry.CHAMPION)
-    src = registry.get_alias_version(registry.SOURCE_MODEL, registry.CHAMPION)
+        return ServedModel(site.model_name, v, CHAMPION)
+    src = reg.get_alias_version(SOURCE_MODEL, CHAMPION)
     if src is None:
-        raise registry.RegistryError(
-            f"no {registry.SOURCE_MODEL}@{registry.CHAMPION}: train the source model first "
-            "('emowatch train --data DIR')"
-        )
-    reg = registry.copy_to_site(registry.SOURCE_MODEL, src, site.model_name,
-                                tags={"emowatch.site": site.name})
-    registry.set_alias(site.model_name, registry.CHAMPION, reg.version)
-    with session_scope(engine) as s:
-        s.add(ModelDeployment(site_id=site_id, model_name=site.model_name, version=reg.version,
-                              previous_version=None, action="initial", actor="emowatch",
-                              reason=f"started from {registry.SOURCE_MODEL}/{src}"))
-    return ServedModel(site.model_name, reg.version, registry.CHAMPION)
+        raise RegistryError(f"no {SOURCE_MODEL}@{CHAMPION}: train the source model first "
+                            "('emowatch train --data DIR')")
+    new = reg.copy_to_site(SOURCE_MODEL, src, site.model_name, tags={"emowatch.site": site.name})
+    reg.set_alias(site.model_name, CHAMPION, new.version)
+    with session_scope(ctx.engine) as s:
+        deployments.add_deployment(s, site_id=ctx.site_id, model_name=site.model_name,
+                                   version=new.version, previous_version=None, action="initial",
+                                   actor="emowatch", reason=f"started from {SOURCE_MODEL}/{src}")
+    return ServedModel(site.model_name, new.version, CHAMPION)
 
 
-_MODEL_CACHE: dict[tuple[str, str, str], Any] = {}
-_MODEL_LOCK = threading.Lock()
-
-
-def load_model(name: str, version: str) -> tuple[Any, Any]:
-    """(Checkpoint, ReferenceProfile) of a registered version, cached per process (a version
-    never changes once registered)."""
-    from models.profile import ReferenceProfile
-    from tasks import registry
-
-    key = (get_settings().tracking_uri, name, str(version))
-    with _MODEL_LOCK:
-        hit = _MODEL_CACHE.get(key)
-    if hit is not None:
-        return hit
-    ckpt, _ = registry.load_by_version(name, version)
-    profile = ReferenceProfile.from_npz(registry.load_reference_profile(name, version))
-    with _MODEL_LOCK:
-        _MODEL_CACHE[key] = (ckpt, profile)
-        while len(_MODEL_CACHE) > 4:  # a few models in RAM is plenty for one worker
-            _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
-    return ckpt, profile
+__all__ = ["RunContext", "Runtime", "ServedModel", "ensure_site_model"]

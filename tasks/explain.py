@@ -7,21 +7,21 @@ from typing import Any
 
 import numpy as np
 
-from emowatch.settings import Settings
+from tasks.context import Runtime
 
 
-def explain_image(settings: Settings, site: str, image: str, output: str,
+def explain_image(rt: Runtime, site: str, image: str, output: str,
                   version: str | None = None, depth: int = 6, baseline: str = "blur") -> dict[str, Any]:
     """Region attributions of the predicted class; writes an overlay PNG to ``output``.
 
     Region values are in probability units and sum to p(image) - p(baseline)
     (``efficiency_gap`` is the float error of that sum)."""
-    from models.data import load_rgb
     from models.explain import DnCShap
     from models.explain_metrics import overlay_figure
+    from models.images import load_rgb
     from tasks.predict import site_checkpoint
 
-    ckpt, key = site_checkpoint(settings, site, version)
+    ckpt, key = site_checkpoint(rt, site, version)
     prep = ckpt.preprocessing
     original = load_rgb(image)
     grid = prep.to_array(original)  # (S, S, 3) uint8: the pixels the model sees

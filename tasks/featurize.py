@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from emowatch.settings import Settings
 from models.quality import STAT_NAMES
+
+if TYPE_CHECKING:
+    from tasks.context import RunContext
 
 
 @dataclass
@@ -32,21 +37,23 @@ class FeatureSet:
         return len(self.shas)
 
 
-def compute_chunk(model_name: str, version: str, items: Sequence[tuple[str, str]],
-                  batch_size: int = 32) -> int:
+def compute_chunk(settings: Settings, model_name: str, version: str,
+                  items: Sequence[tuple[str, str]], batch_size: int = 32) -> int:
     """Featurize ``(sha256, path)`` pairs and cache them; returns how many were written.
 
-    Images that can no longer be decoded are skipped (they were validated at ingestion, so this
-    only happens when the content store was tampered with) and logged by the caller."""
-    from db import queries
+    Takes the settings, not a run context, because it may run in another process (a Dask
+    worker), which opens its own database engine and registry from them. Images that can no
+    longer be decoded are skipped (they were validated at ingestion, so this only happens when
+    the content store was tampered with) and logged by the caller."""
+    from db import features
     from db.session import session_scope
-    from models.data import load_rgb
     from models.evaluate import extract_features
+    from models.images import load_rgb
     from models.quality import image_stats
-    from tasks.context import load_model, prepare
+    from tasks.context import Runtime
 
-    _, engine = prepare()
-    ckpt, _ = load_model(model_name, version)
+    rt = Runtime.open(settings)
+    ckpt, _ = rt.registry.load_model(model_name, version)
     prep = ckpt.preprocessing
     shas, grids, quals = [], [], []
     for sha, path in items:
@@ -60,46 +67,49 @@ def compute_chunk(model_name: str, version: str, items: Sequence[tuple[str, str]
     if not shas:
         return 0
     z, p = extract_features(ckpt, np.stack(grids), batch_size=batch_size)
-    with session_scope(engine) as s:
-        return queries.put_features(
+    with session_scope(rt.engine) as s:
+        return features.put_features(
             s, f"{model_name}/{version}", list(zip(shas, z, p, quals, strict=True))
         )
 
 
 @task(name="featurize-chunk", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def featurize_chunk(model_name: str, version: str, items: list[tuple[str, str]], batch_size: int) -> int:
-    return compute_chunk(model_name, version, items, batch_size)
+def featurize_chunk(settings: Settings, model_name: str, version: str,
+                    items: list[tuple[str, str]], batch_size: int) -> int:
+    return compute_chunk(settings, model_name, version, items, batch_size)
 
 
-def load_cached(model_key: str, shas: Sequence[str]) -> dict:
-    from db import queries
+def load_cached(ctx: RunContext, model_key: str, shas: Sequence[str]) -> dict:
+    from db import features
     from db.session import session_scope
-    from tasks.context import prepare
 
-    _, engine = prepare()
-    with session_scope(engine) as s:
-        return queries.get_features(s, shas, model_key)
+    with session_scope(ctx.engine) as s:
+        return features.get_features(s, shas, model_key)
 
 
 @task(name="featurize-images", cache_policy=NO_CACHE)
-def featurize_images(model_name: str, version: str, items: list[tuple[str, str]],
-                     chunk_size: int = 256, batch_size: int = 32) -> FeatureSet:
-    """Features of every ``(sha256, store_path)``, computing only what is not cached yet.
+def featurize_images(ctx: RunContext, items: list[tuple[str, str]], chunk_size: int = 256
+                     ) -> FeatureSet:
+    """Features of every ``(sha256, store_path)`` under the model serving ``ctx``'s site,
+    computing only what is not cached yet.
 
     Runs the missing chunks through the flow's task runner (parallel on Dask)."""
     log = get_run_logger()
-    key = f"{model_name}/{version}"
+    model_name, version = ctx.model.name, ctx.model.version
+    key = ctx.model.key
+    batch_size = ctx.settings.featurize_batch
     shas = [s for s, _ in items]
-    cached = load_cached(key, shas)
+    cached = load_cached(ctx, key, shas)
     missing = [(s, p) for s, p in items if s not in cached]
     if missing:
         chunks = [missing[i:i + chunk_size] for i in range(0, len(missing), chunk_size)]
         log.info("featurizing %d new images with %s in %d chunk(s) (%d cached)",
                  len(missing), key, len(chunks), len(cached))
-        futures = [featurize_chunk.submit(model_name, version, c, batch_size) for c in chunks]
+        futures = [featurize_chunk.submit(ctx.settings, model_name, version, c, batch_size)
+                   for c in chunks]
         written = sum(f.result() for f in futures)
         log.info("featurized %d images", written)
-        cached = load_cached(key, shas)
+        cached = load_cached(ctx, key, shas)
     lost = [s for s in shas if s not in cached]
     if lost:
         log.warning("%d images could not be decoded from the content store and are left out: %s",

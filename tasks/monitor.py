@@ -3,40 +3,56 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from emowatch.settings import Settings
+from emowatch.jsonable import plain
 from emowatch.sites import Site
 from models.drift import CombinedDrift, DriftConfig, DriftResult
 from models.quality import describe_shift
 from tasks.featurize import FeatureSet
 
+if TYPE_CHECKING:
+    from tasks.context import RunContext
+
 DRIFT_EVENT = "emowatch.drift.detected"
 
 
-def window_items(site_id: int, window: int) -> tuple[list[tuple[str, str]], list[int], Any, Any]:
-    """The site's ``window`` most recent images: ([(sha, store_path)], ids, oldest, newest)."""
-    from db import queries
-    from db.session import session_scope
-    from tasks.context import prepare
+@dataclass(frozen=True)
+class Window:
+    """The site's most recent images: what one check tests."""
 
-    _, engine = prepare()
-    with session_scope(engine) as s:
-        rows = queries.recent_images(s, site_id, window)
+    items: list[tuple[str, str]]  # (sha256, store path), newest first
+    ids: list[int]  # image row ids, aligned with items
+    oldest: dt.datetime | None
+    newest: dt.datetime | None
+
+    def ids_of(self, shas: list[str]) -> list[int]:
+        by_sha = {sha: i for i, (sha, _) in zip(self.ids, self.items, strict=True)}
+        return [by_sha[s] for s in shas]
+
+
+def window_items(ctx: RunContext, window: int) -> Window:
+    """The site's ``window`` most recent images."""
+    from db import inbox
+    from db.session import session_scope
+
+    with session_scope(ctx.engine) as s:
+        rows = inbox.recent_images(s, ctx.site_id, window)
         items = [(r.sha256, r.store_path) for r in rows]
         ids = [r.id for r in rows]
         times = [r.ingested_at for r in rows]
-    return items, ids, (min(times) if times else None), (max(times) if times else None)
+    return Window(items, ids, min(times) if times else None, max(times) if times else None)
 
 
 @task(name="select-window", cache_policy=NO_CACHE)
-def select_window(site_id: int, window: int):
-    return window_items(site_id, window)
+def select_window(ctx: RunContext) -> Window:
+    return window_items(ctx, ctx.site.drift.window)
 
 
 def drift_config(site: Site) -> DriftConfig:
@@ -80,13 +96,14 @@ def _fmt(x: float | None) -> str:
 
 
 @task(name="evidently-report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def evidently_report(settings: Settings, site: Site, profile: Any, fs: FeatureSet,
+def evidently_report(ctx: RunContext, profile: Any, fs: FeatureSet,
                      stamp: dt.datetime, decision: str) -> dict[str, str | None]:
     """Evidently report (HTML + JSON) on PCA components, predicted classes and image quality,
     added to the site's project in the local Evidently workspace. Evidently explains; the
     calibrated test decides. Never fails the monitor run: errors are logged and returned."""
     from tasks import report
 
+    settings, site = ctx.settings, ctx.site
     log = get_run_logger()
     if len(fs) < 2:
         return {"html": None, "json": None, "error": "fewer than 2 current images"}
@@ -116,38 +133,20 @@ def evidently_report(settings: Settings, site: Site, profile: Any, fs: FeatureSe
 
 
 @task(name="record-drift-check", cache_policy=NO_CACHE)
-def record_check(site_id: int, model_key: str, result: DriftResult, phrases: list[str],
-                 image_ids: list[int], window: tuple[Any, Any], reports: dict[str, Any]) -> int:
-    from db.models import DriftCheck
+def record_check(ctx: RunContext, result: DriftResult, phrases: list[str], image_ids: list[int],
+                 window: Window, reports: dict[str, Any]) -> int:
+    from db import checks
     from db.session import session_scope
-    from tasks.context import prepare
 
-    _, engine = prepare()
-    name, version = model_key.rsplit("/", 1)
-    with session_scope(engine) as s:
-        row = DriftCheck(
-            site_id=site_id, model_name=name, model_version=version, decision=result.decision,
-            p_value=result.p_value, statistic=result.statistic, threshold=result.threshold,
-            method=result.method, n_ref=result.n_ref, n_cur=result.n_cur,
-            window_start=window[0], window_end=window[1], image_ids=image_ids,
-            details={**_jsonable(result.details), "quality_shift": phrases},
+    with session_scope(ctx.engine) as s:
+        return checks.add_check(
+            s, site_id=ctx.site_id, model_name=ctx.model.name, model_version=ctx.model.version,
+            decision=result.decision, p_value=result.p_value, statistic=result.statistic,
+            threshold=result.threshold, method=result.method, n_ref=result.n_ref,
+            n_cur=result.n_cur, window_start=window.oldest, window_end=window.newest,
+            image_ids=image_ids, details={**plain(result.details), "quality_shift": phrases},
             report_html=reports.get("html"), report_json=reports.get("json"),
         )
-        s.add(row)
-        s.flush()
-        return row.id
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
 
 
 def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[str],
@@ -182,31 +181,29 @@ def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[st
 
 
 @task(name="drift-alert", cache_policy=NO_CACHE)
-def alert_on_drift(settings: Settings, site: Site, site_id: int, check_id: int, result: DriftResult,
-                   phrases: list[str], model_key: str, reports: dict[str, Any]) -> int | None:
+def alert_on_drift(ctx: RunContext, check_id: int, result: DriftResult, phrases: list[str],
+                   reports: dict[str, Any]) -> int | None:
     """Queue the drift e-mail (unless the site's cool-down holds) and link it to the check."""
-    from db.models import DriftCheck
+    from db import checks
     from db.session import session_scope
     from tasks import notify
-    from tasks.context import prepare
 
     log = get_run_logger()
-    _, engine = prepare(settings)
+    site, settings = ctx.site, ctx.settings
     cooldown = site.drift.cooldown_minutes
     if cooldown is None:
         cooldown = settings.alert_cooldown_minutes
-    with session_scope(engine) as s:
-        if not notify.should_alert(s, site_id, "drift", cooldown):
+    with session_scope(ctx.engine) as s:
+        if not notify.should_alert(s, ctx.site_id, "drift", cooldown):
             log.info("drift alert for %s suppressed by the %d-minute cool-down", site.name, cooldown)
             return None
-        subject, body = drift_email(site, check_id, result, phrases, model_key, reports)
+        subject, body = drift_email(site, check_id, result, phrases, ctx.model.key, reports)
         attachments = [reports["html"]] if reports.get("html") else []
-        alert = notify.queue_email(s, site_id=site_id, kind="drift", recipients=site.approvers or [settings.mail_from],
+        alert = notify.queue_email(s, site_id=ctx.site_id, kind="drift",
+                                   recipients=site.approvers or [settings.mail_from],
                                    subject=subject, body=body, attachments=attachments)
-        s.flush()
-        s.get(DriftCheck, check_id).alert_id = alert.id
-        alert_id = alert.id
-    return alert_id
+        checks.update_check(s, check_id, alert_id=alert.id)
+        return alert.id
 
 
 @task(name="emit-drift-event", cache_policy=NO_CACHE)
@@ -224,40 +221,30 @@ def emit_drift_event(site: Site, check_id: int, result: DriftResult) -> str | No
 
 
 @task(name="log-check-to-mlflow", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def log_check_to_mlflow(site: Site, check_id: int, model_key: str, result: DriftResult,
+def log_check_to_mlflow(ctx: RunContext, check_id: int, result: DriftResult,
                         reports: dict[str, Any]) -> str | None:
-    """The check as an MLflow run (metrics + report artifacts) in experiment emowatch-monitor."""
-    import mlflow
+    """The check as an MLflow run (metrics + report artifacts) in experiment emowatch-monitor,
+    linked from the check's row. Tracking is not worth failing a check for: errors are logged."""
+    from db import checks
+    from db.session import session_scope
 
-    from tasks import registry
-
+    site = ctx.site
     try:
-        exp = registry.ensure_experiment("emowatch-monitor")
-        with mlflow.start_run(experiment_id=exp, run_name=f"{site.name}-check-{check_id}") as run:
-            mlflow.set_tags({"emowatch.site": site.name, "emowatch.model": model_key,
-                             "emowatch.decision": result.decision, "emowatch.check_id": str(check_id)})
-            mlflow.log_metrics({k: float(v) for k, v in (("p_value", result.p_value),
-                                ("statistic", result.statistic), ("n_cur", result.n_cur),
-                                ("n_ref", result.n_ref)) if v is not None})
-            for key in ("html", "json"):
-                if reports.get(key):
-                    mlflow.log_artifact(reports[key], artifact_path="evidently")
-            return run.info.run_id
-    except Exception as e:  # noqa: BLE001 - tracking is not worth failing a check for
+        metrics = {k: float(v) for k, v in (("p_value", result.p_value),
+                   ("statistic", result.statistic), ("n_cur", result.n_cur),
+                   ("n_ref", result.n_ref)) if v is not None}
+        run_id = ctx.registry.log_run(
+            "emowatch-monitor", f"{site.name}-check-{check_id}",
+            tags={"emowatch.site": site.name, "emowatch.model": ctx.model.key,
+                  "emowatch.decision": result.decision, "emowatch.check_id": str(check_id)},
+            metrics=metrics,
+            artifacts=[(reports[k], "evidently") for k in ("html", "json") if reports.get(k)])
+    except Exception as e:  # noqa: BLE001
         get_run_logger().warning("could not log the check to MLflow: %s", e)
         return None
-
-
-def set_check_run(check_id: int, run_id: str | None) -> None:
-    from db.models import DriftCheck
-    from db.session import session_scope
-    from tasks.context import prepare
-
-    if run_id is None:
-        return
-    _, engine = prepare()
-    with session_scope(engine) as s:
-        s.get(DriftCheck, check_id).mlflow_run_id = run_id
+    with session_scope(ctx.engine) as s:
+        checks.update_check(s, check_id, mlflow_run_id=run_id)
+    return run_id
 
 
 @task(name="prefect-artifact", cache_policy=NO_CACHE)

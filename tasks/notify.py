@@ -37,22 +37,21 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, getaddresses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from db import outbox
 from db.models import Alert, utcnow
 
 if TYPE_CHECKING:
     from emowatch.settings import Settings
+    from tasks.context import Runtime
 
 log = logging.getLogger(__name__)
-
-RETRYABLE = ("pending", "failed")
 # A deliverer that claimed a row and then died leaves it "sending"; after this long another run
 # may take it over. Far above one SMTP exchange (timeout 10 s by default), so a slow but live
 # deliverer is never doubled.
@@ -101,11 +100,9 @@ def queue_email(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"attachments not found: {', '.join(missing)}")
-    alert = Alert(site_id=site_id, kind=kind, recipients=rcpts, subject=subject, body=body,
-                  attachments=[str(p) for p in paths], status="pending", attempts=0)
-    session.add(alert)
-    session.flush()  # assigns alert.id
-    return alert
+    return outbox.add_alert(session, site_id=site_id, kind=kind, recipients=rcpts,
+                            subject=subject, body=body, attachments=[str(p) for p in paths],
+                            status="pending", attempts=0)
 
 
 def should_alert(session: Session, site_id: int | None, kind: str, cooldown_minutes: float) -> bool:
@@ -119,11 +116,7 @@ def should_alert(session: Session, site_id: int | None, kind: str, cooldown_minu
     if cooldown_minutes == 0:
         return True
     since = utcnow() - dt.timedelta(minutes=cooldown_minutes)
-    site_clause = Alert.site_id.is_(None) if site_id is None else Alert.site_id == site_id
-    q = sa.select(sa.func.count()).select_from(Alert).where(
-        site_clause, Alert.kind == kind, Alert.created_at >= since
-    )
-    return session.scalar(q) == 0
+    return outbox.count_since(session, site_id, kind, since) == 0
 
 
 # --- messages -------------------------------------------------------------------------------------
@@ -157,9 +150,9 @@ def build_message(alert: Alert, mail_from: str) -> EmailMessage:
     return msg
 
 
-def _write_eml(msg: EmailMessage, alert: Alert, outbox: Path) -> Path:
-    outbox.mkdir(parents=True, exist_ok=True)
-    path = outbox / f"alert-{alert.id:06d}-{_safe(alert.kind)}.eml"
+def _write_eml(msg: EmailMessage, alert: Alert, outbox_dir: Path) -> Path:
+    outbox_dir.mkdir(parents=True, exist_ok=True)
+    path = outbox_dir / f"alert-{alert.id:06d}-{_safe(alert.kind)}.eml"
     tmp = path.with_suffix(".eml.tmp")
     tmp.write_bytes(msg.as_bytes())
     os.replace(tmp, path)  # readers never see half a file
@@ -212,39 +205,6 @@ def _sessions(source: SessionSource) -> Callable[[], Session]:
     return source
 
 
-def _deliverable(max_attempts: int, now: dt.datetime) -> Any:
-    # A stale "sending" row is taken over whatever its attempts: its deliverer died mid-way and
-    # the row would otherwise stay "sending" for ever.
-    return sa.or_(
-        sa.and_(Alert.status.in_(RETRYABLE), Alert.attempts < max_attempts),
-        sa.and_(Alert.status == "sending", Alert.updated_at < now - STALE_SENDING),
-    )
-
-
-def _claim(make: Callable[[], Session], alert_id: int, max_attempts: int) -> Alert | None:
-    """Atomically take one row (status -> sending, attempts + 1); None if another run has it."""
-    now = utcnow()
-    with make() as s, s.begin():
-        res = s.execute(
-            sa.update(Alert)
-            .where(Alert.id == alert_id, _deliverable(max_attempts, now))
-            .values(status="sending", attempts=Alert.attempts + 1, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        if res.rowcount != 1:
-            return None
-        alert = s.get(Alert, alert_id)
-        s.expunge(alert)
-        return alert
-
-
-def _finish(make: Callable[[], Session], alert_id: int, **values: Any) -> None:
-    with make() as s, s.begin():
-        s.execute(sa.update(Alert).where(Alert.id == alert_id)
-                  .values(updated_at=utcnow(), **values)
-                  .execution_options(synchronize_session=False))
-
-
 def deliver_pending(
     sessions: SessionSource,
     settings: Settings,
@@ -261,20 +221,15 @@ def deliver_pending(
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     make = _sessions(sessions)
-    now = utcnow()
     with make() as s:
-        ids = s.scalars(
-            sa.select(Alert.id)
-            .where(_deliverable(max_attempts, now))
-            .order_by(Alert.id)
-        ).all()
+        ids = outbox.deliverable_ids(s, max_attempts, STALE_SENDING)
 
     counts = {"sent": 0, "kept": 0, "failed": 0, "skipped": 0}
     smtp: smtplib.SMTP | None = None
     connect_error: str | None = None  # one refused connection fails the rest of this run fast
     try:
         for alert_id in ids:
-            alert = _claim(make, alert_id, max_attempts)
+            alert = outbox.claim(make, alert_id, max_attempts, STALE_SENDING)
             if alert is None:
                 counts["skipped"] += 1
                 continue
@@ -282,12 +237,12 @@ def deliver_pending(
                 msg = build_message(alert, settings.mail_from)
                 eml = str(_write_eml(msg, alert, Path(settings.outbox_dir)))
             except (OSError, ValueError) as e:  # unreadable attachment, full disk, bad header
-                _finish(make, alert_id, status="failed", last_error=_describe(e))
+                outbox.finish(make, alert_id, status="failed", last_error=_describe(e))
                 counts["failed"] += 1
                 log.warning("alert %s: cannot build message: %s", alert_id, e)
                 continue
             if not settings.smtp_host:
-                _finish(make, alert_id, status="kept", eml_path=eml, last_error=None)
+                outbox.finish(make, alert_id, status="kept", eml_path=eml, last_error=None)
                 counts["kept"] += 1
                 continue
             if smtp is None and connect_error is None:
@@ -297,7 +252,7 @@ def deliver_pending(
                     connect_error = f"connect {settings.smtp_host}:{settings.smtp_port}: {_describe(e)}"
                     log.warning("no SMTP session: %s", connect_error)
             if connect_error is not None:
-                _finish(make, alert_id, status="failed", eml_path=eml, last_error=connect_error)
+                outbox.finish(make, alert_id, status="failed", eml_path=eml, last_error=connect_error)
                 counts["failed"] += 1
                 continue
             assert smtp is not None
@@ -305,7 +260,7 @@ def deliver_pending(
                 refused = smtp.send_message(msg, from_addr=settings.mail_from,
                                             to_addrs=list(alert.recipients))
             except (smtplib.SMTPException, OSError) as e:
-                _finish(make, alert_id, status="failed", eml_path=eml, last_error=_describe(e))
+                outbox.finish(make, alert_id, status="failed", eml_path=eml, last_error=_describe(e))
                 counts["failed"] += 1
                 log.warning("alert %s not sent: %s", alert_id, e)
                 if isinstance(e, smtplib.SMTPServerDisconnected | OSError):
@@ -314,14 +269,13 @@ def deliver_pending(
                 continue
             # Some recipients refused (others accepted): sent, with the refusals on record.
             note = f"refused: {refused}"[:_MAX_ERROR_CHARS] if refused else None
-            _finish(make, alert_id, status="sent", sent_at=utcnow(), eml_path=eml, last_error=note)
+            outbox.finish(make, alert_id, status="sent", sent_at=utcnow(), eml_path=eml, last_error=note)
             counts["sent"] += 1
     finally:
         _close(smtp)
 
     with make() as s:
-        exhausted = s.scalar(sa.select(sa.func.count()).select_from(Alert).where(
-            Alert.status == "failed", Alert.attempts >= max_attempts))
+        exhausted = outbox.count_exhausted(s, max_attempts)
     if exhausted:
         log.error("%d alert(s) failed %d times and are no longer retried", exhausted, max_attempts)
     return DeliverySummary(**counts, exhausted=int(exhausted or 0))
@@ -329,25 +283,13 @@ def deliver_pending(
 
 # --- Prefect ----------------------------------------------------------------------------------------
 @task(name="deliver-alerts", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
-def deliver_alerts(
-    sessions: SessionSource | None = None,
-    settings: Settings | None = None,
-    max_attempts: int = 5,
-) -> DeliverySummary:
+def deliver_alerts(rt: Runtime, max_attempts: int = 5) -> DeliverySummary:
     """Prefect task around :func:`deliver_pending`.
 
     A down mail server does not fail this task (the outbox retries on the next run); the
     Prefect retries cover what does raise: a database that is briefly unreachable or locked.
     """
-    if settings is None:
-        from emowatch.settings import get_settings
-
-        settings = get_settings()
-    if sessions is None:
-        from db.session import get_engine
-
-        sessions = get_engine(settings.db_url)
-    return deliver_pending(sessions, settings, max_attempts)
+    return deliver_pending(rt.engine, rt.settings, max_attempts)
 
 
 __all__ = [

@@ -5,34 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from emowatch.settings import Settings
+from tasks.context import Runtime
 
 
-def site_checkpoint(settings: Settings, site: str, version: str | None) -> tuple[Any, str]:
+def site_checkpoint(rt: Runtime, site: str, version: str | None) -> tuple[Any, str]:
     """(Checkpoint, "name/version"): the site's champion, or a given version of its model;
     a site without a model of its own uses the source champion."""
-    from tasks import registry
-    from tasks.context import load_model, prepare
+    from tasks.registry import SOURCE_MODEL, site_model_name
 
-    prepare(settings)
+    reg = rt.registry
     if version is not None:
-        name = registry.site_model_name(site)
-        if not registry.list_versions(name):
-            name = registry.SOURCE_MODEL
-        ckpt, _ = load_model(name, str(version))
+        name = site_model_name(site)
+        if not reg.list_versions(name):
+            name = SOURCE_MODEL
+        ckpt, _ = reg.load_model(name, str(version))
         return ckpt, f"{name}/{version}"
-    name, v, _ = registry.resolve_site_model(site)
-    ckpt, _ = load_model(name, v)
+    name, v, _ = reg.resolve_site_model(site)
+    ckpt, _ = reg.load_model(name, v)
     return ckpt, f"{name}/{v}"
 
 
-def predict_paths(settings: Settings, site: str, paths: list[str], version: str | None = None,
+def predict_paths(rt: Runtime, site: str, paths: list[str], version: str | None = None,
                   batch_size: int = 32) -> list[dict[str, Any]]:
     """One ``{"path", "label", "probs": {class: p}}`` per image (unreadable: ``"error"``)."""
-    from models.data import load_rgb
     from models.evaluate import predict_arrays
+    from models.images import load_rgb
 
-    ckpt, key = site_checkpoint(settings, site, version)
+    ckpt, key = site_checkpoint(rt, site, version)
     out: list[dict[str, Any]] = []
     ok_idx, grids = [], []
     for i, p in enumerate(paths):
@@ -57,14 +56,14 @@ def predict_paths(settings: Settings, site: str, paths: list[str], version: str 
     return out
 
 
-def evaluate_folder(settings: Settings, site: str, data: str, version: str | None = None) -> dict[str, Any]:
+def evaluate_folder(rt: Runtime, site: str, data: str, version: str | None = None) -> dict[str, Any]:
     """Accuracy, macro-F1 and per-class recall on a labelled ``<class>/<image>`` folder.
 
     Folder class names must be among the model's classes (others are refused, not guessed)."""
     from models.data import read_image_folder
     from models.evaluate import evaluate
 
-    ckpt, key = site_checkpoint(settings, site, version)
+    ckpt, key = site_checkpoint(rt, site, version)
     found = sorted(p.name for p in Path(data).iterdir() if p.is_dir() and not p.name.startswith("."))
     unknown = [c for c in found if c not in ckpt.classes]
     if unknown:

@@ -12,13 +12,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from models.data import LabelledSet
+
+if TYPE_CHECKING:
+    from tasks.context import Runtime
 
 # Fractions of the labelled training domain held out: validation drives early stopping and is
 # the "source accuracy kept" gate; test is never touched by training or gates (README figures).
@@ -112,7 +115,7 @@ def evaluate_test(ckpt: Any, splits: SourceSplits) -> Any:
 
 def build_profile(ckpt: Any, images: list[Any], seed: int) -> Any:
     """Reference profile = held-out features + softmax + image-quality statistics."""
-    from models.data import load_rgb
+    from models.images import load_rgb
     from models.profile import build_reference_profile
     from models.quality import batch_stats
 
@@ -132,14 +135,14 @@ def reference_profile(ckpt: Any, splits: SourceSplits, seed: int) -> Any:
 
 
 @task(name="register-source-model", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
-def register(result: Any, test_metrics: Any, profile: Any, spec: SourceSpec,
+def register(rt: Runtime, result: Any, test_metrics: Any, profile: Any, spec: SourceSpec,
              promote: bool | None) -> dict[str, Any]:
     """Log to MLflow and register a version of emowatch-source.
 
     The first version becomes ``champion``; later ones become ``challenger`` unless
     ``promote`` is true (a new source model changes every site that still follows it)."""
     from models.plots import confusion_matrix_figure, training_curves_figure
-    from tasks import registry
+    from tasks.registry import CHALLENGER, CHAMPION, SOURCE_MODEL
 
     ckpt = result.checkpoint
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,8 +153,8 @@ def register(result: Any, test_metrics: Any, profile: Any, spec: SourceSpec,
         fig.savefig(tmp_p / "confusion_test.png", dpi=110, bbox_inches="tight")
         fig2 = training_curves_figure(result.history)
         fig2.savefig(tmp_p / "training_curves.png", dpi=110, bbox_inches="tight")
-        first = registry.get_alias_version(registry.SOURCE_MODEL, registry.CHAMPION) is None
-        alias = registry.CHAMPION if (first or promote) else registry.CHALLENGER
+        first = rt.registry.get_alias_version(SOURCE_MODEL, CHAMPION) is None
+        alias = CHAMPION if (first or promote) else CHALLENGER
         metrics = {
             "val_accuracy": result.val_metrics.accuracy,
             "val_macro_f1": result.val_metrics.macro_f1,
@@ -161,9 +164,9 @@ def register(result: Any, test_metrics: Any, profile: Any, spec: SourceSpec,
             "cache_seconds": result.cache_seconds,
             "best_epoch": result.best_epoch,
         }
-        reg = registry.log_and_register(
+        reg = rt.registry.log_and_register(
             ckpt,
-            model_name=registry.SOURCE_MODEL,
+            model_name=SOURCE_MODEL,
             reference_profile_path=prof,
             metrics=metrics,
             params={"net": ckpt.model.config.to_dict(), "train": ckpt.config.get("train", {}),

@@ -73,17 +73,24 @@ def pg_schema_url(pg_url: str):
 
 @pytest.fixture()
 def settings(tmp_path, monkeypatch):
-    """Settings pointing all state into a temp dir."""
-    from emowatch.settings import Settings, reset_settings
+    """Settings pointing all state into a temp dir (the environment says the same, for the
+    code under test that starts from ``Settings()``, like the CLI)."""
+    from emowatch.settings import Settings
 
     monkeypatch.setenv("EMOWATCH_HOME", str(tmp_path / "home"))
     for k in ("EMOWATCH_DATABASE_URL", "EMOWATCH_MLFLOW_TRACKING_URI", "EMOWATCH_SMTP_HOST"):
         monkeypatch.delenv(k, raising=False)
-    reset_settings()
     s = Settings()
     s.ensure_dirs()
-    yield s
-    reset_settings()
+    return s
+
+
+@pytest.fixture()
+def runtime(settings):
+    """A Runtime (migrated SQLite database, MLflow registry) in the temp home."""
+    from tasks.context import Runtime
+
+    return Runtime.open(settings)
 
 
 @pytest.fixture(scope="session")

@@ -3,58 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from deployments.admin import redact_url
-
-
-@pytest.fixture(autouse=True)
-def _isolated():
-    """Every test prepares its own database and MLflow URIs: forget them afterwards."""
-    import mlflow
-
-    from db.session import dispose_engines
-    from tasks import registry
-    from tasks.context import forget_prepared
-
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved_uris = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    forget_prepared()
-    dispose_engines()
-    yield
-    forget_prepared()
-    dispose_engines()
-    registry._state = None
-    mlflow.set_tracking_uri(saved_uris[0])
-    mlflow.set_registry_uri(saved_uris[1])
-    for k, v in saved_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
 
 @pytest.fixture()
 def project(settings, monkeypatch, tmp_path):
-    """Settings whose sites file (not yet written) is tmp/cfg/sites.toml."""
-    from emowatch.settings import Settings, reset_settings
+    """A Runtime whose sites file (not yet written) is tmp/cfg/sites.toml."""
+    from tasks.context import Runtime
 
-    monkeypatch.setenv("EMOWATCH_SITES_FILE", str(tmp_path / "cfg" / "sites.toml"))
-    reset_settings()
-    return Settings()
-
-
-def test_redact_url_hides_passwords_only():
-    assert redact_url("postgresql+psycopg://emo:s3cr%40t@db:5432/emowatch") == \
-        "postgresql+psycopg://emo:***@db:5432/emowatch"
-    assert redact_url("https://user:pw@mlflow.example.org/") == "https://user:***@mlflow.example.org/"
-    assert redact_url("postgresql://emo@db/emowatch") == "postgresql://emo@db/emowatch"
-    assert redact_url("sqlite:////tmp/x/emowatch.db") == "sqlite:////tmp/x/emowatch.db"
-    assert redact_url(None) is None
+    return Runtime.open(settings.model_copy(update={"sites_file": tmp_path / "cfg" / "sites.toml"}))
 
 
 def test_init_creates_database_and_example_sites_file(project):
@@ -66,22 +26,22 @@ def test_init_creates_database_and_example_sites_file(project):
 
     r = init_project(project)
     json.dumps(r)
-    sites_file = Path(project.sites_file)
+    sites_file = Path(project.settings.sites_file)
     assert r["sites_file_created"] is True and r["sites"] == ["example"] and r["note"] is None
     assert r["sites_file"] == str(sites_file.resolve()) and sites_file.is_file()
     assert r["db_revision"] == head()
-    assert r["database"] == project.db_url and r["tracking_uri"] == project.tracking_uri
-    db_file = Path(project.db_url.removeprefix("sqlite:///"))
+    assert r["database"] == project.settings.db_url and r["tracking_uri"] == project.settings.tracking_uri
+    db_file = Path(project.settings.db_url.removeprefix("sqlite:///"))
     assert db_file.is_file()
-    eng = sa.create_engine(project.db_url)
+    eng = sa.create_engine(project.settings.db_url)
     with eng.connect() as c:
         assert c.execute(sa.text("select name from sites")).scalars().all() == ["example"]
     eng.dispose()
     site = load_sites(sites_file)["example"]
-    assert site.inbox.is_dir() and site.inbox == (Path(project.home) / "inboxes/example").resolve()
+    assert site.inbox.is_dir() and site.inbox == (Path(project.settings.home) / "inboxes/example").resolve()
     assert site.policy == "manual" and site.approvers == ["approver@localhost"]
     for d in ("store", "reports", "outbox", "cache"):
-        assert (Path(project.home) / d).is_dir()
+        assert (Path(project.settings.home) / d).is_dir()
 
     # A second init never overwrites the file; it registers the sites it now holds.
     text = sites_file.read_text() + '\n[sites.lab-2]\ninbox = "inbox2"\npolicy = "auto"\n'
@@ -97,7 +57,7 @@ def test_init_without_example_and_no_sites_file(project):
 
     r = init_project(project, write_example=False)
     assert r["sites"] == [] and not r["sites_file_created"] and "no sites file" in r["note"]
-    assert not Path(project.sites_file).exists()
+    assert not Path(project.settings.sites_file).exists()
 
 
 def test_list_sites_shape(project):
@@ -115,22 +75,20 @@ def test_list_sites_shape(project):
     assert (row["champion"], row["challenger"], row["serving"]) == (None, None, None)
     assert row["drift"]["alpha"] == 0.05 and row["drift"]["min_samples"] == 30
     # Reading the list does not create an MLflow store.
-    assert not Path(project.tracking_uri.removeprefix("sqlite:///")).exists()
+    assert not Path(project.settings.tracking_uri.removeprefix("sqlite:///")).exists()
 
 
-def _add_drift_check(settings, site: str, decision: str, p: float) -> int:
-    from db import queries
-    from db.models import DriftCheck
-    from db.session import get_engine, session_scope
+def _add_drift_check(rt, site: str, decision: str, p: float) -> int:
+    from db import checks
+    from db.session import session_scope
+    from db.sites import require_site_row
 
-    with session_scope(get_engine(settings.db_url)) as s:
-        sid = queries.require_site_row(s, site).id
-        d = DriftCheck(site_id=sid, model_name="emowatch-source", model_version="1",
-                       decision=decision, p_value=p, statistic=0.3, threshold=0.05,
-                       method="mmd+bbsd", n_ref=200, n_cur=64, report_html="/r/drift.html")
-        s.add(d)
-        s.flush()
-        return d.id
+    with session_scope(rt.engine) as s:
+        sid = require_site_row(s, site).id
+        return checks.add_check(s, site_id=sid, model_name="emowatch-source", model_version="1",
+                                decision=decision, p_value=p, statistic=0.3, threshold=0.05,
+                                method="mmd+bbsd", n_ref=200, n_cur=64,
+                                report_html="/r/drift.html")
 
 
 def test_site_status_details_and_unknown_site(project):
@@ -153,19 +111,19 @@ def test_site_status_details_and_unknown_site(project):
     assert (d["n_cur"], d["report_html"], d["model"]) == (64, "/r/drift.html", "emowatch-source/1")
     assert d["created_at"] and ex["drift_checks"] == 2 and ex["last_drift"] == "drift"
     assert r["totals"]["drift_checks"] == 2 and r["totals"]["sites"] == 1
-    assert r["outbox"] == {} and r["database"] == project.db_url
+    assert r["outbox"] == {} and r["database"] == project.settings.db_url
 
     with pytest.raises(SitesFileError, match="unknown site 'nope'.*example"):
         site_status(project, "nope")
 
 
 def test_outbox_status_and_send(project):
-    from db.session import get_engine, session_scope
+    from db.session import session_scope
     from deployments.admin import init_project, outbox_status
     from tasks import notify
 
     init_project(project)
-    with session_scope(get_engine(project.db_url)) as s:
+    with session_scope(project.engine) as s:
         notify.queue_email(s, site_id=1, kind="drift", recipients=["ops@example.org"],
                            subject="[emowatch] drift at example", body="p=0.001")
     r = outbox_status(project)
@@ -193,8 +151,9 @@ def site_status_outbox(settings):
 @pytest.mark.postgres
 def test_status_on_postgresql(project, pg_schema_url):
     from deployments.admin import init_project, outbox_status, site_status
+    from tasks.context import Runtime
 
-    pg = project.model_copy(update={"database_url": pg_schema_url})
+    pg = Runtime.open(project.settings.model_copy(update={"database_url": pg_schema_url}))
     r = init_project(pg)
     assert r["sites"] == ["example"] and r["database"].startswith("postgresql")
     _add_drift_check(pg, "example", "insufficient_data", float("nan"))

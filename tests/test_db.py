@@ -13,6 +13,10 @@ import pytest
 import sqlalchemy as sa
 
 from db import migrate
+from db.features import from_blob, get_feature, get_features, put_features, to_blob
+from db.inbox import recent_images
+from db.locks import acquire_lock, lock_holder, release_lock
+from db.migrate import init_db
 from db.models import (
     Alert,
     Base,
@@ -23,21 +27,9 @@ from db.models import (
     SiteRow,
     utcnow,
 )
-from db.queries import (
-    acquire_lock,
-    from_blob,
-    get_feature,
-    get_features,
-    get_site_row,
-    lock_holder,
-    put_features,
-    recent_images,
-    release_lock,
-    status_counts,
-    to_blob,
-    upsert_site,
-)
-from db.session import init_db, make_engine, session_scope
+from db.session import make_engine, session_scope
+from db.sites import get_site_row, upsert_site
+from db.status import status_counts
 from emowatch.sites import Site
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +129,7 @@ def test_schema_diff_detects_a_difference(tmp_path):
 @pytest.mark.postgres
 def test_concurrent_init_db_postgres_takes_turns(pg_schema_url):
     # two processes migrating one empty schema at once: the advisory lock makes them take turns
-    code = "import sys; from db.session import init_db; print(init_db(sys.argv[1]))"
+    code = "import sys; from db.migrate import init_db; print(init_db(sys.argv[1]))"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, pg_schema_url],
@@ -210,7 +202,8 @@ def test_datetimes_are_aware_utc(engine):
 
 
 def test_importing_db_has_no_side_effects(tmp_path):
-    code = "import db.models, db.session, db.queries, db.migrate, tasks.ingest, flows.ingest"
+    code = ("import db.models, db.session, db.migrate, db.sites, db.inbox, db.features, "
+            "db.locks, db.status, db.outbox, tasks.ingest, flows.ingest")
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60)
     assert list(tmp_path.iterdir()) == []
 

@@ -7,28 +7,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-
-@pytest.fixture()
-def demo_env(monkeypatch, settings):
-    """The demo points EMOWATCH_HOME / EMOWATCH_SITES_FILE at its own state; monkeypatch puts
-    the test session's values back afterwards."""
-    for var in ("EMOWATCH_SITES_FILE", "EMOWATCH_HOME", "EMOWATCH_DATABASE_URL",
-                "EMOWATCH_MLFLOW_TRACKING_URI", "EMOWATCH_SMTP_HOST"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    from emowatch.settings import reset_settings
-
-    reset_settings()
-
 
 def test_demo_fast_catches_drift_registers_challengers_and_promotes(tmp_path, prefect_harness,
-                                                                     demo_env):
+                                                                     settings):
+    """The demo runs on its own settings (home, sites file) derived from the caller's: the
+    environment is not touched and the caller's state stays empty."""
+    import os
+
     from flows.demo import demo
 
     workdir = tmp_path / "demo"
-    out = demo(workdir=str(workdir), fast=True)
+    def ours() -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k.startswith("EMOWATCH_")}
+
+    env_before = ours()
+    out = demo(workdir=str(workdir), fast=True, settings=settings)
+    assert ours() == env_before
+    assert not (settings.home / "emowatch.db").exists()
     assert out["data"] == "generated" and out["source"]["test_accuracy"] > 0.6
     sites = {r["site"]: r for r in out["sites"]}
     assert set(sites) == {"lobby", "night-cam", "blur-cam"}

@@ -17,21 +17,15 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image, ImageFile
 
+from db.migrate import init_db
 from db.models import ImageRow, IngestionBatch, QuarantinedFile, utcnow
-from db.session import init_db, make_engine, session_scope
+from db.session import make_engine, session_scope
 from emowatch.settings import Settings
 from emowatch.sites import Site
-from tasks.ingest import (
-    IngestLimits,
-    Rejected,
-    arm_bomb_guard,
-    ingest_inbox,
-    inspect_image,
-    load_rgb,
-    scan_inbox,
-    store_path_for,
-    to_rgb,
-)
+from models.images import load_rgb
+from tasks.inbox import scan_inbox
+from tasks.ingest import ingest_inbox
+from tasks.storage import store_path_for
 
 SUMMARY_KEYS = {"site", "ingested", "duplicates", "ignored", "quarantined", "batch_id", "seconds"}
 
@@ -349,42 +343,6 @@ def test_missing_inbox_fails_the_batch(env, tmp_path):
         assert b.status == "failed" and "does not exist" in b.error
 
 
-# --- inspect_image / to_rgb units ---------------------------------------------------------------
-
-
-def test_bomb_warning_is_an_error_even_with_a_high_limit():
-    limits = IngestLimits(max_file_bytes=10**9, max_image_pixels=10**12, min_image_side=1)
-    data = _png_with_size(10_000, 10_000)  # 100 Mpx: above Pillow's warning level, below its error
-    arm_bomb_guard()
-    with pytest.raises(Rejected) as e:
-        inspect_image(data, limits)
-    assert e.value.reason == "too-large" and "bomb" in e.value.detail
-
-
-@pytest.mark.parametrize(
-    ("data", "reason"),
-    [
-        (b"", "empty"),
-        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "truncated"),  # a JPEG header that stops mid-way
-        (b"\xff\xd8\xff" + b"\x01" * 200, "corrupt"),  # JPEG magic, then no valid marker
-        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\x00", "truncated"),
-        (b"GIF89a" + b"\x00" * 4, "truncated"),
-        (b"%PDF-1.4 not an image", "not-image"),
-    ],
-)
-def test_header_failures(data, reason):
-    with pytest.raises(Rejected) as e:
-        inspect_image(data, IngestLimits(10**6, 10**6, 1))
-    assert e.value.reason == reason
-
-
-def test_to_rgb_numeric_modes():
-    f = Image.fromarray(np.full((4, 4), 0.5, np.float32))  # F in 0..1
-    assert tuple(np.asarray(to_rgb(f))[0, 0]) == (127, 127, 127)
-    i = Image.fromarray(np.full((4, 4), 200, np.int32))  # I with 8-bit values
-    assert tuple(np.asarray(to_rgb(i))[0, 0]) == (200, 200, 200)
-
-
 def test_scan_rules(tmp_path):
     inbox = tmp_path / "in"
     _write(inbox / "a/b/c.JPG", b"x")
@@ -501,7 +459,7 @@ def test_losing_an_insert_race_counts_as_duplicate(env, monkeypatch):
     assert ingest_inbox(site, settings, eng, workers=1)["ingested"] == 5
     import tasks.ingest as ti
 
-    monkeypatch.setattr(ti.q, "known_shas", lambda *a, **k: set())
+    monkeypatch.setattr(ti.rows, "known_shas", lambda *a, **k: set())
     out = ingest_inbox(site, settings, eng, workers=1)
     assert (out["ingested"], out["duplicates"]) == (0, 5)
     assert _count(eng, ImageRow) == 5
@@ -541,7 +499,7 @@ def test_ingest_site_flow(prefect_harness, settings, tmp_path):
     _write(inbox / "empty.png", b"")
     sites = tmp_path / "sites.toml"
     sites.write_text(f'[sites.flow-site]\ninbox = "{inbox}"\n', encoding="utf-8")
-    out = ingest_site("flow-site", sites_file=str(sites))
+    out = ingest_site("flow-site", settings=settings.model_copy(update={"sites_file": sites}))
     assert set(out) == SUMMARY_KEYS
     assert (out["site"], out["ingested"], out["quarantined"]) == (
         "flow-site",

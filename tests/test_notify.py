@@ -14,8 +14,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from sqlalchemy.orm import Session
 
+from db.migrate import init_db
 from db.models import Alert, SiteRow
-from db.session import init_db, make_engine
+from db.session import make_engine
 from tasks import notify
 from tests import smtp_helpers
 
@@ -282,7 +283,10 @@ def test_starttls_with_login(engine, settings, tmp_path):
 
 
 def test_prefect_task_wraps_delivery(engine, settings):
+    from tasks.context import Runtime
+
     _queue(engine)
     assert notify.deliver_alerts.retries == 2
-    summary = notify.deliver_alerts.fn(engine, settings)
+    url = engine.url.render_as_string(hide_password=False)
+    summary = notify.deliver_alerts.fn(Runtime(settings.model_copy(update={"database_url": url})))
     assert summary.kept == 1

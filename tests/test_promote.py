@@ -19,7 +19,8 @@ import torch
 from sqlalchemy import select
 
 from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
-from tasks.promote import walk_history
+from tasks.history import walk_history
+from tasks.registry import CHALLENGER, CHAMPION, SOURCE_MODEL
 
 CLASSES = ["anger", "joy", "sadness"]
 PASS = {"source_acc": {"passed": True, "value": 0.61, "threshold": 0.57},
@@ -51,65 +52,47 @@ def test_walk_history_remembers_moves_made_outside_emowatch():
 # --- fixtures ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """Settings with a tmp home, a migrated database and emowatch-source@champion registered."""
+    """A Runtime with a tmp home, a migrated database and emowatch-source@champion registered."""
     import mlflow
 
-    from db.session import dispose_engines
     from emowatch.settings import Settings
-    from tasks import registry
-    from tasks.context import forget_prepared, prepare
+    from tasks.context import Runtime
 
     root = tmp_path_factory.mktemp("promote")
-    saved_env = {k: os.environ.get(k) for k in
-                 ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
     saved_uris = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     cwd = os.getcwd()
     os.chdir(root)  # anything written to ./mlruns would land here
     settings = Settings(home=root / "home", database_url=None, mlflow_tracking_uri=None,
                         smtp_host=None, sites_file=root / "sites.toml")
-    forget_prepared()
-    prepare(settings)
+    rt = Runtime.open(settings)
 
     torch.manual_seed(0)
     cfg = NetConfig(backbone="tiny", img_size=64, pretrained=False, num_classes=len(CLASSES))
     ckpt = Checkpoint(EmotionNet(cfg).eval(), CLASSES, preprocessing_for(cfg), {"seed": 0})
     ref = root / "ref.npz"
     np.savez(ref, features=np.zeros((4, 8), np.float32))
-    registry.log_and_register(ckpt, model_name=registry.SOURCE_MODEL, reference_profile_path=ref,
-                              alias=registry.CHAMPION, run_name="source")
-    yield settings
+    rt.registry.log_and_register(ckpt, model_name=SOURCE_MODEL, reference_profile_path=ref,
+                                 alias=CHAMPION, run_name="source")
+    yield rt
 
     os.chdir(cwd)
-    forget_prepared()
-    dispose_engines()
-    registry._state = None
     mlflow.set_tracking_uri(saved_uris[0])
     mlflow.set_registry_uri(saved_uris[1])
-    for k, v in saved_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _site(env, name: str, policy: str = "manual", approvers=("lead@example.org",)):
-    """A site with its database row and version 1 (the source champion) as champion."""
-    from db import queries
-    from db.session import get_engine, session_scope
+    """The run context of a site with its database row and version 1 (the source champion)
+    as champion."""
     from emowatch.sites import Site
-    from tasks.context import ensure_site_model
 
-    site = Site(name=name, inbox=env.home / "inboxes" / name, policy=policy,
+    site = Site(name=name, inbox=env.settings.home / "inboxes" / name, policy=policy,
                 approvers=list(approvers))
-    with session_scope(get_engine(env.db_url)) as s:
-        site_id = queries.upsert_site(s, site).id
-    assert ensure_site_model(site, site_id, env).version == "1"
-    return site, site_id
+    ctx = env.site_context(name, sites={name: site}).serving()
+    assert ctx.model.version == "1"
+    return ctx
 
 
-def _challenger(site, verdict: str | None, gates=None, audit=None, alias: bool = True) -> str:
-    from tasks import registry
-
+def _challenger(ctx, verdict: str | None, gates=None, audit=None, alias: bool = True) -> str:
     tags = {}
     if verdict is not None:
         tags["emowatch.verdict"] = verdict
@@ -117,73 +100,70 @@ def _challenger(site, verdict: str | None, gates=None, audit=None, alias: bool =
         tags["emowatch.gates"] = gates
     if audit is not None:
         tags["emowatch.audit"] = audit
-    src = registry.get_alias_version(registry.SOURCE_MODEL, registry.CHAMPION)
-    v = registry.copy_to_site(registry.SOURCE_MODEL, src, site.model_name, tags=tags).version
+    src = ctx.registry.get_alias_version(SOURCE_MODEL, CHAMPION)
+    v = ctx.registry.copy_to_site(SOURCE_MODEL, src, ctx.site.model_name, tags=tags).version
     if alias:
-        registry.set_alias(site.model_name, registry.CHALLENGER, v)
+        ctx.registry.set_alias(ctx.site.model_name, CHALLENGER, v)
     return v
 
 
-def _history(env, site_id: int) -> list[tuple]:
+def _history(ctx) -> list[tuple]:
     from db.models import ModelDeployment
-    from db.session import get_engine, session_scope
+    from db.session import session_scope
 
-    with session_scope(get_engine(env.db_url)) as s:
-        q = select(ModelDeployment).where(ModelDeployment.site_id == site_id).order_by(
+    with session_scope(ctx.engine) as s:
+        q = select(ModelDeployment).where(ModelDeployment.site_id == ctx.site_id).order_by(
             ModelDeployment.id)
         return [(r.action, r.version, r.previous_version, r.actor, r.forced)
                 for r in s.scalars(q)]
 
 
-def _aliases(site) -> tuple[str | None, str | None]:
-    from tasks import registry
-
-    return (registry.get_alias_version(site.model_name, "champion"),
-            registry.get_alias_version(site.model_name, "challenger"))
+def _aliases(ctx) -> tuple[str | None, str | None]:
+    return (ctx.registry.get_alias_version(ctx.site.model_name, "champion"),
+            ctx.registry.get_alias_version(ctx.site.model_name, "challenger"))
 
 
-def _agree(env, site, site_id) -> bool:
-    from tasks.promote import consistency
+def _agree(ctx) -> bool:
+    from tasks.history import consistency
 
-    c = consistency(env, site, site_id)
+    c = consistency(ctx)
     return c["agree"] and c["registry"] is not None
 
 
 def _eml(env, alert_id: int) -> email.message.EmailMessage:
     from db.models import Alert
-    from db.session import get_engine, session_scope
+    from db.session import session_scope
 
-    with session_scope(get_engine(env.db_url)) as s:
+    with session_scope(env.engine) as s:
         a = s.get(Alert, alert_id)
         assert a.status == "kept" and a.eml_path  # no SMTP configured: the .eml is the delivery
         path = Path(a.eml_path)
-    assert path.is_file() and path.parent == Path(env.outbox_dir)
+    assert path.is_file() and path.parent == Path(env.settings.outbox_dir)
     return email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
 
 
 # --- approve ------------------------------------------------------------------------------------------------
 def test_approve_moves_aliases_tags_and_history(env):
-    from tasks import registry
     from tasks.promote import promote_version
 
-    site, sid = _site(env, "ap")
+    site = _site(env, "ap")
     v = _challenger(site, "pass", PASS, audit={"challenger": 0.7, "champion": 0.69})
     assert v == "2" and _aliases(site) == ("1", "2")
 
-    r = promote_version(env, site, sid, v, "approve", "alice", "looks good")
+    r = promote_version(site, v, "approve", "alice", "looks good")
     assert (r["champion"], r["challenger"], r["previous_champion"]) == ("2", None, "1")
     assert r["blessing"]["allowed"] and r["blessing"]["blessed"] and not r["forced"]
     assert r["next_rollback"] == "1" and r["history_agrees"] is True
     json.dumps(r)  # JSON-able for the CLI
     assert _aliases(site) == ("2", None)
-    tags = registry.get_version(site.model_name, "2").tags
+    tags = env.registry.get_version(site.site.model_name, "2").tags
     assert tags["emowatch.promoted_by"] == "alice"
     assert tags["emowatch.promoted_reason"] == "looks good"
     assert tags["emowatch.promotion"] == "approve" and tags["emowatch.forced"] == "false"
     assert tags["emowatch.previous_champion"] == "1"
-    assert _history(env, sid) == [("initial", "1", None, "emowatch", False),
+    assert _history(site) == [("initial", "1", None, "emowatch", False),
                                   ("approve", "2", "1", "alice", False)]
-    assert _agree(env, site, sid)
+    assert _agree(site)
 
     msg = _eml(env, r["alert_id"])
     assert msg["To"] == "lead@example.org" and "version 2 is now the champion" in msg["Subject"]
@@ -191,175 +171,169 @@ def test_approve_moves_aliases_tags_and_history(env):
     assert "source_acc" in text and "emowatch rollback ap --by NAME" in text
 
     with pytest.raises(ValueError, match="already the champion"):
-        promote_version(env, site, sid, "2", "approve", "alice")
+        promote_version(site, "2", "approve", "alice")
     with pytest.raises(ValueError, match="has no version '99'"):
-        promote_version(env, site, sid, "99", "approve", "alice")
+        promote_version(site, "99", "approve", "alice")
     with pytest.raises(ValueError, match="no challenger"):
-        promote_version(env, site, sid, None, "approve", "alice")
+        promote_version(site, None, "approve", "alice")
     with pytest.raises(ValueError, match="--by"):
-        promote_version(env, site, sid, "1", "approve", " ")
-    assert len(_history(env, sid)) == 2  # refusals leave no trace
+        promote_version(site, "1", "approve", " ")
+    assert len(_history(site)) == 2  # refusals leave no trace
 
 
 def test_failed_gate_needs_force_and_reason_and_is_recorded_as_forced(env):
-    from tasks import registry
     from tasks.promote import check_promotion, promote_version
 
-    site, sid = _site(env, "forced")
+    site = _site(env, "forced")
     v = _challenger(site, "fail", FAIL)
     with pytest.raises(ValueError, match="source_acc") as e:
-        check_promotion(env, site, sid, v, "approve")  # the dry run refuses the same way
+        check_promotion(site, v, "approve")  # the dry run refuses the same way
     with pytest.raises(ValueError, match="source_acc") as e:
-        promote_version(env, site, sid, v, "approve", "bob")
+        promote_version(site, v, "approve", "bob")
     assert "--force" in str(e.value)
     with pytest.raises(ValueError, match="needs a --reason"):
-        promote_version(env, site, sid, v, "approve", "bob", force=True)
-    assert _aliases(site) == ("1", v) and len(_history(env, sid)) == 1  # nothing moved
-    dry = check_promotion(env, site, sid, None, "approve", force=True, reason="by hand")
+        promote_version(site, v, "approve", "bob", force=True)
+    assert _aliases(site) == ("1", v) and len(_history(site)) == 1  # nothing moved
+    dry = check_promotion(site, None, "approve", force=True, reason="by hand")
     assert dry["version"] == v and dry["forced"] and dry["champion"] == "1"
-    assert _aliases(site) == ("1", v) and len(_history(env, sid)) == 1  # still nothing
+    assert _aliases(site) == ("1", v) and len(_history(site)) == 1  # still nothing
 
-    r = promote_version(env, site, sid, v, "approve", "bob", "labels checked by hand", force=True)
+    r = promote_version(site, v, "approve", "bob", "labels checked by hand", force=True)
     assert r["forced"] and r["champion"] == v and not r["blessing"]["blessed"]
     assert r["blessing"]["failed_gates"] == ["source_acc"]
-    assert registry.get_version(site.model_name, v).tags["emowatch.forced"] == "true"
-    assert _history(env, sid)[-1] == ("approve", v, "1", "bob", True)
-    assert _agree(env, site, sid)
+    assert env.registry.get_version(site.site.model_name, v).tags["emowatch.forced"] == "true"
+    assert _history(site)[-1] == ("approve", v, "1", "bob", True)
+    assert _agree(site)
     assert "FORCED" in _eml(env, r["alert_id"]).get_body(("plain",)).get_content()
 
 
 def test_audit_drop_blocks_approval(env):
     from tasks.promote import promote_version
 
-    site, sid = _site(env, "audit")
+    site = _site(env, "audit")
     v = _challenger(site, "pass", PASS, audit={"challenger": 0.5, "champion": 0.7})
     with pytest.raises(ValueError, match="audit accuracy"):
-        promote_version(env, site, sid, v, "approve", "carol")
+        promote_version(site, v, "approve", "carol")
 
 
 def test_auto_only_on_auto_sites_and_never_unverifiable(env):
-    from tasks import registry
     from tasks.promote import promote_version
 
-    manual, mid = _site(env, "man")
+    manual = _site(env, "man")
     v = _challenger(manual, "pass", PASS)
     with pytest.raises(ValueError, match="site policy is manual"):
-        promote_version(env, manual, mid, v, "auto", "emowatch")
+        promote_version(manual, v, "auto", "emowatch")
 
-    auto, aid = _site(env, "aut", policy="auto")
+    auto = _site(env, "aut", policy="auto")
     u = _challenger(auto, "unverifiable", PASS)
     with pytest.raises(ValueError, match="unverifiable never auto-promotes"):
-        promote_version(env, auto, aid, u, "auto", "emowatch")
+        promote_version(auto, u, "auto", "emowatch")
     f = _challenger(auto, "fail", FAIL)
     with pytest.raises(ValueError, match="not every gate passed"):
-        promote_version(env, auto, aid, f, "auto", "emowatch")
+        promote_version(auto, f, "auto", "emowatch")
     assert _aliases(auto) == ("1", f)
 
     p = _challenger(auto, "pass", PASS)
-    r = promote_version(env, auto, aid, None, "auto", "emowatch")  # None: the challenger
+    r = promote_version(auto, None, "auto", "emowatch")  # None: the challenger
     assert r["version"] == p and r["champion"] == p
-    assert registry.get_version(auto.model_name, p).tags["emowatch.promotion"] == "auto"
-    assert _history(env, aid)[-1] == ("auto", p, "1", "emowatch", False)
-    assert _agree(env, auto, aid)
+    assert env.registry.get_version(auto.site.model_name, p).tags["emowatch.promotion"] == "auto"
+    assert _history(auto)[-1] == ("auto", p, "1", "emowatch", False)
+    assert _agree(auto)
 
     # A person may approve the unverifiable one (taking responsibility), not forced.
-    r2 = promote_version(env, auto, aid, u, "approve", "dave", "spot-checked 20 images")
+    r2 = promote_version(auto, u, "approve", "dave", "spot-checked 20 images")
     assert r2["champion"] == u and not r2["forced"] and not r2["blessing"]["blessed"]
 
 
 # --- reject ---------------------------------------------------------------------------------------------------
 def test_reject_removes_challenger_alias(env):
-    from tasks import registry
     from tasks.promote import promote_version
 
-    site, sid = _site(env, "rej")
+    site = _site(env, "rej")
     v = _challenger(site, "fail", FAIL)
-    r = promote_version(env, site, sid, v, "reject", "erin", "entropy collapsed")
+    r = promote_version(site, v, "reject", "erin", "entropy collapsed")
     assert (r["champion"], r["challenger"], r["version"]) == ("1", None, v)
     assert _aliases(site) == ("1", None)
-    tags = registry.get_version(site.model_name, v).tags
+    tags = env.registry.get_version(site.site.model_name, v).tags
     assert tags["emowatch.rejected_by"] == "erin"
     assert tags["emowatch.rejected_reason"] == "entropy collapsed"
-    assert _history(env, sid)[-1] == ("reject", v, "1", "erin", False)
-    assert _agree(env, site, sid)  # a reject does not move the champion
+    assert _history(site)[-1] == ("reject", v, "1", "erin", False)
+    assert _agree(site)  # a reject does not move the champion
     msg = _eml(env, r["alert_id"])
     assert "rejected" in msg["Subject"] and "erin" in msg.get_body(("plain",)).get_content()
 
     with pytest.raises(ValueError, match="is the champion"):
-        promote_version(env, site, sid, "1", "reject", "erin")
+        promote_version(site, "1", "reject", "erin")
     # A rejected version is never promoted automatically, even when its gates passed.
-    auto, aid = _site(env, "rej-auto", policy="auto")
+    auto = _site(env, "rej-auto", policy="auto")
     p = _challenger(auto, "pass", PASS)
-    promote_version(env, auto, aid, p, "reject", "erin")
+    promote_version(auto, p, "reject", "erin")
     with pytest.raises(ValueError, match="rejected by erin"):
-        promote_version(env, auto, aid, p, "auto", "emowatch")
+        promote_version(auto, p, "auto", "emowatch")
 
 
 # --- rollback ---------------------------------------------------------------------------------------------------
 def test_rollback_walks_back_the_history(env):
-    from tasks import registry
     from tasks.promote import promote_version
 
-    site, sid = _site(env, "rb")
+    site = _site(env, "rb")
     with pytest.raises(ValueError, match="nothing to roll back to"):
-        promote_version(env, site, sid, None, "rollback", "frank")
+        promote_version(site, None, "rollback", "frank")
     v2 = _challenger(site, "pass", PASS)
-    promote_version(env, site, sid, v2, "approve", "frank")
+    promote_version(site, v2, "approve", "frank")
     v3 = _challenger(site, "pass", PASS)
-    r = promote_version(env, site, sid, v3, "approve", "frank")
+    r = promote_version(site, v3, "approve", "frank")
     assert r["next_rollback"] == v2
 
-    r = promote_version(env, site, sid, None, "rollback", "frank", "complaints")
+    r = promote_version(site, None, "rollback", "frank", "complaints")
     assert (r["previous_champion"], r["champion"], r["next_rollback"]) == (v3, v2, "1")
-    assert _agree(env, site, sid)
-    assert registry.get_version(site.model_name, v3).tags["emowatch.rolled_back_by"] == "frank"
+    assert _agree(site)
+    assert env.registry.get_version(site.site.model_name, v3).tags["emowatch.rolled_back_by"] == "frank"
     msg = _eml(env, r["alert_id"])
     assert "rolled back to version 2" in msg["Subject"]
     assert "restore version 1" in msg.get_body(("plain",)).get_content()
 
-    r = promote_version(env, site, sid, None, "rollback", "frank")
+    r = promote_version(site, None, "rollback", "frank")
     assert (r["champion"], r["next_rollback"]) == ("1", None)  # v1, not back to v3
-    assert _agree(env, site, sid)
+    assert _agree(site)
     with pytest.raises(ValueError, match="nothing to roll back to"):
-        promote_version(env, site, sid, None, "rollback", "frank")
+        promote_version(site, None, "rollback", "frank")
 
-    promote_version(env, site, sid, v3, "approve", "frank", "second try")
-    assert promote_version(env, site, sid, None, "rollback", "frank")["champion"] == "1"
-    assert [h[:3] for h in _history(env, sid)] == [
+    promote_version(site, v3, "approve", "frank", "second try")
+    assert promote_version(site, None, "rollback", "frank")["champion"] == "1"
+    assert [h[:3] for h in _history(site)] == [
         ("initial", "1", None), ("approve", v2, "1"), ("approve", v3, v2),
         ("rollback", v2, v3), ("rollback", "1", v2), ("approve", v3, "1"), ("rollback", "1", v3)]
-    assert _aliases(site) == ("1", None) and _agree(env, site, sid)
+    assert _aliases(site) == ("1", None) and _agree(site)
 
 
 def test_rollback_after_a_move_outside_emowatch(env):
-    from tasks import registry
     from tasks.promote import promote_version
 
-    site, sid = _site(env, "rb-ext")
+    site = _site(env, "rb-ext")
     v2 = _challenger(site, "pass", PASS, alias=False)
-    registry.set_alias(site.model_name, registry.CHAMPION, v2)  # by hand, in the MLflow UI
-    assert not _agree(env, site, sid)
-    r = promote_version(env, site, sid, None, "rollback", "gina")
+    env.registry.set_alias(site.site.model_name, CHAMPION, v2)  # by hand, in the MLflow UI
+    assert not _agree(site)
+    r = promote_version(site, None, "rollback", "gina")
     assert (r["previous_champion"], r["champion"]) == (v2, "1")
-    assert _agree(env, site, sid)
+    assert _agree(site)
 
 
 def test_failed_registry_move_leaves_history_and_aliases_as_they_were(env, monkeypatch):
-    from tasks import registry
     from tasks.promote import promote_version
 
-    site, sid = _site(env, "atomic")
+    site = _site(env, "atomic")
     v = _challenger(site, "pass", PASS)
 
     def broken(*a, **k):
         raise RuntimeError("tracking server went away")
 
-    monkeypatch.setattr(registry, "set_version_tags", broken)  # fails after the alias moved
+    monkeypatch.setattr(type(env.registry), "set_version_tags", broken)  # fails after the alias moved
     with pytest.raises(RuntimeError, match="went away"):
-        promote_version(env, site, sid, v, "approve", "hank")
+        promote_version(site, v, "approve", "hank")
     monkeypatch.undo()
     assert _aliases(site) == ("1", v)
-    assert len(_history(env, sid)) == 1 and _agree(env, site, sid)
+    assert len(_history(site)) == 1 and _agree(site)
 
 
 # --- e-mails ---------------------------------------------------------------------------------------------------
@@ -367,30 +341,30 @@ def test_mail_problems_never_fail_a_promotion(env, monkeypatch):
     from tasks import notify
     from tasks.promote import promote_version
 
-    site, sid = _site(env, "nomail", approvers=())
+    site = _site(env, "nomail", approvers=())
     v = _challenger(site, "pass", PASS)
-    r = promote_version(env, site, sid, v, "approve", "ivan")
+    r = promote_version(site, v, "approve", "ivan")
     assert r["champion"] == v and r["alert_id"] is None and "no approvers" in r["mail_error"]
 
-    site2, sid2 = _site(env, "badmail")
+    site2 = _site(env, "badmail")
     v = _challenger(site2, "pass", PASS)
     monkeypatch.setattr(notify, "deliver_pending",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    r = promote_version(env, site2, sid2, v, "approve", "ivan")
+    r = promote_version(site2, v, "approve", "ivan")
     assert r["champion"] == v and "disk full" in r["mail_error"] and r["alert_id"] is not None
-    assert _agree(env, site2, sid2)
+    assert _agree(site2)
 
 
 def test_request_approval_email(env, tmp_path):
     from db.models import Alert
-    from db.session import get_engine, session_scope
+    from db.session import session_scope
     from tasks.promote import request_approval
 
-    site, sid = _site(env, "ask")
+    site = _site(env, "ask")
     v = _challenger(site, "fail", FAIL)
     report = tmp_path / "gates.html"
     report.write_text("<html>gates</html>")
-    aid = request_approval(env, site, sid, v, "fail", FAIL, [report, tmp_path / "gone.png"])
+    aid = request_approval(site, v, "fail", FAIL, [report, tmp_path / "gone.png"])
     msg = _eml(env, aid)
     assert f"approve challenger version {v}?" in msg["Subject"]
     text = msg.get_body(("plain",)).get_content()
@@ -399,10 +373,10 @@ def test_request_approval_email(env, tmp_path):
     assert "source_acc" in text and "0.3100" in text and "0.5700" in text
     assert "gone.png" in text  # a missing attachment is named, not fatal
     assert [p.get_filename() for p in msg.iter_attachments()] == ["gates.html"]
-    with session_scope(get_engine(env.db_url)) as s:
+    with session_scope(env.engine) as s:
         assert s.get(Alert, aid).kind == "approval"
 
-    ok = request_approval(env, site, sid, v, "pass", PASS)
+    ok = request_approval(site, v, "pass", PASS)
     text = _eml(env, ok).get_body(("plain",)).get_content()
     assert "Every gate passed" in text and "--force" not in text
 
@@ -412,12 +386,12 @@ def test_admin_views_show_champion_challenger_and_history(env):
     from deployments.admin import list_sites, site_status
     from tasks.promote import promote_version
 
-    Path(env.sites_file).write_text(
-        f'[sites.view]\ninbox = "{(env.home / "inboxes" / "view").as_posix()}"\n'
+    Path(env.settings.sites_file).write_text(
+        f'[sites.view]\ninbox = "{(env.settings.home / "inboxes" / "view").as_posix()}"\n'
         'approvers = ["lead@example.org"]\n')
-    site, sid = _site(env, "view")
+    site = _site(env, "view")
     v2 = _challenger(site, "pass", PASS)
-    promote_version(env, site, sid, v2, "approve", "judy")
+    promote_version(site, v2, "approve", "judy")
     v3 = _challenger(site, "unverifiable", PASS)
 
     [row] = list_sites(env)

@@ -16,6 +16,14 @@ import torch
 from PIL import Image
 
 from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
+from tasks.registry import (
+    CHALLENGER,
+    CHAMPION,
+    SOURCE_MODEL,
+    Registry,
+    RegistryError,
+    site_model_name,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
@@ -52,7 +60,6 @@ def reg(tmp_path_factory):
     import mlflow
 
     from emowatch.settings import Settings
-    from tasks import registry
 
     home = tmp_path_factory.mktemp("reg") / "home"
     saved_env = {k: os.environ.get(k) for k in
@@ -61,10 +68,12 @@ def reg(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(home.parent)  # anything written to ./mlruns would land here
     settings = Settings(home=home)
-    registry.configure(settings)
+    registry = Registry.from_settings(settings)
+    # what the tests read directly with MLflow (the registry sets these while it logs)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
     yield registry, settings
     os.chdir(cwd)
-    registry._state = None
     mlflow.set_tracking_uri(saved_uris[0])
     mlflow.set_registry_uri(saved_uris[1])
     for k, v in saved_env.items():
@@ -85,13 +94,13 @@ def source_v1(reg, tmp_path_factory):
     ckpt = _checkpoint(0)
     rv = registry.log_and_register(
         ckpt,
-        model_name=registry.SOURCE_MODEL,
+        model_name=SOURCE_MODEL,
         reference_profile_path=ref,
         metrics={"val_acc": 0.75, "gates": {"ess": float("nan")}},
         params={"train": {"lr": 1e-3, "epochs": 3}, "backbone": "tiny"},
         artifacts={"reports": report},
         tags={"emowatch.kind": "source", "emowatch.data": {"n": 10}},
-        alias=registry.CHAMPION,
+        alias=CHAMPION,
         run_name="train-source",
     )
     return rv, ckpt
@@ -102,10 +111,10 @@ def test_register_then_load_by_alias_gives_same_predictions(reg, source_v1):
 
     registry, settings = reg
     rv, ckpt = source_v1
-    assert (rv.name, rv.version) == (registry.SOURCE_MODEL, "1")
+    assert (rv.name, rv.version) == (SOURCE_MODEL, "1")
     assert rv.model_uri == "models:/emowatch-source/1" and rv.model_id.startswith("m-")
 
-    loaded, info = registry.load_checkpoint_by_alias(registry.SOURCE_MODEL, registry.CHAMPION)
+    loaded, info = registry.load_checkpoint_by_alias(SOURCE_MODEL, CHAMPION)
     assert info.version == "1" and info.run_id == rv.run_id and info.model_id == rv.model_id
     assert info.aliases == ("champion",)
     assert info.tags["emowatch.kind"] == "source" and json.loads(info.tags["emowatch.data"]) == {"n": 10}
@@ -114,7 +123,7 @@ def test_register_then_load_by_alias_gives_same_predictions(reg, source_v1):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), ckpt.model(x))
 
-    ref = registry.load_reference_profile(registry.SOURCE_MODEL, "1")
+    ref = registry.load_reference_profile(SOURCE_MODEL, "1")
     np.testing.assert_array_equal(np.load(ref)["features"], np.arange(12).reshape(3, 4))
 
     # The run: flattened params, metrics (NaN kept), extra artifacts, all under artifact_root.
@@ -167,19 +176,19 @@ def test_pyfunc_loads_in_a_fresh_process(reg, source_v1):
 
 def test_aliases_move_and_version_tags(reg, source_v1, tmp_path):
     registry, _ = reg
-    name = registry.SOURCE_MODEL
+    name = SOURCE_MODEL
     ref = tmp_path / "ref.npz"
     np.savez(ref, features=np.zeros((2, 4), np.float32))
     v2 = registry.log_and_register(_checkpoint(1), model_name=name, reference_profile_path=ref,
-                                   alias=registry.CHALLENGER, run_name="adapt")
+                                   alias=CHALLENGER, run_name="adapt")
     assert v2.version == "2"
     assert registry.get_alias_version(name, "champion") == "1"
     assert registry.get_alias_version(name, "challenger") == "2"
 
     registry.set_version_tags(name, "2", {"gate.verdict": "pass", "gate.details": {"acc_drop": 0.01}})
-    registry.set_alias(name, registry.CHAMPION, "2")
-    assert registry.delete_alias(name, registry.CHALLENGER) is True
-    assert registry.delete_alias(name, registry.CHALLENGER) is False
+    registry.set_alias(name, CHAMPION, "2")
+    assert registry.delete_alias(name, CHALLENGER) is True
+    assert registry.delete_alias(name, CHALLENGER) is False
     assert registry.get_alias_version(name, "champion") == "2"
     assert registry.get_alias_version(name, "challenger") is None
 
@@ -192,11 +201,11 @@ def test_aliases_move_and_version_tags(reg, source_v1, tmp_path):
     assert info.version == "2" and ck2.config["seed"] == 1
     assert np.load(registry.load_reference_profile(name, "2"))["features"].shape == (2, 4)
 
-    registry.set_alias(name, registry.CHAMPION, "1")  # rollback
+    registry.set_alias(name, CHAMPION, "1")  # rollback
     assert registry.load_checkpoint_by_alias(name)[1].version == "1"
-    with pytest.raises(registry.RegistryError, match="no version 9"):
-        registry.set_alias(name, registry.CHAMPION, "9")
-    with pytest.raises(registry.RegistryError, match="no alias"):
+    with pytest.raises(RegistryError, match="no version 9"):
+        registry.set_alias(name, CHAMPION, "9")
+    with pytest.raises(RegistryError, match="no alias"):
         registry.load_checkpoint_by_alias(name, "nope")
     assert registry.get_alias_version("emowatch-nosuchmodel", "champion") is None
     assert registry.list_versions("emowatch-nosuchmodel") == []
@@ -206,21 +215,21 @@ def test_site_without_model_uses_source_then_gets_a_copy(reg, source_v1):
     import mlflow.pyfunc
 
     registry, _ = reg
-    src_champion = registry.get_alias_version(registry.SOURCE_MODEL, "champion")
+    src_champion = registry.get_alias_version(SOURCE_MODEL, "champion")
     assert registry.resolve_site_model("lab") == ("emowatch-source", src_champion, "champion")
 
-    src = registry.get_version(registry.SOURCE_MODEL, src_champion)
-    cp = registry.copy_to_site(registry.SOURCE_MODEL, src_champion, registry.site_model_name("lab"))
+    src = registry.get_version(SOURCE_MODEL, src_champion)
+    cp = registry.copy_to_site(SOURCE_MODEL, src_champion, site_model_name("lab"))
     assert (cp.name, cp.version) == ("emowatch-lab", "1")
     site_v = registry.get_version("emowatch-lab", "1")
     # Same logged model and run (lineage), none of the source's tags but where it came from.
     assert site_v.model_id == src.model_id and site_v.run_id == src.run_id
     assert site_v.tags == {"emowatch.copied_from": f"emowatch-source/{src_champion}"}
 
-    registry.set_alias("emowatch-lab", registry.CHAMPION, cp.version)
+    registry.set_alias("emowatch-lab", CHAMPION, cp.version)
     assert registry.resolve_site_model("lab") == ("emowatch-lab", "1", "champion")
     site_ck, _ = registry.load_checkpoint_by_alias("emowatch-lab")
-    src_ck, _ = registry.load_by_version(registry.SOURCE_MODEL, src_champion)
+    src_ck, _ = registry.load_by_version(SOURCE_MODEL, src_champion)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(site_ck.model(x), src_ck.model(x))
@@ -230,7 +239,7 @@ def test_site_without_model_uses_source_then_gets_a_copy(reg, source_v1):
     np.testing.assert_allclose(out.to_numpy(), _torch_probs(src_ck, [png]), rtol=1e-5, atol=1e-6)
 
     with pytest.raises(ValueError, match="source"):
-        registry.site_model_name("source")
+        site_model_name("source")
 
 
 def test_bad_inputs_are_clear_errors(reg, tmp_path):

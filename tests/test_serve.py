@@ -36,12 +36,9 @@ def test_serve_builds_one_scheduled_monitor_per_site_and_the_drift_trigger(tmp_p
 
 def test_serve_dry_run_cli(tmp_path, monkeypatch):
     from deployments.cli import app
-    from emowatch.settings import reset_settings
 
     monkeypatch.setenv("EMOWATCH_SITES_FILE", str(_sites(tmp_path)))
-    reset_settings()
     r = CliRunner().invoke(app, ["serve", "--dry-run", "--json"])
-    reset_settings()
     assert r.exit_code == 0, r.output
     names = [d["name"] for d in json.loads(r.stdout)["deployments"]]
     assert "monitor-store-12" in names and "readapt" in names
@@ -86,18 +83,21 @@ def test_featurization_chunks_run_on_a_local_dask_cluster(prefect_harness, setti
     from prefect import flow
     from prefect_dask import DaskTaskRunner
 
+    from emowatch.sites import Site
     from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
     from models.profile import ReferenceProfile
-    from tasks import registry
-    from tasks.context import prepare
+    from tasks.context import RunContext, Runtime, ServedModel
     from tasks.featurize import featurize_images
 
-    prepare(settings)
+    rt = Runtime.open(settings)
     cfg = NetConfig(backbone="tiny", img_size=64, num_classes=3)
     ckpt = Checkpoint(EmotionNet(cfg).eval(), ["a", "b", "c"], preprocessing_for(cfg))
     prof = tmp_path / "p.npz"
     ReferenceProfile.from_arrays(np.zeros((2, 256)), np.full((2, 3), 1 / 3), ["a", "b", "c"]).to_npz(prof)
-    reg = registry.log_and_register(ckpt, model_name="emowatch-dasktest", reference_profile_path=prof)
+    reg = rt.registry.log_and_register(ckpt, model_name="emowatch-dasktest",
+                                       reference_profile_path=prof)
+    ctx = RunContext(rt.settings, Site(name="dasktest", inbox=tmp_path), site_id=0,
+                     served=ServedModel(reg.name, reg.version, "champion"))
     from PIL import Image
 
     items = []
@@ -110,7 +110,7 @@ def test_featurization_chunks_run_on_a_local_dask_cluster(prefect_harness, setti
     @flow(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1,
                                                       "processes": True, "dashboard_address": None}))
     def run():
-        return featurize_images(reg.name, reg.version, items, chunk_size=2)
+        return featurize_images(ctx, items, chunk_size=2)
 
     fs = run()
     assert len(fs) == 6 and fs.z.shape == (6, 256) and fs.probs.shape == (6, 3)

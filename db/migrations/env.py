@@ -61,10 +61,10 @@ def run_migrations_online() -> None:
         _migrate(connection)
         return
     url = config.get_main_option("sqlalchemy.url")
-    if not url:
-        from emowatch.settings import get_settings
+    if not url:  # the alembic command line: the settings of its environment
+        from emowatch.settings import Settings
 
-        url = get_settings().db_url
+        url = Settings().db_url
     engine = make_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:

@@ -1,0 +1,46 @@
+"""The ``drift_checks`` table: one row per scheduled check of a site (the audit record)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import DriftCheck
+
+
+def add_check(session: Session, **values: Any) -> int:
+    """Insert a drift check (column values as keyword arguments); returns its id."""
+    row = DriftCheck(**values)
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def update_check(session: Session, check_id: int, **values: Any) -> None:
+    """Set columns of a check (e.g. ``alert_id``, ``mlflow_run_id`` once they exist)."""
+    row = session.get(DriftCheck, check_id)
+    if row is None:
+        raise ValueError(f"no drift check #{check_id}")
+    for k, v in values.items():
+        setattr(row, k, v)
+
+
+def latest_check(session: Session, site_id: int) -> DriftCheck | None:
+    return session.execute(
+        select(DriftCheck).where(DriftCheck.site_id == site_id)
+        .order_by(DriftCheck.id.desc()).limit(1)
+    ).scalar_one_or_none()
+
+
+def recent_checks(session: Session, site_id: int, limit: int = 200) -> list[DriftCheck]:
+    """The site's ``limit`` newest checks, oldest first (for history charts)."""
+    rows = session.execute(
+        select(DriftCheck).where(DriftCheck.site_id == site_id)
+        .order_by(DriftCheck.id.desc()).limit(limit)
+    ).scalars()
+    return list(rows)[::-1]
+
+
+__all__ = ["add_check", "latest_check", "recent_checks", "update_check"]

@@ -1,0 +1,110 @@
+"""The texts of the promotion e-mails (plain text first: they are read in any mail client).
+
+Pure functions of the records they describe; ``tasks.promote`` queues them in the outbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from emowatch.sites import Site
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def gates_table(gates: Mapping[str, Mapping[str, Any]] | None) -> str:
+    """The gates as a fixed-width text table."""
+    if not gates:
+        return "  (no gate results recorded)"
+    w = max(12, *(len(n) for n in gates))
+    lines = [f"  {'gate':<{w}}  {'passed':<6}  {'value':>10}  {'threshold':>10}"]
+    for name in sorted(gates):
+        g = gates[name]
+        lines.append(f"  {name:<{w}}  {fmt(bool(g.get('passed'))):<6}  "
+                     f"{fmt(g.get('value')):>10}  {fmt(g.get('threshold')):>10}")
+    return "\n".join(lines)
+
+
+def audit_line(audit: Mapping[str, Any] | None) -> str:
+    if not audit:
+        return "Audit set: none (no labelled images at this site)."
+    line = (f"Audit accuracy: challenger {fmt(audit.get('challenger'))}, "
+            f"champion {fmt(audit.get('champion'))}")
+    if audit.get("champion_only") is not None and audit.get("challenger_only") is not None:
+        line += (f" on {audit.get('n', '?')} labelled site images (only the champion right on "
+                 f"{audit['champion_only']}, only the challenger on {audit['challenger_only']})")
+    return line + "."
+
+
+def promotion_message(site: Site, r: Mapping[str, Any], plan: Mapping[str, Any]
+                      ) -> tuple[str, str]:
+    """(subject, body) of the e-mail that reports an approve / auto / reject / rollback."""
+    name, v, prev = r["model"], r["version"], r["previous_champion"]
+    who = f"{r['actor']}" + (f" ({r['reason']})" if r["reason"] else "")
+    undo = (f"A rollback would restore version {r['next_rollback']}: "
+            f"emowatch rollback {site.name} --by NAME" if r["next_rollback"]
+            else "There is no earlier champion in the history: a rollback is not possible.")
+    val = plan.get("validation") or {}
+    if r["action"] in ("approve", "auto"):
+        how = "automatically (every gate passed)" if r["action"] == "auto" else f"by {who}"
+        forced = ("\nFORCED: the approver overrode failed checks: "
+                  + "; ".join(r["blessing"]["reasons"]) if r["forced"] else "")
+        subject = f"[emowatch] {site.name}: version {v} is now the champion"
+        body = (f"Site {site.name}: {name} version {v} was promoted to champion {how}.\n"
+                f"Previous champion: {prev or 'none'}.\n"
+                f"Validation verdict: {val.get('verdict') or 'none'}.{forced}\n\n"
+                f"Gates:\n{gates_table(val.get('gates'))}\n{audit_line(val.get('audit'))}\n\n"
+                f"{undo}\n")
+    elif r["action"] == "reject":
+        subject = f"[emowatch] {site.name}: version {v} rejected"
+        body = (f"Site {site.name}: {name} version {v} was rejected by {who}.\n"
+                f"The champion stays version {r['champion'] or 'none'}; version {v} is kept in "
+                f"the registry for the record.\n\n"
+                f"Gates:\n{gates_table(val.get('gates'))}\n")
+    else:
+        subject = f"[emowatch] {site.name}: rolled back to version {v}"
+        body = (f"Site {site.name}: the champion of {name} was rolled back from version "
+                f"{prev or 'none'} to version {v} by {who}.\n{undo}\n")
+    return subject, body
+
+
+def approval_message(site: Site, version: str, champion: str | None, verdict: str,
+                     gates: Mapping[str, Mapping[str, Any]] | None,
+                     audit: Mapping[str, Any] | None, blessing: Any) -> tuple[str, str]:
+    """(subject, body) of the "approval needed" e-mail for a challenger; ``blessing`` is what
+    ``tasks.blessing.bless`` says of an approval now."""
+    b = blessing
+    if b.allowed and b.blessed:
+        outcome = "Every gate passed."
+        approve = f"  emowatch approve {site.name} {version} --by NAME [--reason TEXT]"
+    elif b.allowed:
+        outcome = ("The checks could not decide without labels (unverifiable): approving means "
+                   "taking responsibility for it.")
+        approve = f"  emowatch approve {site.name} {version} --by NAME --reason TEXT"
+    else:
+        outcome = ("Some checks FAILED (" + ", ".join(b.failed_gates) + "). Approving anyway "
+                   "needs --force and a reason.")
+        approve = f"  emowatch approve {site.name} {version} --by NAME --force --reason TEXT"
+    subject = f"[emowatch] {site.name}: approve challenger version {version}? (verdict {verdict})"
+    body = (
+        f"Site {site.name} drifted and was re-adapted without labels. The challenger is "
+        f"{site.model_name} version {version}; the champion is version {champion or 'none'}.\n"
+        f"Site policy: {site.policy}. Validation verdict: {verdict}.\n{outcome}\n\n"
+        f"Gates:\n{gates_table(gates)}\n{audit_line(audit)}\n\n"
+        f"To promote it to champion:\n{approve}\n"
+        f"To reject it (the champion stays):\n"
+        f"  emowatch reject {site.name} {version} --by NAME --reason TEXT\n"
+    )
+    return subject, body
+
+
+__all__ = ["approval_message", "audit_line", "fmt", "gates_table", "promotion_message"]
