@@ -28,11 +28,11 @@ lint: install
 
 ## Benchmarks (minutes to an hour; need EMOWATCH_DATA_DIR): each prints a table.
 bench: install
-	$(BIN)/python bench/ingest.py
-	$(BIN)/python bench/train.py
-	$(BIN)/python bench/drift.py
-	$(BIN)/python bench/adapt.py
-	$(BIN)/python bench/explain.py
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.drift
+	$(BIN)/python -m bench.adapt
+	$(BIN)/python -m bench.explain
 
 ## Re-resolve the lock file from pyproject.toml (needs the package index).
 lock:

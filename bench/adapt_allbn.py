@@ -5,25 +5,21 @@ site_bn_weight w, the frozen part's BN statistics are re-estimated on the site's
 photos (raw images), mixed with the champion's, then the top and bottleneck's likewise; the
 candidate is scored on the held-out site photos and on the gate's clean source split.
 
-    .venv/bin/python bench/adapt_allbn.py --seeds 0 1 2 --weights 1 0.5
+    .venv/bin/python -m bench.adapt_allbn --seeds 0 1 2 --weights 1 0.5
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.adapt import (  # noqa: E402
+from bench.common import (
+    REPO,
     accuracy,
     add_single_level_flag,
     condition_images,
@@ -33,32 +29,24 @@ from bench.adapt import (  # noqa: E402
     photos_model,
     source_net,
 )
-from models.adapt import (  # noqa: E402
-    AdaptConfig,
-    _adabn,
-    _batches,
-    _bn_modules,
-    _bn_stats,
-    cache_activations,
-    mix_bn_stats,
-    reestimate_bn,
-)
-from models.network import EmotionNet  # noqa: E402
+from models.adapt import batches, cache_activations
+from models.bn import adapt_top_bn, bn_modules, bn_stats, mix_bn_stats, reestimate_bn
+from models.network import EmotionNet
 
 
 @torch.no_grad()
 def adapt_all(model: EmotionNet, site_u8: np.ndarray, w: float, prep) -> EmotionNet:
     m = copy.deepcopy(model).eval()
-    fbns = _bn_modules(m.frozen)
-    before = _bn_stats(fbns)
+    fbns = bn_modules(m.frozen)
+    before = bn_stats(fbns)
     x = prep.normalize(site_u8)
-    reestimate_bn(fbns, m.frozen_forward, _batches(x, 64))
+    reestimate_bn(fbns, m.frozen_forward, batches(x, 64))
     for b in fbns:
         b.eval()
     if w < 1:
         mix_bn_stats(fbns, before, w)
     h = cache_activations(m, x, 64)
-    _adabn(m, h, AdaptConfig(), include_top=True, site_weight=w)
+    adapt_top_bn(m, h, 128, include_top=True, site_weight=w)
     return m.eval()
 
 

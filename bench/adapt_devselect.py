@@ -5,9 +5,9 @@ weight (name ending ``_w<W>.json``), and prints, per site and seed, each weight'
 recovered / source drop (gate split, wide set) / DEV risk, and the weight DEV would pick: the
 lowest DEV risk among the candidates whose source-accuracy gate passed.
 
-    for w in 0.25 0.5 0.75 1.0; do .venv/bin/python bench/adapt.py --settings photos \\
+    for w in 0.25 0.5 0.75 1.0; do .venv/bin/python -m bench.adapt --settings photos \\
         --methods adabn --site-bn-weight $w --json-out /tmp/sel_w$w.json; done
-    .venv/bin/python bench/adapt_devselect.py /tmp/sel_w*.json
+    .venv/bin/python -m bench.adapt_devselect /tmp/sel_w*.json
 """
 
 from __future__ import annotations
@@ -15,13 +15,8 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench.adapt import gap_recovered  # noqa: E402
+from bench.common import gap_recovered
 
 
 def gap(r: dict) -> float:

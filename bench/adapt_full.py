@@ -15,27 +15,23 @@ source + site photos, the backbone at ``lr * --backbone-lr-mult``); the BN stati
 stem and blocks stay the champion's. mmd-full IS the shipped adapter (``backbone_lr_mult``), and
 its candidate goes through ``validate_candidate`` on its own activations.
 
-    .venv/bin/python bench/adapt_full.py --seeds 0 --conditions blur night --steps 150
+    .venv/bin/python -m bench.adapt_full --seeds 0 --conditions blur night --steps 150
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench.adapt import (  # noqa: E402
+from bench.common import (
     E6_CLASSES,
+    REPO,
     accuracy,
     add_single_level_flag,
     condition_images,
@@ -48,15 +44,16 @@ from bench.adapt import (  # noqa: E402
     train_model,
     views_activations,
 )
-from models.adapt import AdaptConfig, CachedSet, cache_activations, get_adapter, with_backbone  # noqa: E402
-from models.data import read_image_folder, stratified_split  # noqa: E402
-from models.network import EmotionNet, NetConfig  # noqa: E402
-from models.train import TrainConfig  # noqa: E402
-from models.validate import ValidationConfig, validate_candidate  # noqa: E402
+from models.adapt import CachedSet, cache_activations, get_adapter
+from models.data import read_image_folder, stratified_split
+from models.discrepancy import DiscrepancyConfig, with_backbone
+from models.network import EmotionNet, NetConfig
+from models.train import TrainConfig
+from models.validate import ValidationConfig, validate_candidate
 
 
 def oracle_full(model: EmotionNet, src: CachedSet, site_x: torch.Tensor, site_y: torch.Tensor,
-                cfg: AdaptConfig) -> EmotionNet:
+                cfg: DiscrepancyConfig) -> EmotionNet:
     """Upper reference: mmd's whole-backbone recipe with the site CE (labels) instead of MMD."""
     m = copy.deepcopy(model)
     for p in m.parameters():
@@ -107,7 +104,7 @@ def judge(candidate: EmotionNet, champion: EmotionNet, h_va: torch.Tensor, y_va:
                               source_candidate=(cache_activations(candidate, va_x), y_va))
 
 
-def faces_to_photos(args, acfg: AdaptConfig, e6, prep, e6_views) -> None:
+def faces_to_photos(args, acfg: DiscrepancyConfig, e6, prep, e6_views) -> None:
     """mmd-full from a CK+48 model to Emotion6 photos: the gates must not call it good."""
     ck = read_image_folder(args.data_dir / "ckplus48", classes=E6_CLASSES, aliases={"happy": "joy"})
     with torch.no_grad():
@@ -157,19 +154,19 @@ def main() -> None:
     ap.add_argument("--faces", action="store_true",
                     help="the paper's setting instead: trained on CK+48 faces, site = Emotion6 photos")
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="AdaptConfig.time_budget_s (default: the shipped 600 s); a run that hits "
+                    help="time_budget_s (default: the shipped 600 s); a run that hits "
                          "it stops early and is logged")
     add_single_level_flag(ap)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    acfg = with_backbone(AdaptConfig(), args.backbone_lr_mult)
+    acfg = with_backbone(DiscrepancyConfig(), args.backbone_lr_mult)
     if args.steps is not None:
         acfg.steps = args.steps
     if args.mmd_weight is not None:
         acfg.mmd_weight = args.mmd_weight
     if args.time_budget is not None:
         acfg.time_budget_s = args.time_budget
-    log(f"AdaptConfig {acfg.to_dict()}")
+    log(f"config {acfg.to_dict()}")
     e6, prep, views = emotion6_views(args.data_dir, args.cache_dir)
     if args.faces:
         faces_to_photos(args, acfg, e6, prep, views)

@@ -1,6 +1,6 @@
 """Drift-detection benchmark on real photos: false alarms, detection power, cost.
 
-    .venv/bin/python bench/drift.py [--data-dir DIR] [--trials 50] [--null-trials 200]
+    .venv/bin/python -m bench.drift [--data-dir DIR] [--trials 50] [--null-trials 200]
 
 Setup (printed at the top of the output):
 * Emotion6 photos are split (stratified, seeded) into train 40% / reference 25% / test 35%.
@@ -41,12 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from models.conditions import CONDITIONS, apply_condition  # noqa: E402
-from models.drift import BBSDDrift, CombinedDrift, DriftConfig, MMDDrift  # noqa: E402
-from models.quality import STAT_NAMES, describe_shift, image_stats  # noqa: E402
+from bench.common import REPO
+from models.conditions import CONDITIONS, apply_condition
+from models.drift import CombinedDrift, DriftConfig
+from models.drift_univariate import BBSDDrift
+from models.mmd import MMDDrift
+from models.quality import STAT_NAMES, describe_shift, image_stats
 
 ALPHA = 0.05
 SIZES = (20, 50, 100, 200)
@@ -94,8 +94,8 @@ def _log(msg: str) -> None:
 def _extract(ckpt, paths: Sequence[Path], labels: np.ndarray,
              transform: Callable | None = None, chunk: int = 64) -> Feats:
     """Decode, optionally transform, then quality statistics + model features, in chunks."""
-    from models.data import load_rgb
     from models.evaluate import extract_features
+    from models.images import load_rgb
 
     zs, ps, qs = [], [], []
     for s in range(0, len(paths), chunk):

@@ -13,8 +13,8 @@ Sections (each prints a markdown table):
   bf16 autocast, and a smaller input resolution for the model (an approximation: it explains the
   model run at that size; its agreement with the full-resolution explanation is reported).
 
-    .venv/bin/python bench/explain.py --data-dir /work/shared/data
-    .venv/bin/python bench/explain.py --sections synthetic timing --n-photos 8
+    .venv/bin/python -m bench.explain --data-dir /work/shared/data
+    .venv/bin/python -m bench.explain --sections synthetic timing --n-photos 8
 
 Timings are wall-clock on this machine with --threads torch threads; when other jobs share the
 cores they are pessimistic.
@@ -31,20 +31,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from models.explain import DnCShap, Explainer, IntegratedGradients, Occlusion  # noqa: E402
-from models.explain_metrics import (  # noqa: E402
+from bench.common import REPO
+from models.explain import DnCShap, Explainer, IntegratedGradients, Occlusion
+from models.explain_metrics import (
     cosine_similarity,
     deletion_insertion,
     mask_energy,
     pointing_game,
     rank_correlation,
 )
-from models.network import NetConfig, Preprocessing, load_checkpoint, save_checkpoint  # noqa: E402
-from models.synthetic import make_faces  # noqa: E402
+from models.network import NetConfig, Preprocessing, load_checkpoint, save_checkpoint
+from models.synthetic import make_faces
 
 E6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
 

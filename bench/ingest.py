@@ -1,7 +1,7 @@
 """Ingestion throughput: a real inbox into a temporary home, twice (the second run finds only
 duplicates), on SQLite and/or PostgreSQL, for a few thread counts. Prints a markdown table.
 
-    python bench/ingest.py [--inbox ../shared/data/emotion6/images] [--backend both]
+    python -m bench.ingest [--inbox ../shared/data/emotion6/images] [--backend both]
                            [--workers 1,2] [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
 
 The inbox is only read; copies go to a temporary folder that is deleted afterwards.
@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import sys
 import tempfile
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import REPO
 
 DEFAULT_INBOX = REPO.parent / "shared" / "data" / "emotion6" / "images"
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

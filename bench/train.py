@@ -9,8 +9,8 @@ With ``--probe`` it also fits the reference baseline of the data README on the s
 logistic regression on standardised, global-average-pooled ImageNet features of the
 unmodified EfficientNet-Lite0 (C chosen on val). Fine-tuning has to beat it.
 
-    .venv/bin/python bench/train.py                         # Emotion6 + CK+48 (6 and 7 classes)
-    .venv/bin/python bench/train.py --datasets emotion6 --img-sizes 224 160 --blocks 2 4 --probe
+    .venv/bin/python -m bench.train                         # Emotion6 + CK+48 (6 and 7 classes)
+    .venv/bin/python -m bench.train --datasets emotion6 --img-sizes 224 160 --blocks 2 4 --probe
 
 Needs the real data (``--data-dir``, default $EMOWATCH_DATA_DIR or ../shared/data).
 """
@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.data import LabelledSet, load_arrays, read_image_folder, three_way_split  # noqa: E402
-from models.evaluate import evaluate, predict_arrays  # noqa: E402
-from models.network import NetConfig, preprocessing_for  # noqa: E402
-from models.train import TrainConfig, train_source  # noqa: E402
+from bench.common import REPO
+from models.data import LabelledSet, load_arrays, read_image_folder, three_way_split
+from models.evaluate import evaluate, predict_arrays
+from models.network import NetConfig, preprocessing_for
+from models.train import TrainConfig, train_source
 
 E6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
 DATASETS = {

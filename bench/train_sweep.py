@@ -12,9 +12,9 @@ ImageNet network's pooled features, C chosen on val.
 
 Choose a variant by its VALIDATION accuracy; the test column is there to report, not to pick.
 
-    .venv/bin/python bench/train_sweep.py --probe
-    .venv/bin/python bench/train_sweep.py --variant 'lowtop={"lr_top": 3e-5}' --seeds 0 1 2
-    .venv/bin/python bench/train_sweep.py --variant 'soft={"soft_label_weight": 0.5}'
+    .venv/bin/python -m bench.train_sweep --probe
+    .venv/bin/python -m bench.train_sweep --variant 'lowtop={"lr_top": 3e-5}' --seeds 0 1 2
+    .venv/bin/python -m bench.train_sweep --variant 'soft={"soft_label_weight": 0.5}'
 """
 
 from __future__ import annotations
@@ -23,27 +23,22 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.adapt import E6_CLASSES, views_activations  # noqa: E402  (the same cache)
-from bench.train import fit_probe  # noqa: E402
-from models.data import (  # noqa: E402
+from bench.common import E6_CLASSES, REPO, views_activations  # the same cache as bench.adapt
+from bench.train import fit_probe
+from models.data import (
     label_distributions,
     read_emotion6_ground_truth,
     read_image_folder,
     three_way_split,
 )
-from models.network import EmotionNet, NetConfig  # noqa: E402
-from models.train import TrainConfig, _eval_cached, _fit, _full  # noqa: E402
+from models.network import EmotionNet, NetConfig
+from models.train import TrainConfig, cached_logits, eval_cached, fit_cached
 
 
 def run_variant(h: torch.Tensor, y: np.ndarray, records, seed: int, overrides: dict,
@@ -56,12 +51,12 @@ def run_variant(h: torch.Tensor, y: np.ndarray, records, seed: int, overrides: d
         torch.manual_seed(seed)
         model = EmotionNet(ncfg or NetConfig(num_classes=len(E6_CLASSES)))
         t = time.perf_counter()
-        hist, best, best_epoch = _fit(model, h[tr], y[tr], h[va, :1], y[va], cfg, None,
+        hist, best, best_epoch = fit_cached(model, h[tr], y[tr], h[va, :1], y[va], cfg, None,
                                       soft[tr] if soft is not None else None, soft_weight)
         secs = time.perf_counter() - t
     model.load_state_dict(best)
     model.eval()
-    _, pred = _eval_cached(model, h[te, :1], torch.as_tensor(y[te]))
+    _, pred = eval_cached(model, h[te, :1], torch.as_tensor(y[te]))
     kept = next(r for r in hist if r["epoch"] == best_epoch)
     return {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(hist),
             "phase": kept["phase"], "val_acc": kept["val_acc"],
@@ -73,7 +68,7 @@ def run_variant(h: torch.Tensor, y: np.ndarray, records, seed: int, overrides: d
 def flip_tta_accuracy(model: EmotionNet, h: torch.Tensor, y: np.ndarray) -> float:
     """Accuracy of the softmax averaged over view 0 (the image) and view 1 (its mirror)."""
     with torch.no_grad():
-        p = _full(model, h[:, 0].float()).softmax(1) + _full(model, h[:, 1].float()).softmax(1)
+        p = cached_logits(model, h[:, 0].float()).softmax(1) + cached_logits(model, h[:, 1].float()).softmax(1)
     return float((p.argmax(1).numpy() == y).mean())
 
 

@@ -296,7 +296,8 @@ def monitor(
 @app.command()
 def adapt(
     site: Annotated[str, typer.Argument()],
-    method: Annotated[str | None, typer.Option(help="mmd, coral, adabn, shot-im or tent.")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="An adaptation method: mmd, coral, adabn, shot-im or tent (models.catalog.ADAPTERS).")] = None,
     train_backbone: Annotated[bool | None, typer.Option(
         "--train-backbone/--cached-top",
         help="mmd/coral: adapt every layer from the raw images (minutes) or only the cached top "
@@ -307,14 +308,20 @@ def adapt(
 
     def go() -> dict[str, Any]:
         settings, s = _site(site)
-        if method and method not in ("mmd", "coral", "adabn", "shot-im", "tent"):
-            raise UsageError(f"--method {method!r}: choose mmd, coral, adabn, shot-im or tent")
+        from models.catalog import ADAPTERS
+
+        if method and method not in ADAPTERS:
+            raise UsageError(f"--method {method!r}: choose {', '.join(sorted(ADAPTERS))}")
         from flows.readapt import readapt_site
         from tasks.readapt import resolve_method
 
         m = resolve_method(s, method)  # a bad method for this site fails here, before Prefect starts
-        if train_backbone and m not in ("mmd", "coral"):
-            raise UsageError(f"--train-backbone applies to mmd and coral, not {m!r}")
+        from tasks.readapt import needs_source
+
+        if train_backbone and not needs_source(m):
+            users = ", ".join(n for n in sorted(ADAPTERS) if needs_source(n))
+            raise UsageError(f"--train-backbone applies to the methods that use the training "
+                             f"data ({users}), not {m!r}")
         return readapt_site(site=s.name, method=method, train_backbone=train_backbone,
                             settings=settings)
 

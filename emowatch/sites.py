@@ -42,7 +42,7 @@ class DriftThresholds(BaseModel):
 
 class AdaptOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["mmd", "adabn", "shot-im", "tent", "coral"] = "mmd"
+    method: str = Field("mmd", description="One of models.catalog.ADAPTERS.")
     source_free: bool = Field(False, description="Training data may not be used at this site.")
     max_images: int = Field(500, ge=10, le=100_000)
     time_budget_s: float = Field(600.0, gt=0)
@@ -58,6 +58,15 @@ class AdaptOptions(BaseModel):
         "activations (seconds instead of ~6 min per 500-image site on 2 cores, ~1 GB less memory), "
         "which recovered none of the blur gap and lost more source accuracy (bench/adapt_full.py).")
     auto: bool = Field(True, description="Re-adapt automatically when drift is detected.")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from models.catalog import ADAPTERS
+
+        if v not in ADAPTERS:
+            raise ValueError(f"{v!r} is not an adaptation method (one of {', '.join(sorted(ADAPTERS))})")
+        return v
 
 
 class GateTolerances(BaseModel):

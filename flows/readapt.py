@@ -40,7 +40,7 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
     run_id = t.start_run(ctx, m, check_id)
     t0 = time.perf_counter()
     try:
-        inputs = t.load_inputs(ctx, source_free=m not in ("mmd", "coral"),
+        inputs = t.load_inputs(ctx, source_free=not t.needs_source(m),
                                train_backbone=cfg.adapt.train_backbone if train_backbone is None
                                else bool(train_backbone))
         result = t.run_adaptation(inputs, m, cfg, seed)
@@ -76,6 +76,7 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
         "base_model": ctx.model.key,
         "gates": validation["gates"],
         "verdict": verdict,
+        "reasons": validation["reasons"],
         "dev": validation["dev"],
         "source_acc": validation["source_acc"],
         "champion_source_acc": validation["champion_source_acc"],

@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from models.data import ImageRecord, LabelledSet, split_records, stratified_split
+from models.data import ImageRecord, split_records, stratified_split
 from models.evaluate import EvalResult, metrics_from_predictions
-from models.images import load_rgb
-from models.network import Checkpoint, EmotionNet, NetConfig, Preprocessing, preprocessing_for
+from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
+from models.views import as_source, cache_activations
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -123,127 +122,6 @@ class TrainResult:
         return self.cache_seconds + self.train_seconds
 
 
-# --- input sources ---------------------------------------------------------------------------
-@dataclass
-class _Source:
-    """Uniform access to file records or in-memory uint8 images."""
-
-    labels: np.ndarray  # (N,)
-    records: list[ImageRecord] | None = None
-    images: np.ndarray | Sequence[np.ndarray] | None = None  # uint8 (N,H,W,3)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def pil(self, i: int) -> Image.Image:
-        if self.records is not None:
-            return load_rgb(self.records[i].path)
-        a = np.asarray(self.images[i])
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=2)
-        return Image.fromarray(a)
-
-    def subset(self, idx: Sequence[int]) -> _Source:
-        idx = list(idx)
-        return _Source(
-            labels=self.labels[idx],
-            records=[self.records[i] for i in idx] if self.records is not None else None,
-            images=[self.images[i] for i in idx] if self.images is not None else None,
-        )
-
-
-def _as_source(data: Any, labels: Any = None) -> tuple[_Source, list[str] | None]:
-    """LabelledSet | [ImageRecord] | object with .images/.labels | (images, labels)."""
-    if isinstance(data, LabelledSet):
-        return _Source(labels=data.labels, records=list(data.records)), list(data.classes)
-    if isinstance(data, tuple) and len(data) == 2 and labels is None:
-        data, labels = data
-    if hasattr(data, "images") and hasattr(data, "labels") and labels is None:
-        classes = list(data.classes) if hasattr(data, "classes") else None
-        return _as_source(data.images, data.labels)[0], classes
-    if isinstance(data, Sequence) and data and isinstance(data[0], ImageRecord):
-        return _Source(labels=np.array([r.label for r in data]), records=list(data)), None
-    if isinstance(data, np.ndarray) or (isinstance(data, Sequence) and data
-                                        and isinstance(data[0], np.ndarray)):
-        if labels is None:
-            raise ValueError("in-memory images need labels: pass (images, labels)")
-        y = np.asarray(labels, dtype=np.int64).ravel()
-        if len(y) != len(data):
-            raise ValueError(f"{len(data)} images but {len(y)} labels")
-        first = np.asarray(data[0]) if len(data) else None
-        if first is not None and first.dtype != np.uint8:
-            raise ValueError(f"in-memory images must be uint8 (N,H,W,3), got {first.dtype}")
-        return _Source(labels=y, images=data), None
-    raise ValueError(
-        "training data must be a LabelledSet, a list of ImageRecord, an object with "
-        ".images/.labels, or (uint8 images (N,H,W,3), labels)"
-    )
-
-
-# --- view generation and caching -------------------------------------------------------------
-def _random_crop(img: Image.Image, scale: tuple[float, float], rng: np.random.Generator) -> Image.Image:
-    w, h = img.size
-    area = w * h * rng.uniform(*scale)
-    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    cw = int(round(min(w, math.sqrt(area * ratio))))
-    ch = int(round(min(h, math.sqrt(area / ratio))))
-    x0 = int(rng.integers(0, w - cw + 1))
-    y0 = int(rng.integers(0, h - ch + 1))
-    return img.crop((x0, y0, x0 + cw, y0 + ch))
-
-
-def _views(img: Image.Image, prep: Preprocessing, cfg: TrainConfig, rng: np.random.Generator,
-           augment: bool) -> list[np.ndarray]:
-    base = prep.to_array(img)  # (S,S,3)
-    if not augment:
-        return [base]
-    out = [base]
-    if cfg.flip:
-        out.append(base[:, ::-1])
-    for _ in range(cfg.crops):
-        v = prep.to_array(_random_crop(img, cfg.crop_scale, rng))
-        if cfg.flip and rng.random() < 0.5:
-            v = v[:, ::-1]
-        out.append(v)
-    return out
-
-
-def n_views(cfg: TrainConfig) -> int:
-    return 1 + int(cfg.flip) + cfg.crops
-
-
-@torch.no_grad()
-def cache_activations(
-    model: EmotionNet,
-    src: _Source,
-    prep: Preprocessing,
-    cfg: TrainConfig,
-    augment: bool,
-    seed: int,
-    progress: Progress | None = None,
-    stage: str = "cache",
-) -> torch.Tensor:
-    """Frozen activations of every view: (N, V, C, h, w) float16 (V = 1 without augment)."""
-    rng = np.random.default_rng(seed)
-    v = n_views(cfg) if augment else 1
-    model.eval()
-    out: torch.Tensor | None = None
-    n = len(src)
-    for s in range(0, n, cfg.cache_batch):
-        arrs = []
-        for i in range(s, min(n, s + cfg.cache_batch)):
-            arrs.extend(_views(src.pil(i), prep, cfg, rng, augment))
-        h = model.frozen_forward(prep.normalize(np.ascontiguousarray(np.stack(arrs))))
-        h = h.to(torch.float16).view(-1, v, *h.shape[1:])
-        if out is None:
-            out = torch.empty((n, v, *h.shape[2:]), dtype=torch.float16)
-        out[s:s + h.shape[0]] = h
-        if progress:
-            progress({"stage": stage, "done": min(n, s + cfg.cache_batch), "total": n})
-    assert out is not None
-    return out
-
-
 # --- training --------------------------------------------------------------------------------
 def _param_groups(model: EmotionNet, cfg: TrainConfig, with_top: bool = True) -> list[dict[str, Any]]:
     top = [p for p in model.top.parameters() if p.requires_grad] if with_top else []
@@ -266,13 +144,13 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 @torch.no_grad()
-def _eval_cached(model: EmotionNet, h: torch.Tensor, y: torch.Tensor, bs: int = 256,
+def eval_cached(model: EmotionNet, h: torch.Tensor, y: torch.Tensor, bs: int = 256,
                  head_only: bool = False) -> tuple[float, np.ndarray]:
     """Mean cross-entropy and predictions on cached (N, 1, ...) activations (or pooled
     top outputs (N, 1, P) when ``head_only``)."""
     model.eval()
     losses, preds = [], []
-    run = _head if head_only else _full
+    run = _head if head_only else cached_logits
     for s in range(0, h.shape[0], bs):
         logits = run(model, h[s:s + bs, 0].float())
         losses.append(nn.functional.cross_entropy(logits, y[s:s + bs], reduction="sum").item())
@@ -301,7 +179,7 @@ def train_source(
     """
     cfg = config or TrainConfig()
     cfg.validate()
-    src, found_classes = _as_source(train, labels)
+    src, found_classes = as_source(train, labels)
     classes = list(classes or found_classes or [])
     if not classes:
         raise ValueError("class names are required (pass classes=[...])")
@@ -326,7 +204,7 @@ def train_source(
         src_tr, src_va = src.subset(tr_idx), src.subset(va_idx)
     else:
         src_tr = src
-        src_va, _ = _as_source(val)
+        src_va, _ = as_source(val)
     if len(src_va) == 0:
         raise ValueError("validation set is empty")
     if src_va.labels.min() < 0 or src_va.labels.max() >= k:
@@ -347,7 +225,7 @@ def train_source(
             h_va = cache_activations(model, src_va, prep, cfg, False, cfg.seed, report, "cache-val")
             cache_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            history, best_state, best_epoch = _fit(model, h_tr, src_tr.labels, h_va,
+            history, best_state, best_epoch = fit_cached(model, h_tr, src_tr.labels, h_va,
                                                    src_va.labels, cfg, report)
             train_s = time.perf_counter() - t1
     finally:
@@ -357,7 +235,7 @@ def train_source(
 
     model.load_state_dict(best_state)
     model.eval()
-    _, pred = _eval_cached(model, h_va, torch.as_tensor(src_va.labels))
+    _, pred = eval_cached(model, h_va, torch.as_tensor(src_va.labels))
     val_metrics = metrics_from_predictions(src_va.labels, pred, classes)
     ckpt = Checkpoint(
         model=model,
@@ -386,7 +264,7 @@ def train_source(
     )
 
 
-def _fit(
+def fit_cached(
     model: EmotionNet,
     h_tr: torch.Tensor,
     y_tr_np: np.ndarray,
@@ -414,7 +292,7 @@ def _fit(
     """
     rng = np.random.default_rng(cfg.seed + 1)
     y_tr, y_va = torch.as_tensor(y_tr_np), torch.as_tensor(y_va_np)
-    t_tr = _targets(y_tr, soft_tr, soft_weight, model.config.num_classes)
+    t_tr = soft_targets(y_tr, soft_tr, soft_weight, model.config.num_classes)
     n, v = h_tr.shape[:2]
     bs = min(cfg.batch_size, n)
     spe = max(1, n // bs)  # steps per epoch: the ragged last batch is dropped (BatchNorm)
@@ -453,7 +331,7 @@ def _fit(
                 model.top.eval()  # pre-trained BN statistics stay put (small batches)
             order = rng.permutation(n)
             view = rng.integers(0, v, size=n)
-            run = _head if head_only else _full
+            run = _head if head_only else cached_logits
             tot_loss, correct, seen = 0.0, 0, 0
             for b in range(spe):
                 idx = order[b * bs:(b + 1) * bs]
@@ -479,7 +357,7 @@ def _fit(
                 tot_loss += loss.item() * len(idx)
                 correct += int((logits.argmax(1) == yb).sum())
                 seen += len(idx)
-            val_loss, pred = _eval_cached(judged, p_va if head_only else h_va, y_va,
+            val_loss, pred = eval_cached(judged, p_va if head_only else h_va, y_va,
                                           head_only=head_only)
             row = {
                 "epoch": epoch,
@@ -504,7 +382,7 @@ def _fit(
     return history, best_state, best_epoch
 
 
-def _targets(y: torch.Tensor, soft: np.ndarray | None, weight: float, k: int) -> torch.Tensor:
+def soft_targets(y: torch.Tensor, soft: np.ndarray | None, weight: float, k: int) -> torch.Tensor:
     """Class indices, or (N, K) probabilities when soft labels take part."""
     if soft is None or weight <= 0:
         return y
@@ -525,7 +403,7 @@ def _head(model: EmotionNet, pooled: torch.Tensor) -> torch.Tensor:
     return model.head(model.bottleneck(pooled))
 
 
-def _full(model: EmotionNet, h: torch.Tensor) -> torch.Tensor:
+def cached_logits(model: EmotionNet, h: torch.Tensor) -> torch.Tensor:
     return model.forward_cached(h)[1]
 
 

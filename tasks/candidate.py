@@ -38,49 +38,49 @@ def site_probe_images(inputs: AdaptInputs, n: int = PROBE_IMAGES, seed: int = 0)
     return decode_images(inputs, pick(inputs.source_paths_val, half) + pick(inputs.site_paths, n - half))
 
 
+def validation_config(site: Site) -> Any:
+    """The site's gate tolerances as ``models.validate.ValidationConfig``."""
+    from models.dev import DEVConfig
+    from models.explain_metrics import GateTolerances
+    from models.validate import ValidationConfig
+
+    g = site.gates
+    return ValidationConfig(
+        max_source_drop=g.max_source_acc_drop, min_entropy_ratio=g.min_prediction_entropy_ratio,
+        dev=DEVConfig(min_ess=g.min_effective_sample_size),
+        explanation=GateTolerances(min_rank_correlation=g.min_explanation_rank_corr,
+                                   min_topk_overlap=g.min_explanation_topk_overlap,
+                                   min_cosine=g.min_explanation_cosine,
+                                   max_faithfulness_drop=g.max_faithfulness_drop))
+
+
 @task(name="validate-candidate", cache_policy=NO_CACHE)
 def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
-    """Label-free gates (source accuracy, DEV, residual drift, prediction sanity), the
-    explanation-stability gate, and the audit set when the site has one."""
-    from models.explain_metrics import GateTolerances, explanation_gate
-    from models.validate import DEVConfig, ValidationConfig, validate_candidate
+    """The gates of ``models.validate`` (source accuracy, DEV, residual drift, prediction
+    sanity, explanation stability on probe images), and the audit set when the site has one."""
+    from models.validate import validate_candidate
 
     log = get_run_logger()
-    g = site.gates
-    vcfg = ValidationConfig(max_source_drop=g.max_source_acc_drop,
-                            min_entropy_ratio=g.min_prediction_entropy_ratio,
-                            dev=DEVConfig(min_ess=g.min_effective_sample_size))
     own = candidate_activations(inputs, result)
     site_cand = src_cand = None
     if own is not None:  # the candidate's frozen part changed: judge it on its own activations
         src_h, site_cand = candidate_inputs(inputs, own)
         src_cand = (src_h, inputs.src_val[1])
-    rep = validate_candidate(result.model, inputs.ckpt.model, inputs.src_val, inputs.site_h,
-                             vcfg, site_candidate=site_cand, source_candidate=src_cand)
-    gates = {k: plain(v) for k, v in rep.gates.items()}
     probe = site_probe_images(inputs)
     t0 = time.perf_counter()
-    tol = GateTolerances(min_rank_correlation=g.min_explanation_rank_corr,
-                         min_topk_overlap=g.min_explanation_topk_overlap,
-                         min_cosine=g.min_explanation_cosine,
-                         max_faithfulness_drop=g.max_faithfulness_drop)
-    maps: dict[str, Any] = {}
-    expl = explanation_gate(inputs.ckpt.model, result.model, probe, tol, attributions=maps)
-    log.info("explanation gate on %d probe images: %.1f s", len(probe), time.perf_counter() - t0)
-    for k, v in expl.items():
-        gates[f"explanation_{k}"] = plain(v)
-    audit = None
-    if site.audit is not None:
-        audit = audit_accuracy(inputs, result, site)
-    verdict = rep.verdict
-    if verdict != "fail" and not all(v["passed"] for v in gates.values()):
-        verdict = "fail"
-    dev = rep.dev.to_dict()
-    return {"verdict": verdict, "gates": gates, "dev": plain(dev),
-            "champion_dev": plain(rep.champion_dev.to_dict()), "source_acc": rep.source_acc,
-            "champion_source_acc": rep.champion_source_acc, "mmd2_before": rep.mmd2_before,
-            "mmd2_after": rep.mmd2_after, "audit": audit, "probe": probe,
-            "probe_maps": {k: a.maps for k, a in maps.items()}, "candidate_activations": own}
+    rep = validate_candidate(result.model, inputs.ckpt.model, inputs.src_val, inputs.site_h,
+                             validation_config(site), site_candidate=site_cand,
+                             source_candidate=src_cand, probe=probe)
+    log.info("gates (with the explanation gate on %d probe images): %.1f s", len(probe),
+             time.perf_counter() - t0)
+    audit = audit_accuracy(inputs, result, site) if site.audit is not None else None
+    return {"verdict": rep.verdict, "reasons": rep.reasons,
+            "gates": {k: plain(v) for k, v in rep.gates.items()},
+            "dev": plain(rep.dev.to_dict()), "champion_dev": plain(rep.champion_dev.to_dict()),
+            "source_acc": rep.source_acc, "champion_source_acc": rep.champion_source_acc,
+            "mmd2_before": rep.mmd2_before, "mmd2_after": rep.mmd2_after, "audit": audit,
+            "probe": probe, "probe_maps": {k: a.maps for k, a in rep.attributions.items()},
+            "candidate_activations": own}
 
 
 def candidate_activations(inputs: AdaptInputs, result: Any) -> dict[str, torch.Tensor] | None:
@@ -165,7 +165,7 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
         artifacts: dict[str, Path] = {}
         try:
             from models.adapt import cached_outputs
-            from models.explain_metrics import gallery_figure
+            from models.explain_plots import gallery_figure
             from models.plots import adaptation_curves_figure, embedding_figure
 
             z0s, _ = cached_outputs(inputs.ckpt.model, inputs.src_val[0])

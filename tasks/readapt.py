@@ -116,9 +116,16 @@ def auto_adapt_blocker(ctx: RunContext) -> str | None:
     return None
 
 
+def needs_source(method: str) -> bool:
+    """Does ``method`` read the labelled training data (the adapter class says)?"""
+    from models.adapt import get_adapter
+
+    return get_adapter(method).needs_source
+
+
 def resolve_method(site: Site, method: str | None) -> str:
     m = method or site.adapt.method
-    if site.adapt.source_free and m in ("mmd", "coral"):
+    if site.adapt.source_free and needs_source(m):
         raise ValueError(f"site {site.name} is source_free: method {m!r} needs the training data; "
                          "use shot-im, tent or adabn")
     return m
@@ -200,13 +207,14 @@ def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False
 
 @task(name="adapt", cache_policy=NO_CACHE)
 def run_adaptation(inputs: AdaptInputs, method: str, site: Site, seed: int = 0) -> Any:
-    from models.adapt import CachedSet, get_adapter, with_backbone
+    from models.adapt import CachedSet, get_adapter
+    from models.discrepancy import with_backbone
 
     adapter = get_adapter(method)
     cfg = adapter.default_config()
     cfg.seed = seed
     cfg.time_budget_s = site.adapt.time_budget_s
-    if site.adapt.site_bn_weight is not None:
+    if site.adapt.site_bn_weight is not None and hasattr(cfg, "site_bn_weight"):
         cfg.site_bn_weight = site.adapt.site_bn_weight
     log = get_run_logger()
     source, target = inputs.src_train, inputs.site_h
@@ -216,9 +224,10 @@ def run_adaptation(inputs: AdaptInputs, method: str, site: Site, seed: int = 0) 
         source = CachedSet(h=inputs.src_train[0], labels=inputs.src_train[1],
                            images=inputs.src_train_images)
         target = CachedSet(h=inputs.site_h, images=inputs.site_images)
+    through = getattr(cfg, "backbone_lr_mult", 0) > 0
     log.info("adapting %s to %d site images with %s%s (budget %.0f s)", inputs.base_key,
-             len(inputs.site_h), method,
-             " through the whole backbone" if cfg.backbone_lr_mult > 0 else "", cfg.time_budget_s)
+             len(inputs.site_h), method, " through the whole backbone" if through else "",
+             cfg.time_budget_s)
     res = adapter.adapt(inputs.ckpt, source, target, cfg, progress=True)
     log.info("%s: %d steps in %.1f s%s", method, res.steps_done, res.seconds,
              " (stopped at the time budget)" if res.stopped_early else "")

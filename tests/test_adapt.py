@@ -12,21 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.adapt import (
+from models.adapt import CachedSet, adapt, available_adapters, cached_outputs, get_adapter
+from models.bn import AdaBNConfig, mix_bn_stats, prior_weight
+from models.discrepancy import (
     BACKBONE_BATCH,
     BACKBONE_STEPS,
-    AdaptConfig,
-    CachedSet,
-    adapt,
-    available_adapters,
-    cached_outputs,
+    DiscrepancyConfig,
     coral_loss,
-    get_adapter,
-    mix_bn_stats,
     mk_mmd2,
     rampup,
     with_backbone,
 )
+from models.entropy import EntropyConfig
 from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
 
 K, S = 4, 16
@@ -82,7 +79,7 @@ def mmd2(a, b) -> float:
     return float(mk_mmd2(torch.as_tensor(a), torch.as_tensor(b)))
 
 
-def quick(method: str, **kw) -> AdaptConfig:
+def quick(method: str, **kw):
     cfg = get_adapter(method).default_config()
     cfg.steps = kw.pop("steps", 40)
     for k, v in kw.items():
@@ -100,7 +97,13 @@ def test_registry():
     assert {"mmd", "coral", "adabn", "shot-im", "tent"} <= set(available_adapters())
     with pytest.raises(ValueError, match="unknown adaptation method"):
         get_adapter("nope")
-    assert AdaptConfig().to_dict()["steps"] == AdaptConfig().steps
+    assert DiscrepancyConfig().to_dict()["steps"] == DiscrepancyConfig().steps
+    assert DiscrepancyConfig().to_dict()["kernel_multipliers"] == [0.25, 0.5, 1.0, 2.0, 4.0]
+    # each method has its own config: another method's config is refused, not half-read
+    with pytest.raises(ValueError, match="takes a AdaBNConfig"):
+        get_adapter("adabn").adapt(EmotionNet(NetConfig(backbone="tiny", img_size=S, num_classes=K,
+                                                        pretrained=False)),
+                                   None, torch.zeros(4, 3, S, S), DiscrepancyConfig())
 
 
 @pytest.mark.parametrize(("method", "top_lr_mult"), [("mmd", 0.0), ("coral", 0.0), ("mmd", 0.1)])
@@ -168,8 +171,17 @@ def test_site_bn_weight_mixes_source_and_site_statistics(toy, method):
         # source; the half-and-half mixture keeps the source and fixes little of the site.
         assert acc(full.model, *site) > 0.9 and acc(full.model, *val) < 0.5
         assert acc(half.model, *val) > 0.9 and acc(half.model, *site) < 0.5
-    with pytest.raises(ValueError, match="site_bn_weight"):
-        AdaptConfig(site_bn_weight=1.5).validate()
+    for cfg in (AdaBNConfig(site_bn_weight=1.5), EntropyConfig(site_bn_weight=-0.1)):
+        with pytest.raises(ValueError, match="site_bn_weight"):
+            cfg.validate()
+
+
+def test_prior_weight_is_n_over_n_plus_prior():
+    """Schneider et al.: the training domain counts as N images beside the site's n."""
+    assert prior_weight(240, 16) == pytest.approx(240 / 256)
+    assert prior_weight(0, 16) == 0.0 and prior_weight(5, 0) == 1.0 and prior_weight(0, 0) == 1.0
+    with pytest.raises(ValueError):
+        prior_weight(-1, 4)
 
 
 def test_discrepancy_methods_need_labelled_source(toy):
@@ -183,7 +195,7 @@ def test_discrepancy_methods_need_labelled_source(toy):
     with pytest.raises(ValueError, match="labels must be in"):
         adapt(model, (src[0], src[1] + 10), site[0], "mmd", quick("mmd"))
     with pytest.raises(ValueError, match="coral_weight"):
-        adapt(model, src, site[0], "coral", AdaptConfig(steps=2))
+        adapt(model, src, site[0], "coral", DiscrepancyConfig(steps=2))
 
 
 def test_bad_config_is_rejected(toy):
@@ -191,9 +203,11 @@ def test_bad_config_is_rejected(toy):
     for bad in ({"batch_size": 1}, {"lr": 0.0}, {"kernel_multipliers": ()}, {"final_bn": "x"},
                 {"time_budget_s": 0.0}, {"mmd_weight": -1.0}, {"top_bn": "both"}):
         with pytest.raises(ValueError):
-            adapt(model, src, site[0], "mmd", AdaptConfig(steps=1, **bad))
+            adapt(model, src, site[0], "mmd", DiscrepancyConfig(steps=1, **bad))
     with pytest.raises(ValueError, match="target.images"):
-        adapt(model, None, site[0], "adabn", AdaptConfig(adabn_scope="all"))
+        adapt(model, None, site[0], "adabn", AdaBNConfig(scope="all"))
+    with pytest.raises(ValueError, match="scope"):
+        adapt(model, None, site[0], "adabn", AdaBNConfig(scope="some"))
 
 
 @pytest.mark.parametrize("method", ["mmd", "shot-im"])
@@ -259,7 +273,7 @@ def test_adabn_all_scope_uses_images(toy):
     model, _, _, site = toy
     # tiny backbone: the frozen part has no BN, so nothing there changes
     res = adapt(model, None, CachedSet(h=site[0], images=site[0]), "adabn",
-                AdaptConfig(adabn_scope="all"))
+                AdaBNConfig(scope="all"))
     assert not res.frozen_changed and res.steps_done == 1
 
 
@@ -304,7 +318,7 @@ def test_backbone_mode_changes_the_frozen_part_and_nothing_else():
     with torch.no_grad():
         h_src, h_site = model.frozen_forward(x_src), model.frozen_forward(x_site)
     before = {k: v.clone() for k, v in model.frozen.state_dict().items()}
-    cfg = with_backbone(AdaptConfig())
+    cfg = with_backbone(DiscrepancyConfig())
     assert (cfg.steps, cfg.batch_size, cfg.backbone_lr_mult) == (BACKBONE_STEPS, BACKBONE_BATCH, 1.0)
     cfg.steps = 3
     res = adapt(model, CachedSet(h=h_src, labels=y_src, images=x_src),

@@ -260,7 +260,7 @@ def test_cli_json_contracts(world, monkeypatch):
     r = runner.invoke(app, ["approve", "cli", "999", "--by", "x", "--json"])
     assert r.exit_code == 2 and "no version '999'" in r.stderr
     r = runner.invoke(app, ["adapt", "night", "--method", "adabn", "--train-backbone", "--json"])
-    assert r.exit_code == 2 and "mmd and coral" in r.stderr
+    assert r.exit_code == 2 and "use the training data (coral, mmd), not 'adabn'" in r.stderr
 
     r = runner.invoke(app, ["status", "--json"])
     assert r.exit_code == 0, r.output

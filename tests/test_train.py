@@ -196,15 +196,15 @@ def test_frozen_part_does_not_change_during_training(faces) -> None:
 
 
 def test_soft_targets_mix_votes_and_fall_back_to_the_folder_label() -> None:
-    from models.train import _targets
+    from models.train import soft_targets
 
     y = torch.tensor([0, 2])
-    assert _targets(y, None, 0.5, 3) is y
+    assert soft_targets(y, None, 0.5, 3) is y
     soft = np.array([[0.0, 2.0, 2.0], [0.0, 0.0, 0.0]])  # unnormalised; a row without votes
-    t = _targets(y, soft, 0.5, 3)
+    t = soft_targets(y, soft, 0.5, 3)
     assert torch.allclose(t, torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.0, 1.0]]))
     with pytest.raises(ValueError, match="shape"):
-        _targets(y, soft[:1], 0.5, 3)
+        soft_targets(y, soft[:1], 0.5, 3)
 
 
 def test_backbone_names_and_a_missing_weights_package(monkeypatch) -> None:
