@@ -132,8 +132,15 @@ def _gap(r: dict) -> float:
     return gap_recovered(r["acc"], r["acc_source_only"], r["acc_clean"])
 
 
+def by_setting_and_method(rows: list[dict]):
+    """(setting, method, rows of every seed) in the order they first appear."""
+    for s in dict.fromkeys(r["setting"] for r in rows):
+        rs = [r for r in rows if r["setting"] == s]
+        for m in dict.fromkeys(r["method"] for r in rs):
+            yield s, m, [r for r in rs if r["method"] == m]
+
+
 def print_tables(rows: list[dict]) -> None:
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
     print("| setting | seed | method | site acc | gap recovered (clean) | source drop, gate split "
           "| source drop, wide | verdict | s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -146,37 +153,31 @@ def print_tables(rows: list[dict]) -> None:
     print("\n| setting | method | site acc % | clean % | oracle % | gap rec. vs clean % "
           "| gap rec. vs oracle % | source drop pts (gate) | source drop pts (wide) | verdicts | s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for s in settings:
-        rs = [r for r in rows if r["setting"] == s]
-        for m in dict.fromkeys(r["method"] for r in rs):
-            g = [r for r in rs if r["method"] == m]
-            rec_c = [_gap(r) for r in g]
-            rec_o = [(r["acc"] - r["acc_source_only"]) / (r["acc_oracle"] - r["acc_source_only"])
-                     if abs(r["acc_oracle"] - r["acc_source_only"]) > 1e-9 else float("nan") for r in g]
-            verd = ",".join(sorted({str(r["verdict"]) for r in g}))
-            counts = {v: sum(r["verdict"] == v for r in g) for v in ("pass", "fail", "unverifiable")}
-            vtxt = verd if m == "source-only" else " ".join(f"{k}:{n}" for k, n in counts.items() if n)
-            print(f"| {s} | {m} | {_ms([r['acc'] for r in g])} | {_ms([r['acc_clean'] for r in g])} "
-                  f"| {_ms([r['acc_oracle'] for r in g])} | {_ms(rec_c)} | {_ms(rec_o)} "
-                  f"| {_ms([r['source_drop'] for r in g])} | {_ms([r['source_drop_wide'] for r in g])} | {vtxt} "
-                  f"| {_ms([r['seconds'] for r in g], pct=False)} |")
+    for s, m, g in by_setting_and_method(rows):
+        rec_c = [_gap(r) for r in g]
+        rec_o = [(r["acc"] - r["acc_source_only"]) / (r["acc_oracle"] - r["acc_source_only"])
+                 if abs(r["acc_oracle"] - r["acc_source_only"]) > 1e-9 else float("nan") for r in g]
+        verd = ",".join(sorted({str(r["verdict"]) for r in g}))
+        counts = {v: sum(r["verdict"] == v for r in g) for v in ("pass", "fail", "unverifiable")}
+        vtxt = verd if m == "source-only" else " ".join(f"{k}:{n}" for k, n in counts.items() if n)
+        print(f"| {s} | {m} | {_ms([r['acc'] for r in g])} | {_ms([r['acc_clean'] for r in g])} "
+              f"| {_ms([r['acc_oracle'] for r in g])} | {_ms(rec_c)} | {_ms(rec_o)} "
+              f"| {_ms([r['source_drop'] for r in g])} | {_ms([r['source_drop_wide'] for r in g])} | {vtxt} "
+              f"| {_ms([r['seconds'] for r in g], pct=False)} |")
     gated = [r for r in rows if r["method"] != "source-only"]
     if gated:
         print("\n| setting | method | gates failed (count over seeds) | DEV AUC cand/champ | ESS frac "
               "| DEV risk cand/champ | true site CE cand/champ | MMD² before→after |")
         print("|---|---|---|---|---|---|---|---|")
-        for s in settings:
-            rs = [r for r in gated if r["setting"] == s]
-            for m in dict.fromkeys(r["method"] for r in rs):
-                g = [r for r in rs if r["method"] == m]
-                fails = {k[5:]: sum(not r[k] for r in g) for k in g[0] if k.startswith("gate_")}
-                ftxt = ", ".join(f"{k}:{n}" for k, n in fails.items() if n) or "-"
-                print(f"| {s} | {m} | {ftxt} | {np.mean([r['dev_auc'] for r in g]):.3f}/"
-                      f"{np.mean([r['dev_auc_champion'] for r in g]):.3f} "
-                      f"| {np.mean([r['dev_ess'] for r in g]):.2f} "
-                      f"| {np.mean([r['dev_risk'] for r in g]):.3f}/{np.mean([r['dev_champion'] for r in g]):.3f} "
-                      f"| {np.mean([r['site_ce'] for r in g]):.3f}/{np.mean([r['site_ce_champion'] for r in g]):.3f} "
-                      f"| {np.mean([r['mmd2_before'] for r in g]):.4f}→{np.mean([r['mmd2_after'] for r in g]):.4f} |")
+        for s, m, g in by_setting_and_method(gated):
+            fails = {k[5:]: sum(not r[k] for r in g) for k in g[0] if k.startswith("gate_")}
+            ftxt = ", ".join(f"{k}:{n}" for k, n in fails.items() if n) or "-"
+            print(f"| {s} | {m} | {ftxt} | {np.mean([r['dev_auc'] for r in g]):.3f}/"
+                  f"{np.mean([r['dev_auc_champion'] for r in g]):.3f} "
+                  f"| {np.mean([r['dev_ess'] for r in g]):.2f} "
+                  f"| {np.mean([r['dev_risk'] for r in g]):.3f}/{np.mean([r['dev_champion'] for r in g]):.3f} "
+                  f"| {np.mean([r['site_ce'] for r in g]):.3f}/{np.mean([r['site_ce_champion'] for r in g]):.3f} "
+                  f"| {np.mean([r['mmd2_before'] for r in g]):.4f}→{np.mean([r['mmd2_after'] for r in g]):.4f} |")
 
 
 # --- end-to-end timing of one site ------------------------------------------------------------------

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import AdaptationRun, utcnow
+from db.sql import update_row
 
 
 def start_run(session: Session, site_id: int, method: str, base_model: str,
@@ -22,12 +23,7 @@ def start_run(session: Session, site_id: int, method: str, base_model: str,
 
 def finish_run(session: Session, run_id: int, **values: Any) -> None:
     """Set the outcome columns (status, verdict, gates, ...) and ``finished_at``."""
-    row = session.get(AdaptationRun, run_id)
-    if row is None:
-        raise ValueError(f"no adaptation run #{run_id}")
-    for k, v in values.items():
-        setattr(row, k, v)
-    row.finished_at = utcnow()
+    update_row(session, AdaptationRun, run_id, {**values, "finished_at": utcnow()})
 
 
 def latest_run(session: Session, site_id: int) -> AdaptationRun | None:

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import DriftCheck
+from db.sql import update_row
 
 
 def add_check(session: Session, **values: Any) -> int:
@@ -20,11 +21,7 @@ def add_check(session: Session, **values: Any) -> int:
 
 def update_check(session: Session, check_id: int, **values: Any) -> None:
     """Set columns of a check (e.g. ``alert_id``, ``mlflow_run_id`` once they exist)."""
-    row = session.get(DriftCheck, check_id)
-    if row is None:
-        raise ValueError(f"no drift check #{check_id}")
-    for k, v in values.items():
-        setattr(row, k, v)
+    update_row(session, DriftCheck, check_id, values)
 
 
 def latest_check(session: Session, site_id: int) -> DriftCheck | None:

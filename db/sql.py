@@ -29,4 +29,14 @@ def chunked(items: Sequence[Any], n: int = IN_CHUNK) -> Iterable[Sequence[Any]]:
         yield items[i : i + n]
 
 
-__all__ = ["IN_CHUNK", "chunked", "dialect_insert"]
+def update_row(session: Session, model: Any, row_id: Any, values: dict[str, Any]) -> Any:
+    """Set columns of the row ``row_id`` of ``model`` (a clear error when there is none)."""
+    row = session.get(model, row_id)
+    if row is None:
+        raise ValueError(f"no {model.__tablename__} row {row_id!r}")
+    for k, v in values.items():
+        setattr(row, k, v)
+    return row
+
+
+__all__ = ["IN_CHUNK", "chunked", "dialect_insert", "update_row"]

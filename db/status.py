@@ -26,6 +26,12 @@ def _count_by_site(session: Session, model: Any, *where: Any) -> dict[int, int]:
     return {sid: int(n) for sid, n in session.execute(q) if sid is not None}
 
 
+def _latest_value(session: Session, model: Any, column: Any, site_id: int) -> Any:
+    """``column`` of the site's newest row of ``model`` (None without one)."""
+    return session.execute(select(column).where(model.site_id == site_id)
+                           .order_by(model.id.desc()).limit(1)).scalar_one_or_none()
+
+
 def status_counts(session: Session) -> dict[str, Any]:
     """Plain numbers for ``emowatch status``: per site (by name) and in total.
 
@@ -47,18 +53,8 @@ def status_counts(session: Session) -> dict[str, Any]:
     )
     per_site: dict[str, dict[str, Any]] = {}
     for sid, name in sites:
-        last_batch = session.execute(
-            select(IngestionBatch.status)
-            .where(IngestionBatch.site_id == sid)
-            .order_by(IngestionBatch.id.desc())
-            .limit(1)
-        ).scalar_one_or_none()
-        last_drift = session.execute(
-            select(DriftCheck.decision)
-            .where(DriftCheck.site_id == sid)
-            .order_by(DriftCheck.id.desc())
-            .limit(1)
-        ).scalar_one_or_none()
+        last_batch = _latest_value(session, IngestionBatch, IngestionBatch.status, sid)
+        last_drift = _latest_value(session, DriftCheck, DriftCheck.decision, sid)
         ts = last_img.get(sid)
         if isinstance(ts, dt.datetime) and ts.tzinfo is None:
             ts = ts.replace(tzinfo=dt.UTC)  # SQLite's max() bypasses the column type

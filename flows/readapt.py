@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from emowatch.settings import Settings
-from flows.runner import default_runner, open_runtime
+from flows.runner import default_runner, open_runtime, optional_int
 from tasks import candidate as c
 from tasks import readapt as t
 
@@ -26,7 +26,7 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
     log = get_run_logger()
     ctx = open_runtime(settings).site_context(site)
     cfg = ctx.site
-    check_id = _as_int(drift_check_id)
+    check_id = optional_int(drift_check_id)
     if check_id is not None:  # started by the drift event, not by a person
         skip = t.auto_adapt_blocker(ctx)
         if skip:
@@ -89,11 +89,3 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
         "approval_alert_id": alert_id,
         "adaptation_run_id": run_id,
     }
-
-
-def _as_int(x: Any) -> int | None:
-    """Trigger parameters arrive rendered as strings ("12", "None", "")."""
-    try:
-        return int(x)
-    except (TypeError, ValueError):
-        return None

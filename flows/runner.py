@@ -20,6 +20,14 @@ def open_runtime(settings: Settings | None) -> Runtime:
     return Runtime.open(settings if settings is not None else Settings())
 
 
+def optional_int(x: Any) -> int | None:
+    """An int parameter as an event trigger renders it ("12", "None", "") -> 12 / None."""
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None
+
+
 def default_runner() -> Any:
     from prefect.task_runners import ThreadPoolTaskRunner
 

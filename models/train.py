@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +25,8 @@ from torch import nn
 from models.data import ImageRecord, split_records, stratified_split
 from models.evaluate import EvalResult, metrics_from_predictions
 from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
+from models.progress import Progress, ProgressBars, progress_fn
 from models.views import as_source, cache_activations
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -212,7 +211,7 @@ def train_source(
 
     ncfg = dataclasses.replace(net_config or NetConfig(), num_classes=k)
     prep = preprocessing_for(ncfg)
-    report = _progress_fn(progress)
+    report = progress_fn(progress)
     old_threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -230,7 +229,7 @@ def train_source(
             train_s = time.perf_counter() - t1
     finally:
         torch.set_num_threads(old_threads)
-        if isinstance(report, _Bars):
+        if isinstance(report, ProgressBars):
             report.close()
 
     model.load_state_dict(best_state)
@@ -424,38 +423,3 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         pe.lerp_(p.detach(), 1.0 - decay)
     for be, b in zip(ema.buffers(), model.buffers(), strict=True):
         be.copy_(b)  # BatchNorm statistics: the live ones
-
-
-class _Bars:
-    """tqdm bars for the progress events (one per stage)."""
-
-    def __init__(self) -> None:
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, ev: dict[str, Any]) -> None:
-        from tqdm.auto import tqdm
-
-        stage = ev["stage"]
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=ev["total"], desc=stage, leave=False)
-        if stage == "epoch":
-            bar.update(1)
-            bar.set_postfix(loss=f"{ev['train_loss']:.3f}", val_acc=f"{ev['val_acc']:.3f}",
-                            best=ev["best_epoch"])
-        else:
-            bar.update(ev["done"] - bar.n)
-
-    def close(self) -> None:
-        for b in self.bars.values():
-            b.close()
-
-
-def _progress_fn(progress: Progress | bool | None) -> Progress | None:
-    if progress is True:
-        return _Bars()
-    if progress in (None, False):
-        return None
-    if not callable(progress):
-        raise ValueError("progress must be True, None or a callable")
-    return progress

@@ -15,48 +15,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from models.adapt import as_cached_set
-from models.dev import DEVConfig, DEVResult
-from models.explain_metrics import GateTolerances as ExplanationTolerances
-from models.gates import Evidence, GateResult, run_gates
+from models.dev import DEVResult
+from models.gates import DEFAULT_GATES, Evidence, GateResult, ValidationConfig, run_gates
 from models.network import EmotionNet
-
-DEFAULT_GATES = ("source_accuracy", "dev_risk", "residual_drift", "prediction_sanity",
-                 "explanation")
-
-
-@dataclass
-class ValidationConfig:
-    max_source_drop: float = 0.03  # 3 points of source validation accuracy (issue target)
-    # DEV risks are CE in nats; the paired estimates (same source samples) of champion and
-    # candidate differ by noise of a few hundredths on ~200 validation images.
-    dev_tolerance: float = 0.05
-    drift_max_ratio: float = 1.0  # adaptation must not increase site-vs-source MMD^2
-    min_entropy_ratio: float = 0.5
-    # Per-sample loss DEV weights: "ce" (cross-entropy, nats; smooth, what training
-    # minimises) or "error" (0-1 loss: the DEV risk is then an estimated site error rate and
-    # dev_tolerance is in accuracy units).
-    dev_loss: Literal["ce", "error"] = "ce"
-    # Whose features decide "unverifiable": "candidate" (DEV as published: the candidate's own
-    # bottleneck) or "either" (also the champion's). Alignment can make site and source
-    # features of the CANDIDATE overlap although the images are of different kinds (faces
-    # vs photos); the champion's features were never trained to hide the difference.
-    unverifiable_from: Literal["candidate", "either"] = "either"
-    dev: DEVConfig = dataclasses.field(default_factory=DEVConfig)
-    explanation: ExplanationTolerances = dataclasses.field(default_factory=ExplanationTolerances)
-    # The gates to run, by their names in models.catalog.GATES, in report order.
-    gates: tuple[str, ...] = DEFAULT_GATES
-
-    def validate(self) -> None:
-        if self.dev_loss not in ("ce", "error"):
-            raise ValueError(f"dev_loss must be 'ce' or 'error', got {self.dev_loss!r}")
-        if self.unverifiable_from not in ("candidate", "either"):
-            raise ValueError("unverifiable_from must be 'candidate' or 'either', got "
-                             f"{self.unverifiable_from!r}")
 
 
 @dataclass
@@ -150,4 +116,4 @@ def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: 
 
 
 __all__ = ["DEFAULT_GATES", "ValidationConfig", "ValidationReport", "reasons_for",
-           "validate_candidate", "verdict"]
+           "validate_candidate", "verdict"]  # the first two are models.gates'

@@ -8,7 +8,7 @@ part once and keeps the activations (float16): epochs then draw one cached view 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,8 +19,7 @@ from PIL import Image
 from models.data import ImageRecord, LabelledSet
 from models.images import load_rgb
 from models.network import EmotionNet, Preprocessing
-
-Progress = Callable[[dict[str, Any]], None]
+from models.progress import Progress
 
 
 class ViewSpec(Protocol):

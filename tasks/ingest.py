@@ -5,16 +5,8 @@ Prefect); the Prefect tasks at the bottom only wrap them.
 
 What one run does, and the decisions it makes:
 
-* **Scan** the inbox recursively (:func:`scan_inbox`). Ignored (counted in ``ignored``, never
-  read): dot-names (a hidden folder counts once, it is not entered), extensions other than
-  ``.jpg .jpeg .png .webp .bmp .tif .tiff .gif`` (any case), symlinks to folders that stay
-  inside the inbox (their files are scanned where they really are: no loops, no double
-  counting), files that vanish between the scan and the read.
-* **Symlinks**: a link that resolves outside the inbox is refused as ``outside-inbox`` and never
-  opened or read (a link with a non-image extension is simply ignored). A link to a file inside
-  the inbox is followed -- it usually ends as a duplicate of its target. A link to nothing is
-  quarantined as ``empty`` (there are no bytes to read). Files are opened with ``O_NOFOLLOW``,
-  so a file swapped for a link after the scan is not followed either.
+* **Scan** the inbox recursively and **refuse links out of it** (:mod:`tasks.inbox`: what is
+  ignored, how symbolic links are treated).
 * **Read** each file once, hashing it in 1 MiB chunks; the same bytes are decoded and copied,
   so the sha256, the checks and the stored copy always describe the same content.
 * **Check** (:func:`inspect_image`), first failing check wins, one reason per file:
@@ -25,11 +17,8 @@ What one run does, and the decisions it makes:
   < min_image_side, from the header) -> ``truncated`` (the data ends before the image does)
   / ``corrupt`` (anything else Pillow cannot fully decode, or convert to RGB, or a PNG chunk
   with a bad CRC; also files the OS refuses to read).
-* **Store** accepted files under ``store_dir/<sha[:2]>/<sha>``: written to a temp file, made
-  durable, atomically renamed into place, and the rename made durable -- all before the rows
-  that point at them commit -- so deleting the inbox file loses nothing. On Linux one
-  ``syncfs`` per step covers a whole chunk (``fsync`` of each file and folder cost ~10 ms per
-  image on the test VM's disk, 75% of the run); elsewhere each file and folder is fsynced.
+* **Store** accepted files in the content-addressed store, durably, before the rows that
+  point at them commit (:mod:`tasks.storage`): deleting the inbox file loses nothing.
 * **Quarantine** rejected files: a copy under ``home/quarantine/<site>/<path>`` with the name
   ``<stem>.<sha[:12]><ext>`` (two different bad files with one name both survive), except
   ``outside-inbox`` links, over-size files and non-regular files (nothing safe to copy), and a

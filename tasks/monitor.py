@@ -60,7 +60,7 @@ def drift_config(site: Site) -> DriftConfig:
                        n_permutations=site.drift.permutations)
 
 
-def test_drift(site: Site, profile: Any, fs: FeatureSet) -> tuple[DriftResult, list[str]]:
+def check_drift(site: Site, profile: Any, fs: FeatureSet) -> tuple[DriftResult, list[str]]:
     """The calibrated decision (MMD on features + BBSD on softmax [+ Anderson-Darling on image-quality
     statistics], Bonferroni) and, in words, how the images' quality changed."""
     ref_q = getattr(profile, "quality", None)
@@ -83,7 +83,7 @@ def test_drift(site: Site, profile: Any, fs: FeatureSet) -> tuple[DriftResult, l
 
 @task(name="drift-test", cache_policy=NO_CACHE)
 def drift_test(site: Site, profile: Any, fs: FeatureSet) -> tuple[DriftResult, list[str]]:
-    result, phrases = test_drift(site, profile, fs)
+    result, phrases = check_drift(site, profile, fs)
     get_run_logger().info(
         "site %s: %s (p=%s, stat=%s, n_ref=%d, n_cur=%d)", site.name, result.decision,
         _fmt(result.p_value), _fmt(result.statistic), result.n_ref, result.n_cur,

@@ -26,18 +26,33 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.network import Checkpoint, load_checkpoint, save_checkpoint
 from tasks import pyfunc
+from tasks.registry_records import (
+    CHALLENGER,
+    CHAMPION,
+    DEFAULT_EXPERIMENT,
+    SOURCE_MODEL,
+    RegisteredVersion,
+    RegistryError,
+    VersionInfo,
+    flatten,
+    is_remote,
+    not_found,
+    quoted,
+    safe_dirname,
+    site_model_name,
+    tag_value,
+    version_info,
+)
 
 if TYPE_CHECKING:  # mlflow takes ~5 s to import: only the methods that need it import it
     from mlflow import MlflowClient
@@ -47,117 +62,15 @@ if TYPE_CHECKING:  # mlflow takes ~5 s to import: only the methods that need it 
 
 log = logging.getLogger(__name__)
 
-SOURCE_MODEL = "emowatch-source"
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-DEFAULT_EXPERIMENT = "emowatch"
-
 _CHECKPOINT_FILE = "checkpoint.pt"
 _REFERENCE_FILE = "reference_profile.npz"
 _MODEL_NAME_IN_RUN = "model"  # the logged model's name inside its run
-_LOGGED_MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)$")  # MLflow 3 logged-model ids
 # MLflow's fluent API reads process globals: one fluent operation at a time per process.
 _FLUENT_LOCK = threading.RLock()
 # (tracking uri, name, version) -> (Checkpoint, ReferenceProfile): a version never changes.
 _MODELS: dict[tuple[str, str, str], tuple[Checkpoint, Any]] = {}
 _MODELS_LOCK = threading.Lock()
 MODEL_CACHE_SIZE = 4  # a few models in RAM is plenty for one worker
-
-
-class RegistryError(RuntimeError):
-    """The registry does not hold what was asked for (missing model, version or alias)."""
-
-
-@dataclass(frozen=True)
-class RegisteredVersion:
-    name: str
-    version: str
-    run_id: str
-    model_uri: str  # "models:/<name>/<version>"
-    model_id: str | None = None  # MLflow 3 logged-model id ("m-...")
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """A model version as plain values (no MLflow entity leaks out of this module)."""
-
-    name: str
-    version: str
-    run_id: str | None
-    model_id: str | None
-    source: str
-    aliases: tuple[str, ...]
-    tags: dict[str, str] = field(default_factory=dict)
-    created_ms: int = 0
-    description: str = ""
-
-    @property
-    def model_uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-    @property
-    def key(self) -> str:
-        """``<name>/<version>``: the ``model_key`` of the featurize cache."""
-        return f"{self.name}/{self.version}"
-
-
-def site_model_name(site_name: str) -> str:
-    """The registered model of a site (same as ``emowatch.sites.Site.model_name``)."""
-    name = f"emowatch-{site_name}"
-    if name == SOURCE_MODEL:
-        raise ValueError("'source' cannot be a site name: emowatch-source is the source model")
-    return name
-
-
-def _is_remote(uri: str) -> bool:
-    return uri.startswith(("http://", "https://", "databricks"))
-
-
-def _safe_dirname(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "experiment"
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def tag_value(v: Any) -> str:
-    """A tag value as MLflow stores it: strings as they are, anything else as JSON."""
-    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
-
-
-def _not_found(e: Exception) -> bool:
-    return getattr(e, "error_code", "") in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
-
-
-def _model_id(mv: Any) -> str | None:
-    # The SQL registry store has no model_id column: a version registered from a logged model
-    # comes back with model_id=None and source "models:/<model_id>".
-    if getattr(mv, "model_id", None):
-        return mv.model_id
-    m = _LOGGED_MODEL_URI.match(mv.source or "")
-    return m.group(1) if m else None
-
-
-def _info(mv: Any) -> VersionInfo:
-    return VersionInfo(
-        name=mv.name, version=str(mv.version), run_id=mv.run_id or None, model_id=_model_id(mv),
-        source=mv.source or "", aliases=tuple(mv.aliases or ()), tags=dict(mv.tags or {}),
-        created_ms=int(mv.creation_timestamp or 0), description=mv.description or "",
-    )
-
-
-def _quote(name: str) -> str:
-    if "'" in name:
-        raise ValueError(f"model names cannot contain quotes: {name!r}")
-    return name
 
 
 def _drop_pickle_warning(record: logging.LogRecord) -> bool:
@@ -172,7 +85,7 @@ class Registry:
     def __init__(self, tracking_uri: str, artifact_root: Path | None, cache_dir: Path) -> None:
         self.tracking_uri = tracking_uri
         # None: the tracking server decides where artifacts go (http/databricks URIs)
-        self.artifact_root = None if _is_remote(tracking_uri) else Path(artifact_root or ".").resolve()
+        self.artifact_root = None if is_remote(tracking_uri) else Path(artifact_root or ".").resolve()
         self.cache_dir = Path(cache_dir).resolve()
         self._client_obj: MlflowClient | None = None
 
@@ -221,7 +134,7 @@ class Registry:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             root = self.artifact_root
-            loc = (root / _safe_dirname(name)).as_uri() if root is not None else None
+            loc = (root / safe_dirname(name)).as_uri() if root is not None else None
             try:
                 return client.create_experiment(name, artifact_location=loc)
             except MlflowException:  # created concurrently by another process
@@ -269,12 +182,12 @@ class Registry:
             if not p.exists():
                 raise ValueError(f"artifact {k!r} not found: {p}")
         clean_metrics: dict[str, float] = {}
-        for k, v in _flatten(metrics or {}).items():
+        for k, v in flatten(metrics or {}).items():
             try:
                 clean_metrics[k] = float(v)
             except (TypeError, ValueError):
                 raise ValueError(f"metric {k!r} is not a number: {v!r}") from None
-        flat_params = {k: tag_value(v) for k, v in _flatten(params or {}).items()}
+        flat_params = {k: tag_value(v) for k, v in flatten(params or {}).items()}
         str_tags = {k: tag_value(v) for k, v in (tags or {}).items()}
 
         exp_id = self.ensure_experiment(experiment)
@@ -349,9 +262,9 @@ class Registry:
         from mlflow.exceptions import MlflowException
 
         try:
-            return _info(self.client().get_model_version(name, str(version)))
+            return version_info(self.client().get_model_version(name, str(version)))
         except MlflowException as e:
-            if _not_found(e):
+            if not_found(e):
                 raise RegistryError(f"model {name!r} has no version {version}") from None
             raise
 
@@ -362,7 +275,7 @@ class Registry:
         try:
             return {a: str(v) for a, v in self.client().get_registered_model(name).aliases.items()}
         except MlflowException as e:
-            if _not_found(e):
+            if not_found(e):
                 return {}
             raise
 
@@ -406,8 +319,8 @@ class Registry:
         out: list[VersionInfo] = []
         token = None
         while True:
-            page = client.search_model_versions(f"name = '{_quote(name)}'", page_token=token)
-            out.extend(_info(mv) for mv in page)
+            page = client.search_model_versions(f"name = '{quoted(name)}'", page_token=token)
+            out.extend(version_info(mv) for mv in page)
             token = page.token
             if not token:
                 break
@@ -430,7 +343,7 @@ class Registry:
 
         uri = self.client().get_model_version_download_uri(name, str(version)).rstrip("/")
         tag = hashlib.sha1(uri.encode()).hexdigest()[:12]
-        dest = self.cache_dir / _safe_dirname(name) / f"{version}-{tag}"
+        dest = self.cache_dir / safe_dirname(name) / f"{version}-{tag}"
         if (dest / ".complete").exists():
             return dest / "artifacts"
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,22 @@ The source model is near-perfect on the source and at chance on the site.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.adapt import CachedSet, adapt, available_adapters, cached_outputs, get_adapter
+from models.adapt import (
+    AdaptConfig,
+    Adapter,
+    CachedSet,
+    adapt,
+    available_adapters,
+    cached_outputs,
+    get_adapter,
+)
 from models.bn import AdaBNConfig, mix_bn_stats, prior_weight
 from models.discrepancy import (
     BACKBONE_BATCH,
@@ -332,3 +342,36 @@ def test_backbone_mode_changes_the_frozen_part_and_nothing_else():
     assert all(torch.equal(before[k], new[k]) for k in before if "running" in k)
     assert not any(p.requires_grad for p in res.model.frozen.parameters())
     assert not any(p.requires_grad for p in model.frozen.parameters())
+
+
+# --- adding a method, as the README's Layout section says: one class + one catalog line --------
+@dataclasses.dataclass
+class ShrinkConfig(AdaptConfig):
+    factor: float = 0.5
+
+
+class ShrinkAdapter(Adapter):
+    """A new (toy) method: scale the head's weights; needs no training data."""
+
+    name = "shrink"
+    config_class = ShrinkConfig
+
+    def _adapt(self, model, src, tgt, cfg, gen, report, t0):
+        with torch.no_grad():
+            model.head.weight.mul_(cfg.factor)
+        report.step(1, 1, t0, factor=cfg.factor)
+        return {"steps_done": 1}
+
+
+def test_a_new_method_is_one_class_and_one_catalog_line(toy, monkeypatch):
+    from emowatch.sites import Site
+    from models import catalog
+
+    model, _, _, site = toy
+    monkeypatch.setitem(catalog.ADAPTERS, "shrink", "tests.test_adapt:ShrinkAdapter")
+    assert "shrink" in available_adapters()
+    res = adapt(model, None, site[0], "shrink", ShrinkConfig(factor=0.25))
+    assert torch.allclose(res.model.head.weight, 0.25 * model.head.weight)
+    assert res.config["factor"] == 0.25 and res.history[0]["factor"] == 0.25
+    # the sites file and the CLI accept it from the same table
+    assert Site(name="x", inbox="/tmp", adapt={"method": "shrink"}).adapt.method == "shrink"

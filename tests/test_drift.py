@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from models.drift import CombinedDrift, DriftConfig, DriftDetector, DriftResult, decide
+from models.drift import CombinedDrift, Detector, DriftConfig, DriftDetector, DriftResult, decide
 from models.drift_univariate import BBSDDrift, QualityDrift
 from models.mmd import MMDDrift, gaussian_kernel, mmd2_permutations, permutation_masks, sq_dists
 
@@ -249,3 +249,38 @@ def test_combined_with_quality_uses_three_way_bonferroni():
     r2 = decide(*ref[:2], _gauss(rng, 40), rng.dirichlet(np.ones(3), 40),
                 quality_ref=ref[2], quality_cur=q)
     assert r2.details["correction"] == "bonferroni x3"
+
+
+# --- adding a detector, as the README's Layout section says: one class + one catalog line ------
+class ConfidenceDrift(Detector):
+    """A new detector: has the mean top-class confidence moved? (Welch's t-test)."""
+
+    method = "confidence"
+    input_kind = "probs"
+
+    def _fit(self, x_ref):
+        self._ref = np.asarray(x_ref, dtype=np.float64).max(1)
+        return len(self._ref)
+
+    def _n(self, x_cur):
+        return len(x_cur)
+
+    def _score(self, x_cur):
+        from scipy import stats
+
+        res = stats.ttest_ind(self._ref, np.asarray(x_cur, dtype=np.float64).max(1),
+                              equal_var=False)
+        return float(abs(res.statistic)), float(res.pvalue), {}
+
+
+def test_a_new_detector_is_one_class_and_one_catalog_line(monkeypatch):
+    from models import catalog
+
+    monkeypatch.setitem(catalog.DETECTORS, "confidence", "tests.test_drift:ConfidenceDrift")
+    rng = np.random.default_rng(21)
+    ref = (_gauss(rng, 100), rng.dirichlet(np.ones(3), 100))
+    det = CombinedDrift(DriftConfig(n_permutations=49), ref, detectors=["mmd", "confidence"])
+    sure = np.eye(3)[rng.integers(0, 3, 60)] * 0.97 + 0.01  # over-confident predictions
+    r = det.predict((_gauss(rng, 60), sure))
+    assert r.method == "mmd+confidence" and r.details["triggered_by"] == "confidence"
+    assert r.is_drift and r.details["correction"] == "bonferroni x2"

@@ -3,15 +3,22 @@ the README says (one class + one catalog line)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
+import torch
 
 from models.gates import (
+    Gate,
     gate_dev_risk,
     gate_prediction_sanity,
     gate_residual_drift,
+    gate_result,
     gate_source_accuracy,
 )
+from models.network import EmotionNet, NetConfig
+from models.validate import ValidationConfig, validate_candidate
 
 
 # --- gates and verdict ----------------------------------------------------------------------------
@@ -33,3 +40,34 @@ def test_gates_shape_and_thresholds():
     assert not gate_prediction_sanity(collapsed)["passed"]
     with pytest.raises(ValueError):
         gate_prediction_sanity(np.ones(5))
+
+
+# --- adding a gate, as the README's Layout section says: one class + one catalog line ----------
+class MaxConfidenceGate(Gate):
+    """A new gate: the candidate's mean top-class confidence on the site stays below 0.9."""
+
+    name = "max_confidence"
+
+    def evaluate(self, ev):
+        conf = float(ev.candidate_view.p_site.max(1).mean())
+        return {self.name: gate_result(conf <= 0.9, conf, 0.9)}
+
+
+def test_a_new_gate_is_one_class_and_one_catalog_line(monkeypatch):
+    from models import catalog
+    from models.validate import DEFAULT_GATES
+
+    monkeypatch.setitem(catalog.GATES, "max_confidence", "tests.test_gates:MaxConfidenceGate")
+    torch.manual_seed(0)
+    model = EmotionNet(NetConfig(backbone="tiny", img_size=16, num_classes=3, pretrained=False)).eval()
+    val = (torch.randn(40, 3, 16, 16), torch.arange(40) % 3)
+    site = torch.randn(40, 3, 16, 16)
+    cfg = ValidationConfig(gates=(*DEFAULT_GATES, "max_confidence"))
+    rep = validate_candidate(model, model, val, site, cfg)
+    assert list(rep.gates)[-1] == "max_confidence" and rep.gates["max_confidence"]["passed"]
+    confident = copy.deepcopy(model)
+    with torch.no_grad():
+        confident.head.weight.mul_(1000.0)
+    rep = validate_candidate(confident, model, val, site, cfg)
+    assert not rep.gates["max_confidence"]["passed"] and rep.verdict == "fail"
+    assert any(r.startswith("gate max_confidence failed") for r in rep.reasons)

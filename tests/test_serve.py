@@ -55,9 +55,9 @@ def test_drift_event_renders_the_readapt_parameters():
     event = {"payload": {"site": "kiosk-3", "check_id": 12}, "resource": {"prefect.resource.id": "emowatch.site.kiosk-3"}}
     rendered = {k: render_user_template_sync(v, {"event": event}) for k, v in trig.parameters.items()}
     assert rendered == {"site": "kiosk-3", "drift_check_id": "12"}
-    from flows.readapt import _as_int
+    from flows.runner import optional_int
 
-    assert _as_int(rendered["drift_check_id"]) == 12 and _as_int("None") is None
+    assert optional_int(rendered["drift_check_id"]) == 12 and optional_int("None") is None
 
 
 def test_task_runner_switch(monkeypatch):

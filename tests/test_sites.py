@@ -1,30 +1,12 @@
-"""Settings and the sites file."""
+"""emowatch/sites.py: the sites file, its validation and its error messages."""
 
 from pathlib import Path
 
 import pytest
 
-from emowatch.settings import Settings
 from emowatch.sites import SitesFileError, load_sites, parse_sites
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deployments" / "sites.example.toml"
-
-
-def test_settings_have_no_side_effects(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    s = Settings()
-    assert s.db_url.startswith("sqlite:///") and s.db_url.endswith(".emowatch/emowatch.db")
-    assert s.tracking_uri.endswith("mlflow.db")
-    assert not (tmp_path / ".emowatch").exists()  # computing paths creates nothing
-    s.ensure_dirs()
-    assert (tmp_path / ".emowatch" / "outbox").is_dir()
-
-
-def test_settings_from_env(monkeypatch):
-    monkeypatch.setenv("EMOWATCH_DATABASE_URL", "postgresql+psycopg://u@h/db")
-    monkeypatch.setenv("EMOWATCH_SMTP_PORT", "2525")
-    s = Settings()
-    assert s.db_url == "postgresql+psycopg://u@h/db" and s.smtp_port == 2525
 
 
 def test_example_sites_file_is_valid():
