@@ -165,6 +165,8 @@ class QuarantinedFile(Timestamped, Base):
     )  # empty|not-image|truncated|corrupt|too-large|too-small|outside-inbox
     detail: Mapped[str] = mapped_column(Text, default="")
     quarantine_path: Mapped[str | None] = mapped_column(Text)  # None when not copied
+    # hex of the name's bytes when they are not UTF-8 (rel_path then holds "\xNN" escapes)
+    raw_path: Mapped[str | None] = mapped_column(Text)
 
 
 class ImageFeature(Timestamped, Base):
@@ -259,6 +261,8 @@ class Alert(Timestamped, Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     eml_path: Mapped[str | None] = mapped_column(Text)
+    # the next delivery attempt is not before this (backoff per alert; None: at once)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), index=True)
 
 
 class SiteLock(Timestamped, Base):

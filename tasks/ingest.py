@@ -59,6 +59,7 @@ from tasks.storage import (
     fsync_dir,
     is_stored,
     quarantine_path_for,
+    remove_stale_temps,
     store_path_for,
     syncfs,
     write_atomic,
@@ -133,9 +134,14 @@ class _Read:
     vanished: bool = False
 
 
+def _with_name_bytes(meta: dict[str, Any], raw: bytes | None) -> dict[str, Any]:
+    """The image row's meta, with the name's original bytes (hex) when they are not UTF-8."""
+    return meta if raw is None else {**meta, "rel_path_bytes": raw.hex()}
+
+
 def _read(c: Candidate, limits: ImageLimits) -> _Read:
     try:
-        data, sha = read_file(c.path, limits)
+        data, sha = read_file(c.path, limits, expect=(c.dev, c.ino))
         return _Read(c, data, sha)
     except Rejected as r:
         return _Read(c, rejected=r)
@@ -248,6 +254,10 @@ class _Ingestion:
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
         arm_bomb_guard()
+        for d in (self.store_dir, self.qdir):  # what a killed run left half-written
+            n = remove_stale_temps(d)
+            if n:
+                self.log.info("site %s: removed %d stale temp file(s) under %s", self.site.name, n, d)
         self._start(stale_after_s)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest") if workers > 1 else None
         pmap: Callable[..., Any] = pool.map if pool is not None else map
@@ -375,7 +385,8 @@ class _Ingestion:
                 rj = r.rejected  # only an empty file has (no) bytes to copy; the rest were not read
                 findings.append(
                     (
-                        Finding(rel, rj.reason, rj.detail, rj.sha256, rj.size_bytes),
+                        Finding(rel, rj.reason, rj.detail, rj.sha256, rj.size_bytes,
+                                r.cand.name_bytes),
                         b"" if rj.reason == "empty" else None,
                     )
                 )
@@ -386,14 +397,15 @@ class _Ingestion:
                 v = self.bad.get(r.sha) or verdicts[r.sha].info
                 if isinstance(v, Rejected):
                     self.bad[r.sha] = v
-                    findings.append((Finding(rel, v.reason, v.detail, r.sha, len(data)), data))
+                    findings.append((Finding(rel, v.reason, v.detail, r.sha, len(data),
+                                             r.cand.name_bytes), data))
                     continue
                 self.seen_ok.add(r.sha)
                 images.append({
                     "site_id": self.site_id, "batch_id": self.batch_id, "sha256": r.sha,
                     "rel_path": rel, "store_path": str(verdicts[r.sha].dest), "size_bytes": len(data),
                     "format": v.format, "width": v.width, "height": v.height, "mode": v.mode,
-                    "status": "ok", "meta": v.meta,
+                    "status": "ok", "meta": _with_name_bytes(v.meta, r.cand.name_bytes),
                 })  # fmt: skip
         self._record(findings, images, len(reads), n_ignored)
 
@@ -407,15 +419,19 @@ class _Ingestion:
         """Copy quarantined files, then commit the chunk's rows and the batch counters."""
         qrows = []
         for f, data in findings:
-            qpath = None
+            qpath, detail = None, f.detail
             if data is not None:
-                dest = quarantine_path_for(self.qdir, f.rel_path, f.sha256)
-                write_atomic(dest, data)
-                qpath = str(dest)
+                try:
+                    dest = quarantine_path_for(self.qdir, f.rel_path, f.sha256)
+                    write_atomic(dest, data)
+                    qpath = str(dest)
+                except OSError as e:  # the copy is a courtesy: the file's reason stays its own
+                    detail += f" (quarantine copy not written: {e.strerror or e})"
             qrows.append({
                 "site_id": self.site_id, "batch_id": self.batch_id, "rel_path": f.rel_path,
                 "sha256": f.sha256, "size_bytes": f.size_bytes, "reason": f.reason,
-                "detail": f.detail[:2000], "quarantine_path": qpath,
+                "detail": detail[:2000], "quarantine_path": qpath,
+                "raw_path": f.name_bytes.hex() if f.name_bytes is not None else None,
             })  # fmt: skip
             self.quarantined.append({"path": f.rel_path, "reason": f.reason})
             self.log.info(

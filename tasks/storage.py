@@ -9,10 +9,12 @@ disk); elsewhere each file and folder is fsynced.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
-import threading
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,19 @@ def store_path_for(store_dir: Path, sha256: str) -> Path:
     return store_dir / sha256[:2] / sha256
 
 
+# Every temp file this module writes starts with this prefix, so a run killed mid-way (kill -9
+# leaves them behind) can be cleaned up by the next one. Short, whatever the final name's length.
+TEMP_PREFIX = ".emowatch-tmp-"
+# Longest file name component we write (ext4, XFS, APFS, NTFS: 255 bytes).
+MAX_NAME_BYTES = 255
+# Temp names carry the writer (host hash, pid): a dead writer's temps can go at once.
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def write_temp(path: Path, data: bytes, *, fsync: bool = True) -> Path:
     """Write ``data`` to a new temp file next to ``path`` (fsynced unless told not to)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = (
-        path.parent
-        / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp"
-    )
+    tmp = path.parent / f"{TEMP_PREFIX}{_HOST}-{os.getpid()}-{secrets.token_hex(6)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         try:
@@ -118,7 +126,57 @@ def is_stored(dest: Path, data: bytes) -> bool:
         return False
 
 
+def _writer_is_dead(name: str) -> bool:
+    """True when ``name`` is a temp file of a process of this host that no longer runs."""
+    parts = name[len(TEMP_PREFIX):].split("-")
+    if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_temps(root: Path, older_than_s: float = 600.0) -> int:
+    """Delete this module's temp files under ``root`` that a killed run left: those of dead
+    processes of this host at once, any other writer's once older than ``older_than_s`` (a
+    run in progress on another host may still rename them). Returns how many."""
+    if not root.is_dir():
+        return 0
+    now, n = time.time(), 0
+    for p in root.rglob(f"{TEMP_PREFIX}*"):
+        try:
+            if p.is_file() and (_writer_is_dead(p.name) or now - p.stat().st_mtime > older_than_s):
+                p.unlink()
+                n += 1
+        except OSError:
+            continue
+    return n
+
+
+def fit_name(name: str, limit: int = MAX_NAME_BYTES) -> str:
+    """``name`` shortened (in the middle of its stem, on a character boundary) so that its
+    UTF-8 encoding fits ``limit`` bytes; the suffix is kept."""
+    if len(name.encode("utf-8", "surrogateescape")) <= limit:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or len(suffix) > 16:
+        stem, suffix, dot = name, "", ""
+    room = limit - len((dot + suffix).encode("utf-8", "surrogateescape")) - 3
+    head = stem.encode("utf-8", "surrogateescape")[:max(room, 1)]
+    return head.decode("utf-8", "ignore") + "..." + dot + suffix
+
+
 def quarantine_path_for(quarantine_dir: Path, rel_path: str, sha256: str) -> Path:
+    """``<quarantine>/<folders>/<stem>.<sha[:12]><ext>``: two different bad files with one name
+    both survive; every component fits the file system's name limit."""
     p = Path(rel_path)
     tag = sha256[:12] or "unread"
-    return quarantine_dir / p.parent / f"{p.stem}.{tag}{p.suffix}"
+    parts = [fit_name(part) for part in p.parent.parts if part not in ("", ".", "..")]
+    return quarantine_dir.joinpath(*parts, fit_name(f"{p.stem}.{tag}{p.suffix}"))
