@@ -1,7 +1,9 @@
-"""The ``model_deployments`` table: the append-only champion history of every site."""
+"""The ``model_deployments`` table: the append-only champion history of every site, and the
+champion stack it implies (an undo stack; see :mod:`tasks.history`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import select
@@ -35,4 +37,38 @@ def latest_deployment(session: Session, site_id: int) -> ModelDeployment | None:
     ).scalar_one_or_none()
 
 
-__all__ = ["add_deployment", "history_rows", "latest_deployment"]
+# History rows that move the champion alias (``reject`` does not).
+MOVES = ("initial", "approve", "auto", "rollback")
+
+
+def walk_history(rows: Iterable[tuple[str, str, str | None]]) -> list[str]:
+    """The champion stack from history rows ``(action, version, previous_version)``, oldest
+    first; the last element is the current champion as the history knows it.
+
+    initial/approve/auto push their version (after the previous champion, when the row says the
+    alias was somewhere the stack does not show: a move made outside emowatch); rollback pops
+    back to its version; reject changes nothing.
+    """
+    stack: list[str] = []
+    for action, version, previous in rows:
+        if action not in MOVES:
+            continue
+        if previous is not None and (not stack or stack[-1] != previous):
+            stack.append(previous)  # the alias was moved outside emowatch: remember where
+        if action == "rollback":
+            below = stack[:-1]
+            if version in below:
+                del stack[len(below) - below[::-1].index(version):]  # back to its last occurrence
+                continue
+        if not stack or stack[-1] != version:
+            stack.append(version)
+    return stack
+
+
+def champion_stack(session: Session, site_id: int, model_name: str) -> list[str]:
+    """:func:`walk_history` over the site's ``model_deployments`` rows."""
+    return walk_history(history_rows(session, site_id, model_name))
+
+
+__all__ = ["MOVES", "add_deployment", "champion_stack", "history_rows", "latest_deployment",
+           "walk_history"]

@@ -41,7 +41,8 @@ def _lock_stmt(conn_or_session: Any, name: str, owner: str, ttl_s: float) -> Any
 
 def acquire_lock(session_or_engine: Session | Engine, name: str, owner: str, ttl_s: float) -> bool:
     """Take the lock ``name`` for ``owner`` for ``ttl_s`` seconds; False if someone else holds
-    it and it has not expired. Re-acquiring a lock you hold extends it.
+    it and it has not expired. Re-acquiring a lock you hold extends it. A lock whose owner is
+    a dead process of this host (``emowatch.processes``) is taken over at once.
 
     With an Engine the lock is committed at once. With a Session it becomes visible to others
     when the session commits (and, until then, others wait on it): commit soon."""
@@ -51,11 +52,30 @@ def acquire_lock(session_or_engine: Session | Engine, name: str, owner: str, ttl
         raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
     if isinstance(session_or_engine, Engine):
         with session_or_engine.begin() as conn:
-            return conn.execute(_lock_stmt(conn, name, owner, ttl_s)).first() is not None
+            if conn.execute(_lock_stmt(conn, name, owner, ttl_s)).first() is not None:
+                return True
+            return _take_over_dead(conn, name, owner, ttl_s)
     return (
         session_or_engine.execute(_lock_stmt(session_or_engine, name, owner, ttl_s)).first()
         is not None
     )
+
+
+def _take_over_dead(conn: Any, name: str, owner: str, ttl_s: float) -> bool:
+    """Take ``name`` from a holder that is a dead process of this host (one conditional
+    UPDATE: two callers cannot both win)."""
+    from sqlalchemy import select, update
+
+    from emowatch.processes import owner_is_dead
+
+    holder = conn.execute(select(SiteLock.owner).where(SiteLock.name == name)).scalar()
+    if not owner_is_dead(holder):
+        return False
+    now = utcnow()
+    res = conn.execute(update(SiteLock).where(SiteLock.name == name, SiteLock.owner == holder)
+                       .values(owner=owner, expires_at=now + dt.timedelta(seconds=ttl_s),
+                               created_at=now, updated_at=now))
+    return bool(res.rowcount)
 
 
 def release_lock(session_or_engine: Session | Engine, name: str, owner: str) -> bool:

@@ -218,6 +218,11 @@ class AdaptationRun(Timestamped, Base):
     candidate_version: Mapped[str | None] = mapped_column(String(32))
     verdict: Mapped[str | None] = mapped_column(String(16))  # pass|fail|unverifiable
     gates: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # the site's labelled audit result (None: no audit set), the verdict's reasons in words,
+    # and every candidate the run built (method, params, estimate, seconds, selected)
+    audit: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    reasons: Mapped[list[Any] | None] = mapped_column(JSON)
+    candidates: Mapped[list[Any] | None] = mapped_column(JSON)
     n_site_images: Mapped[int] = mapped_column(Integer, default=0)
     seconds: Mapped[float | None] = mapped_column(Float)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))

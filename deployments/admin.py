@@ -148,8 +148,7 @@ def _iso(ts: Any) -> str | None:
 def _details(session: Session, site_id: int, model_name: str) -> dict[str, Any]:
     from db.adaptations import latest_run
     from db.checks import latest_check
-    from db.deployments import latest_deployment
-    from tasks.history import champion_stack
+    from db.deployments import champion_stack, latest_deployment
 
     d = latest_check(session, site_id)
     a = latest_run(session, site_id)

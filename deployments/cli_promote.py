@@ -44,13 +44,14 @@ def _promote(site: str, version: str | None, action: str, by: str, reason: str,
     from tasks.promote import check_promotion
 
     ctx = runtime(settings).site_context(s.name)
-    # Refusals (failed gates without --force, unknown version, ...) are answered at once,
-    # without starting Prefect; the flow then does the move.
-    check_promotion(ctx, version, action, force, reason)
+    # Refusals (failed gates without --force, unknown version, an unlisted --by, ...) are
+    # answered at once, without starting Prefect; the flow then does the move, and only if the
+    # champion is still the one seen here (no approval or rollback in between).
+    seen = check_promotion(ctx, version, action, force, reason, actor=by.strip())
     from flows.promote import promote
 
     return promote(site=s.name, version=version, action=action, actor=by, reason=reason,
-                   force=force, settings=settings)
+                   force=force, settings=settings, expected_champion=seen["champion"])
 
 
 @commands.command()

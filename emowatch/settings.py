@@ -55,10 +55,21 @@ class Settings(BaseSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_timeout_s: float = Field(10.0, gt=0)
+    smtp_allow_plaintext_auth: bool = Field(
+        False, description="Send the SMTP password over a connection without STARTTLS/SSL "
+        "(refused by default: anyone on the path would read it).")
     mail_from: str = "emowatch@localhost"
+    alert_retry_hours: float = Field(
+        48.0, gt=0, description="An alert that could not be delivered is retried, with backoff, "
+        "for this long before it is marked failed (emowatch outbox --requeue revives it).")
     alert_cooldown_minutes: int = Field(
         60, ge=0, description="At most one drift alert per site per this many minutes."
     )
+
+    # --- promotions -------------------------------------------------------------------------
+    allow_any_approver: bool = Field(
+        False, description="Accept any --by name; by default it must be one of the site's "
+        "approvers when the site lists any.")
 
     # --- compute ----------------------------------------------------------------------------
     task_runner: Literal["thread", "dask"] = "thread"

@@ -94,14 +94,15 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0,
                 row["promoted"] = True
                 _say(f"4/5 {name}: auto-promoted (policy auto, every gate passed)")
             elif s["policy"] == "manual" and ad["verdict"] in ("pass", "unverifiable"):
-                refusal = _approval_refusal(rt, name, ad["version"])
+                approver = rt.site_context(name).site.approvers[0]
+                refusal = _approval_refusal(rt, name, ad["version"], approver)
                 if refusal:  # e.g. the audit set says the challenger is worse: no --force here
                     _say(f"4/5 {name}: challenger v{ad['version']} waits: {refusal}")
                     row["waits_because"] = refusal
                 else:
                     _say(f"4/5 {name}: the demo approves v{ad['version']} as its approver")
                     promote(site=name, version=ad["version"], action="approve",
-                            actor="demo-approver",
+                            actor=approver,
                             reason=f"demo: verdict {ad['verdict']}, gates {row['gates']}",
                             settings=settings)
                     row["promoted"] = True
@@ -121,12 +122,12 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0,
             "summary_text": text, "sites_file": str(data.sites_file)}
 
 
-def _approval_refusal(rt: Any, site: str, version: str) -> str | None:
+def _approval_refusal(rt: Any, site: str, version: str, actor: str) -> str | None:
     """Why ``emowatch approve`` (without --force) would refuse, or None (the blessing's dry run)."""
     from tasks.promote import check_promotion
 
     try:
-        check_promotion(rt.site_context(site), version, "approve")
+        check_promotion(rt.site_context(site), version, "approve", actor=actor)
     except ValueError as e:
         return str(e)
     return None

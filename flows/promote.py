@@ -25,12 +25,13 @@ def promote(
     reason: str = "",
     force: bool = False,
     settings: Settings | None = None,
+    expected_champion: str | None = None,
 ) -> dict[str, Any]:
     """Move ``emowatch-<site>@champion`` (see ``tasks.promote.promote_version``); the e-mail
     is queued with the move and delivered by the last task. Returns the promotion summary
     with ``delivery`` (the outbox run's counts)."""
     ctx = open_runtime(settings).site_context(site)
     result = promote_version_task(ctx, version, action=action, actor=actor, reason=reason,
-                                  force=force, deliver=False)
+                                  force=force, deliver=False, expected_champion=expected_champion)
     result["delivery"] = asdict(deliver_alerts(ctx))
     return result

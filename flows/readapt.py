@@ -20,6 +20,7 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
                  settings: Settings | None = None) -> dict[str, Any]:
     """Returns ``{site, method, version, gates: {name: {passed, value, threshold}}, verdict}``.
     ``train_backbone`` overrides the site's ``adapt.train_backbone`` (None: the site's)."""
+    from tasks.gate_record import AUTO_ACTOR, auto_blessing
     from tasks.notify import deliver_alerts
     from tasks.promote import promote_version_task, request_approval_task
 
@@ -48,6 +49,7 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
         reg = c.register_challenger(ctx, inputs, result, validation, m)
         t.finish_run(ctx, run_id, status="done", candidate_version=reg["version"],
                      verdict=validation["verdict"], gates=validation["gates"],
+                     audit=validation.get("audit"), reasons=validation["reasons"],
                      n_site_images=len(inputs.site_h), seconds=time.perf_counter() - t0,
                      mlflow_run_id=reg["run_id"])
     except BaseException as e:
@@ -59,9 +61,11 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
 
     verdict = validation["verdict"]
     promotion = alert_id = None
-    if cfg.policy == "auto" and verdict == "pass":
-        promotion = promote_version_task(ctx, reg["version"], action="auto",
-                                         actor="emowatch-auto", reason="every gate passed")
+    # the promotion's own rule, on the record just written: an auto site promotes only what the
+    # blessing allows (the audit set included), and asks a person for the rest
+    if auto_blessing(ctx, validation).allowed:
+        promotion = promote_version_task(ctx, reg["version"], action="auto", actor=AUTO_ACTOR,
+                                         reason="every gate passed")
     else:
         attachments = list(reg["plots"].values())
         alert_id = request_approval_task(ctx, reg["version"], verdict, validation["gates"],

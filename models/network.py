@@ -301,9 +301,26 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> None:
     )
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that holds more than tensors and plain values (it could run code)."""
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
-    blob = torch.load(Path(path), map_location=map_location, weights_only=False)
-    if blob.get("format") != "emowatch-checkpoint/1":
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Only tensors and plain values (dicts, lists, strings, numbers) are read: ``torch.load`` with
+    ``weights_only=True`` refuses anything else, so a file replaced by a pickle that would run
+    code on load is an error, never an execution."""
+    import pickle
+
+    try:
+        blob = torch.load(Path(path), map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        raise UnsafeCheckpointError(
+            f"{path}: refused: the file holds objects other than tensors and plain values "
+            f"(an emowatch checkpoint never does; it may have been replaced): {str(e)[:300]}"
+        ) from None
+    if not isinstance(blob, dict) or blob.get("format") != "emowatch-checkpoint/1":
         raise ValueError(f"{path}: not an emowatch checkpoint")
     cfg = NetConfig.from_dict({**blob["net_config"], "pretrained": False})
     model = EmotionNet(cfg)

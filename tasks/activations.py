@@ -20,13 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+from tasks.storage import file_sha256
 
 
 def frozen_key(ckpt: Any) -> str:

@@ -115,27 +115,38 @@ class RunContext(Runtime):
 
 
 def ensure_site_model(ctx: RunContext) -> ServedModel:
-    """The site's champion; on first use the source champion is registered as version 1 of
-    ``emowatch-<site>`` with alias ``champion`` (recorded in the deployment history)."""
+    """The model that serves the site: the champion of its recorded history (the database's
+    ``model_deployments``, never a bare MLflow alias: a version nobody decided on is not
+    served). On first use the source champion is registered as version 1 of
+    ``emowatch-<site>`` with alias ``champion`` and recorded as the initial champion; a site
+    whose registry already had a champion but no history adopts it, recorded too."""
     from db import deployments
+    from db.deployments import champion_stack
     from db.session import session_scope
     from tasks.registry import CHAMPION, SOURCE_MODEL, RegistryError
 
     reg, site = ctx.registry, ctx.site
+    with session_scope(ctx.engine) as s:
+        stack = champion_stack(s, ctx.site_id, site.model_name)
+    if stack:
+        return ServedModel(site.model_name, stack[-1], CHAMPION)
     v = reg.get_alias_version(site.model_name, CHAMPION)
     if v is not None:
-        return ServedModel(site.model_name, v, CHAMPION)
-    src = reg.get_alias_version(SOURCE_MODEL, CHAMPION)
-    if src is None:
-        raise RegistryError(f"no {SOURCE_MODEL}@{CHAMPION}: train the source model first "
-                            "('emowatch train --data DIR')")
-    new = reg.copy_to_site(SOURCE_MODEL, src, site.model_name, tags={"emowatch.site": site.name})
-    reg.set_alias(site.model_name, CHAMPION, new.version)
+        reason = "adopted the registry's champion (no history was recorded before)"
+    else:
+        src = reg.get_alias_version(SOURCE_MODEL, CHAMPION)
+        if src is None:
+            raise RegistryError(f"no {SOURCE_MODEL}@{CHAMPION}: train the source model first "
+                                "('emowatch train --data DIR')")
+        v = reg.copy_to_site(SOURCE_MODEL, src, site.model_name,
+                             tags={"emowatch.site": site.name}).version
+        reg.set_alias(site.model_name, CHAMPION, v)
+        reason = f"started from {SOURCE_MODEL}/{src}"
     with session_scope(ctx.engine) as s:
         deployments.add_deployment(s, site_id=ctx.site_id, model_name=site.model_name,
-                                   version=new.version, previous_version=None, action="initial",
-                                   actor="emowatch", reason=f"started from {SOURCE_MODEL}/{src}")
-    return ServedModel(site.model_name, new.version, CHAMPION)
+                                   version=v, previous_version=None, action="initial",
+                                   actor="emowatch", reason=reason)
+    return ServedModel(site.model_name, v, CHAMPION)
 
 
 __all__ = ["RunContext", "Runtime", "ServedModel", "ensure_site_model"]

@@ -10,48 +10,13 @@ champion the history knows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session
+from db.deployments import champion_stack
 
 if TYPE_CHECKING:
     from tasks.context import RunContext
-
-# History rows that move the champion alias (``reject`` does not).
-MOVES = ("initial", "approve", "auto", "rollback")
-
-
-def walk_history(rows: Iterable[tuple[str, str, str | None]]) -> list[str]:
-    """The champion stack from history rows ``(action, version, previous_version)``, oldest
-    first; the last element is the current champion as the history knows it.
-
-    initial/approve/auto push their version (after the previous champion, when the row says the
-    alias was somewhere the stack does not show: a move made outside emowatch); rollback pops
-    back to its version; reject changes nothing.
-    """
-    stack: list[str] = []
-    for action, version, previous in rows:
-        if action not in MOVES:
-            continue
-        if previous is not None and (not stack or stack[-1] != previous):
-            stack.append(previous)  # the alias was moved outside emowatch: remember where
-        if action == "rollback":
-            below = stack[:-1]
-            if version in below:
-                del stack[len(below) - below[::-1].index(version):]  # back to its last occurrence
-                continue
-        if not stack or stack[-1] != version:
-            stack.append(version)
-    return stack
-
-
-def champion_stack(session: Session, site_id: int, model_name: str) -> list[str]:
-    """:func:`walk_history` over the site's ``model_deployments`` rows."""
-    from db import deployments
-
-    return walk_history(deployments.history_rows(session, site_id, model_name))
-
 
 def rollback_target(stack: Sequence[str], current: str | None) -> str | None:
     """The champion a rollback from ``current`` restores (None: nothing to roll back to)."""
@@ -60,6 +25,29 @@ def rollback_target(stack: Sequence[str], current: str | None) -> str | None:
     if current is None or stack[-1] != current:
         return stack[-1]  # the alias was moved/removed outside emowatch: the last known champion
     return stack[-2] if len(stack) >= 2 else None
+
+
+def reconcile(ctx: RunContext, repair: bool = False) -> dict[str, Any]:
+    """Compare the registry's champion alias with the history's champion; with ``repair``,
+    put the alias back on the history's champion (the recorded decision is the truth: a
+    crashed promotion, or a move in the MLflow UI without a recorded decision, left it off)
+    and record that as a ``restore`` row. Returns :func:`consistency` plus ``repaired``."""
+    from db import deployments
+    from db.session import session_scope
+    from tasks.registry import CHAMPION
+
+    state = consistency(ctx)
+    state["repaired"] = False
+    if state["agree"] or not repair or state["history"] is None:
+        return state
+    ctx.registry.set_alias(ctx.site.model_name, CHAMPION, state["history"])
+    with session_scope(ctx.engine) as s:
+        deployments.add_deployment(
+            s, site_id=ctx.site_id, model_name=ctx.site.model_name, version=state["history"],
+            previous_version=state["registry"], action="restore", actor="emowatch",
+            reason=f"the champion alias was on {state['registry'] or 'no version'} with no "
+                   f"recorded decision; put back on the recorded champion {state['history']}")
+    return {**consistency(ctx), "repaired": True, "was": state["registry"]}
 
 
 def consistency(ctx: RunContext) -> dict[str, Any]:
@@ -74,4 +62,4 @@ def consistency(ctx: RunContext) -> dict[str, Any]:
     return {"registry": reg, "history": hist, "agree": reg == hist}
 
 
-__all__ = ["MOVES", "champion_stack", "consistency", "rollback_target", "walk_history"]
+__all__ = ["consistency", "reconcile", "rollback_target"]

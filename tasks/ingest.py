@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +50,7 @@ from prefect.cache_policies import NO_CACHE
 from db import inbox as rows
 from db import sites as site_rows
 from db.session import session_scope
+from emowatch.processes import owner, owner_is_dead
 from emowatch.settings import Settings
 from emowatch.sites import Site
 from models.images import ImageInfo, ImageLimits, Rejected, arm_bomb_guard, inspect_image
@@ -86,25 +86,9 @@ STALE_AFTER_S = 900.0
 # --- the ingestion -------------------------------------------------------------------------
 
 
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_stale(batch: Any, now_s: float, stale_after_s: float) -> bool:
-    host, _, pid = (batch.owner or "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
-        if not _process_alive(int(pid)):
-            return True
+    if owner_is_dead(batch.owner):
+        return True
     beat = batch.heartbeat_at or batch.started_at
     return beat is None or now_s - beat.timestamp() > stale_after_s
 
@@ -339,7 +323,7 @@ class _Ingestion:
             now_s = time.time()
             running = rows.running_batches(s, self.site_id)
             stale = [b.id for b in running if _is_stale(b, now_s, stale_after_s)]
-            self.batch_id = rows.start_batch(s, self.site_id, _owner()).id
+            self.batch_id = rows.start_batch(s, self.site_id, owner()).id
             if stale:
                 rows.mark_interrupted(
                     s, stale, f"its process stopped; batch {self.batch_id} re-processed the inbox"

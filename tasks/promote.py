@@ -3,9 +3,14 @@
     promote_version(ctx, version, action, actor, reason, force) -> dict
     request_approval(ctx, version, verdict, gates, attachments)  -> alert id
 
-The rule (may this action happen?) is :func:`tasks.blessing.bless`, fed with the tags the
-re-adaptation flow put on the challenger version (``emowatch.verdict``, ``emowatch.gates``,
-``emowatch.audit``). This module does the moves and keeps two records in step:
+The rule (may this action happen?) is :func:`tasks.blessing.bless`, fed with the version's gate
+record: the ``adaptation_runs`` row of the run that registered it (verdict, gates, audit). The
+champion moves without ``--force --reason`` only to the current challenger whose gate record
+exists and matches its MLflow tags (``emowatch.verdict``, ``emowatch.gates``): a version that is
+not the challenger, was rejected, has no record or edited tags needs a forced, recorded
+approval, and ``auto`` refuses it. ``--by`` must name one of the site's approvers (when it lists
+any) unless ``Settings.allow_any_approver``. This module does the moves and keeps two records
+in step:
 
 * the registry: aliases ``champion``/``challenger`` of ``emowatch-<site>`` and version tags
   (``emowatch.promoted_by`` ...), what serving and monitoring read;
@@ -22,10 +27,7 @@ restore (``next_rollback``).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -34,8 +36,11 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from db.deployments import champion_stack
+from emowatch.processes import owner as process_owner
 from tasks.blessing import bless
-from tasks.history import champion_stack, rollback_target
+from tasks.gate_record import check_actor, gate_record, read_validation, record_problems
+from tasks.history import rollback_target
 from tasks.messages import approval_message, promotion_message
 
 if TYPE_CHECKING:
@@ -45,51 +50,13 @@ log = logging.getLogger(__name__)
 
 ACTIONS = ("approve", "auto", "reject", "rollback")
 
-TAG_VERDICT = "emowatch.verdict"
-TAG_GATES = "emowatch.gates"
-TAG_AUDIT = "emowatch.audit"
-
 # A promotion takes a few registry calls (seconds); 5 minutes is far above that, and a crashed
 # promoter frees the site after it without anyone deleting rows by hand.
 LOCK_TTL_S = 300.0
 _KINDS = {"approve": "promoted", "auto": "promoted", "reject": "rejected", "rollback": "rollback"}
 
 
-# --- tags -----------------------------------------------------------------------------------------
-def _json_tag(tags: Mapping[str, str], key: str) -> tuple[Any, str | None]:
-    raw = tags.get(key)
-    if raw is None:
-        return None, None
-    try:
-        return json.loads(raw), None
-    except json.JSONDecodeError:
-        return None, f"tag {key} is not valid JSON"
-
-
-def read_validation(tags: Mapping[str, str]) -> dict[str, Any]:
-    """verdict, gates and audit of a version from its tags, as :func:`bless` takes them.
-
-    An unreadable gates/audit tag counts as a failed gate (``<tag>_unreadable``): a person can
-    still force it, the automatic path cannot."""
-    gates, err = _json_tag(tags, TAG_GATES)
-    out_gates: dict[str, dict[str, Any]] = {}
-    if isinstance(gates, dict):
-        for name, g in gates.items():
-            out_gates[str(name)] = dict(g) if isinstance(g, Mapping) else {"passed": bool(g)}
-    elif gates is not None or err:
-        out_gates["gates_tag_unreadable"] = {"passed": False, "value": None, "threshold": None}
-    audit, aerr = _json_tag(tags, TAG_AUDIT)
-    if aerr or (audit is not None and not isinstance(audit, dict)):
-        out_gates["audit_tag_unreadable"] = {"passed": False, "value": None, "threshold": None}
-        audit = None
-    return {"verdict": tags.get(TAG_VERDICT), "gates": out_gates, "audit": audit}
-
-
 # --- helpers ------------------------------------------------------------------------------------------
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def _require_version(ctx: RunContext, model_name: str, version: str) -> Any:
     from tasks.registry import RegistryError
 
@@ -174,14 +141,18 @@ def _current_and_plan(ctx: RunContext, version: str | int | None, action: str, f
         if challenger is None:
             raise ValueError(f"{name} has no challenger: name the version to {action}")
         v = challenger
-    return champion, challenger, _plan_promotion(ctx, v, action, champion, stack, force,
-                                                 (reason or "").strip())
+    return champion, challenger, _plan_promotion(ctx, v, action, champion, challenger, stack,
+                                                 force, (reason or "").strip())
 
 
 def check_promotion(ctx: RunContext, version: str | int | None, action: str = "approve",
-                    force: bool = False, reason: str = "") -> dict[str, Any]:
+                    force: bool = False, reason: str = "", actor: str | None = None
+                    ) -> dict[str, Any]:
     """Dry run of :func:`promote_version`: what it would do, or the ValueError it would raise.
-    Nothing is moved, written or sent (the CLI can refuse before starting a flow)."""
+    Nothing is moved, written or sent (the CLI can refuse before starting a flow); the result's
+    ``champion`` is what the move must still find (``expected_champion``)."""
+    if actor is not None:
+        check_actor(ctx, action, actor)
     champion, challenger, plan = _current_and_plan(ctx, version, action, force, reason)
     return {"site": ctx.site.name, "model": ctx.site.model_name, "action": action,
             "version": plan["version"], "forced": bool(plan["forced"]), "champion": champion,
@@ -198,13 +169,16 @@ def promote_version(
     force: bool = False,
     *,
     deliver: bool = True,
+    expected_champion: str | None = None,
 ) -> dict[str, Any]:
     """Approve, auto-promote, reject or roll back a version of ``emowatch-<site>``.
 
     ``version``: the version to approve/auto/reject (None: the current challenger); for
     rollback None means "the champion before the current one", or an earlier champion of the
     history to go back to. ``deliver``: send the outbox now (the flow delivers in its own task).
-    Raises ValueError (a refusal the user can act on; the message lists the reasons).
+    ``expected_champion``: refuse if the champion is no longer this version (someone else
+    approved or rolled back since the caller looked). Raises ValueError (a refusal the user can
+    act on; the message lists the reasons).
     """
     from db import deployments, locks
     from db.session import session_scope
@@ -215,17 +189,25 @@ def promote_version(
     actor = (actor or "").strip()
     if not actor:
         raise ValueError("who does it? (--by NAME)")
+    check_actor(ctx, action, actor)
     reason = (reason or "").strip()
     site, reg, engine = ctx.site, ctx.registry, ctx.engine
     name = site.model_name
     lock = f"promote:{site.name}"
-    owner = _owner()
+    owner = process_owner()
     if not locks.acquire_lock(engine, lock, owner, LOCK_TTL_S):
         with session_scope(engine) as s:
             holder = locks.lock_holder(s, lock)
         raise RuntimeError(f"another promotion of site {site.name} is running ({holder}); retry")
     try:
+        from tasks.history import reconcile
+
+        reconcile(ctx, repair=True)  # a crashed move left the alias off the history: put it back
         champion, challenger, plan = _current_and_plan(ctx, version, action, force, reason)
+        if expected_champion is not None and champion != str(expected_champion):
+            raise ValueError(
+                f"the champion of {name} changed from {expected_champion} to {champion} since "
+                "you looked (another approval or rollback): check 'emowatch status' and retry")
         target = plan["version"]
         before = {CHAMPION: champion, CHALLENGER: challenger}
         moved = False
@@ -270,7 +252,8 @@ def promote_version(
 
 
 def _plan_promotion(ctx: RunContext, version: str, action: str, champion: str | None,
-                    stack: Sequence[str], force: bool, reason: str) -> dict[str, Any]:
+                    challenger: str | None, stack: Sequence[str], force: bool, reason: str
+                    ) -> dict[str, Any]:
     site = ctx.site
     name = site.model_name
     info = _require_version(ctx, name, version)
@@ -285,21 +268,35 @@ def _plan_promotion(ctx: RunContext, version: str, action: str, champion: str | 
         b = bless(action="reject", policy=site.policy, verdict=val["verdict"], gates=val["gates"])
         return {"version": version, "forced": False, "gates": val["gates"], "validation": val,
                 "blessing": b.to_dict()}
-    if action == "auto" and info.tags.get("emowatch.rejected_by"):
-        raise ValueError(f"{name}/{version} was rejected by {info.tags['emowatch.rejected_by']}: "
-                         "it is never promoted automatically")
-    b = bless(action=action, policy=site.policy, verdict=val["verdict"], gates=val["gates"],
-              audit=val["audit"], force=force, reason=reason)
+    record = gate_record(ctx, version)
+    problems = record_problems(version, challenger, info, val, record)
+    # the blessing reads the database's record, never the (editable) tags
+    checked = ({"verdict": record["verdict"], "gates": record["gates"], "audit": record["audit"]}
+               if record is not None else {"verdict": None, "gates": {}, "audit": None})
+    hint = ""
+    if version in stack:
+        hint = (f"; {name}/{version} was a champion before: to go back to it use "
+                f"'emowatch rollback {site.name} --by NAME'")
+    if problems and action == "auto":
+        raise ValueError(f"cannot auto {name}/{version}: " + "; ".join(problems))
+    if problems and not force:
+        raise ValueError(f"cannot {action} {name}/{version}: " + "; ".join(problems)
+                         + "; approving it anyway needs --force and --reason" + hint)
+    if problems and not reason:
+        raise ValueError(f"cannot {action} {name}/{version}: " + "; ".join(problems)
+                         + "; --force needs a --reason")
+    b = bless(action=action, policy=site.policy, verdict=checked["verdict"],
+              gates=checked["gates"], audit=checked["audit"], force=force, reason=reason)
     if not b.allowed:
-        hint = ""
-        if version in stack:
-            hint = (f"; {name}/{version} was a champion before: to go back to it use "
-                    f"'emowatch rollback {site.name} --by NAME'")
         raise ValueError(f"cannot {action} {name}/{version}: " + "; ".join(b.reasons) + hint)
-    # ``forced``: the person overrode a failed gate or a missing verdict (not just "unverifiable").
-    forced = bool(force and not b.blessed and (b.failed_gates or val["verdict"] is None))
-    return {"version": version, "forced": forced, "gates": val["gates"], "validation": val,
-            "blessing": b.to_dict()}
+    blessing = b.to_dict()
+    blessing["reasons"] = problems + blessing["reasons"]
+    # ``forced``: the person overrode a failed gate, a missing or mismatched record, a rejection
+    # or a non-challenger (not just "unverifiable").
+    forced = bool(force and (problems or (not b.blessed and (b.failed_gates
+                                                              or checked["verdict"] is None))))
+    return {"version": version, "forced": forced, "gates": checked["gates"],
+            "validation": checked, "blessing": blessing, "problems": problems}
 
 
 def _plan_rollback(ctx: RunContext, version: str | None, champion: str | None,
@@ -383,9 +380,11 @@ def request_approval(
 @task(name="promote-version", cache_policy=NO_CACHE)
 def promote_version_task(ctx: RunContext, version: str | None, action: str = "approve",
                          actor: str = "prefect", reason: str = "", force: bool = False,
-                         deliver: bool = False) -> dict[str, Any]:
+                         deliver: bool = False, expected_champion: str | None = None
+                         ) -> dict[str, Any]:
     """:func:`promote_version` (no retries: a second approve of the same version is refused)."""
-    return promote_version(ctx, version, action, actor, reason, force, deliver=deliver)
+    return promote_version(ctx, version, action, actor, reason, force, deliver=deliver,
+                           expected_champion=expected_champion)
 
 
 @task(name="request-approval", cache_policy=NO_CACHE)
@@ -399,6 +398,6 @@ def request_approval_task(ctx: RunContext, version: str, verdict: str,
 
 
 __all__ = [
-    "ACTIONS", "check_promotion", "promote_version", "promote_version_task", "read_validation",
-    "request_approval", "request_approval_task", "send_to_approvers",
+    "ACTIONS", "check_promotion", "promote_version", "promote_version_task", "request_approval",
+    "request_approval_task", "send_to_approvers",
 ]

@@ -6,8 +6,6 @@ handful of labelled site images a team may keep) adds labelled evidence to the g
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +60,10 @@ def lock_name(site: str) -> str:
 
 
 def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+    """A lock owner unique to this call (host:pid:time)."""
+    from emowatch.processes import owner
+
+    return owner(f":{time.time_ns()}")
 
 
 def acquire(ctx: RunContext, owner: str) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.network import Checkpoint, load_checkpoint, save_checkpoint
-from tasks import pyfunc
+from tasks import pyfunc, registry_artifacts
 from tasks.registry_records import (
     CHALLENGER,
     CHAMPION,
@@ -53,6 +52,7 @@ from tasks.registry_records import (
     tag_value,
     version_info,
 )
+from tasks.storage import file_sha256
 
 if TYPE_CHECKING:  # mlflow takes ~5 s to import: only the methods that need it import it
     from mlflow import MlflowClient
@@ -62,8 +62,9 @@ if TYPE_CHECKING:  # mlflow takes ~5 s to import: only the methods that need it 
 
 log = logging.getLogger(__name__)
 
-_CHECKPOINT_FILE = "checkpoint.pt"
-_REFERENCE_FILE = "reference_profile.npz"
+_CHECKPOINT_FILE = registry_artifacts.CHECKPOINT_FILE
+_REFERENCE_FILE = registry_artifacts.REFERENCE_FILE
+SHA_TAGS = registry_artifacts.SHA_TAGS
 _MODEL_NAME_IN_RUN = "model"  # the logged model's name inside its run
 # MLflow's fluent API reads process globals: one fluent operation at a time per process.
 _FLUENT_LOCK = threading.RLock()
@@ -192,10 +193,13 @@ class Registry:
 
         exp_id = self.ensure_experiment(experiment)
         with tempfile.TemporaryDirectory(prefix="emowatch-reg-") as tmp, self.fluent() as mlflow:
-            ckpt_path = Path(tmp) / _CHECKPOINT_FILE
+            data = Path(tmp) / pyfunc.DATA_DIR
+            data.mkdir()
+            ckpt_path = data / _CHECKPOINT_FILE
             save_checkpoint(checkpoint, ckpt_path)
-            ref_copy = Path(tmp) / _REFERENCE_FILE  # fixed name inside every version
+            ref_copy = data / _REFERENCE_FILE  # fixed name inside every version
             shutil.copyfile(ref, ref_copy)
+            str_tags.update({tag: file_sha256(data / f) for f, tag in SHA_TAGS.items()})
             nested = mlflow.active_run() is not None  # inside a caller's run: a child run
             with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=str_tags,
                                   nested=nested) as run:
@@ -216,9 +220,8 @@ class Registry:
                     warnings.filterwarnings("ignore", message=".*input example was not provided")
                     info = mlflow.pyfunc.log_model(
                         name=_MODEL_NAME_IN_RUN,
-                        python_model=pyfunc.pyfunc_class()(),
-                        artifacts={pyfunc.CHECKPOINT_ARTIFACT: str(ckpt_path),
-                                   pyfunc.REFERENCE_ARTIFACT: str(ref_copy)},
+                        loader_module="tasks.pyfunc",  # no pickled object in the version
+                        data_path=str(data),
                         signature=pyfunc.signature(list(checkpoint.classes)),
                         pip_requirements=pyfunc.pip_requirements(),
                         metadata={
@@ -333,41 +336,18 @@ class Registry:
 
     # --- loading ------------------------------------------------------------------------------
     def _version_dir(self, name: str, version: str) -> Path:
-        """Local copy of a version's ``artifacts/`` folder.
+        """Local copy of a version's data folder (:func:`registry_artifacts.version_dir`)."""
+        uri = self.client().get_model_version_download_uri(name, str(version))
+        with self.fluent():
+            return registry_artifacts.version_dir(uri, self.cache_dir, name, version)
 
-        Cached under ``cache_dir``: a version never changes once registered. The folder name
-        includes a hash of where the artifacts live, so a re-created registry that reuses
-        "name/1" for other weights cannot serve a stale copy.
-        """
-        import mlflow.artifacts
-
-        uri = self.client().get_model_version_download_uri(name, str(version)).rstrip("/")
-        tag = hashlib.sha1(uri.encode()).hexdigest()[:12]
-        dest = self.cache_dir / safe_dirname(name) / f"{version}-{tag}"
-        if (dest / ".complete").exists():
-            return dest / "artifacts"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=dest.parent))
-        try:
-            with self.fluent():
-                mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/artifacts",
-                                                    dst_path=str(tmp))
-            if not (tmp / "artifacts" / _CHECKPOINT_FILE).is_file():
-                raise RegistryError(f"{name}/{version} is not an emowatch model (no checkpoint)")
-            (tmp / ".complete").touch()
-            try:
-                tmp.rename(dest)  # atomic: dest exists only complete
-            except OSError:
-                if not (dest / ".complete").exists():  # not a concurrent download that won
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return dest / "artifacts"
+    def _verified(self, info: VersionInfo, filename: str) -> Path:
+        return registry_artifacts.verified(
+            self._version_dir(info.name, info.version) / filename, info, filename)
 
     def load_by_version(self, name: str, version: str | int) -> tuple[Checkpoint, VersionInfo]:
         info = self.get_version(name, version)
-        return load_checkpoint(self._version_dir(name, info.version) / _CHECKPOINT_FILE), info
+        return load_checkpoint(self._verified(info, _CHECKPOINT_FILE)), info
 
     def load_checkpoint_by_alias(self, name: str, alias: str = CHAMPION
                                  ) -> tuple[Checkpoint, VersionInfo]:
@@ -377,11 +357,8 @@ class Registry:
         return self.load_by_version(name, v)
 
     def load_reference_profile(self, name: str, version: str | int) -> Path:
-        """Local path of the version's reference profile (npz)."""
-        p = self._version_dir(name, self.get_version(name, version).version) / _REFERENCE_FILE
-        if not p.is_file():
-            raise RegistryError(f"{name}/{version} has no reference profile")
-        return p
+        """Local path of the version's reference profile (npz), verified."""
+        return self._verified(self.get_version(name, version), _REFERENCE_FILE)
 
     def load_model(self, name: str, version: str | int) -> tuple[Checkpoint, ReferenceProfile]:
         """(Checkpoint, ReferenceProfile) of a version, cached per process."""
@@ -409,6 +386,7 @@ class Registry:
         one site do not hold for another."""
         src = self.get_version(source_name, source_version)
         all_tags = {"emowatch.copied_from": src.key,
+                    **{t: src.tags[t] for t in SHA_TAGS.values() if t in src.tags},
                     **{k: tag_value(v) for k, v in (tags or {}).items()}}
         uri = f"models:/{src.model_id}" if src.model_id else src.model_uri
         with self.fluent() as mlflow:
@@ -432,9 +410,9 @@ class Registry:
 
 
 def __getattr__(name: str) -> Any:
-    # Versions registered before tasks.pyfunc existed pickled ``tasks.registry.EmotionPyfunc``.
+    # Versions registered before the loader module pickled ``tasks.registry.EmotionPyfunc``.
     if name == "EmotionPyfunc":
-        return pyfunc.pyfunc_class()
+        return pyfunc.legacy_pyfunc_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

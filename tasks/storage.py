@@ -18,6 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from emowatch.processes import alive
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 def store_path_for(store_dir: Path, sha256: str) -> Path:
     """Where the content-addressed copy of ``sha256`` lives."""
@@ -132,15 +142,7 @@ def _writer_is_dead(name: str) -> bool:
     if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
         return False
     pid = int(parts[1])
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return pid != os.getpid() and not alive(pid)
 
 
 def remove_stale_temps(root: Path, older_than_s: float = 600.0) -> int:

@@ -174,3 +174,82 @@ def test_kill_9_mid_ingest_loses_nothing_and_leaves_no_temp_files(settings, tmp_
     assert len([p for p in store.rglob("*") if p.is_file()]) == 240
     assert [p for p in store.rglob("*tmp*")] == []
     eng.dispose()
+
+
+# --- 1. model files never run code ---------------------------------------------------------------
+class _Evil:
+    """Unpickling this runs a shell command (what a planted checkpoint would do)."""
+
+    def __init__(self, sentinel: str) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def _tiny_version(runtime, tmp_path):
+    import torch
+
+    from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
+    from models.profile import ReferenceProfile
+
+    torch.manual_seed(0)
+    cfg = NetConfig(backbone="tiny", img_size=64, pretrained=False, num_classes=3)
+    ckpt = Checkpoint(EmotionNet(cfg).eval(), ["a", "b", "c"], preprocessing_for(cfg))
+    ref = tmp_path / "ref.npz"
+    ReferenceProfile.from_arrays(np.zeros((2, 256)), np.full((2, 3), 1 / 3), ["a", "b", "c"]).to_npz(ref)
+    return runtime.registry.log_and_register(ckpt, model_name="emowatch-source",
+                                             reference_profile_path=ref, alias="champion")
+
+
+def test_a_planted_checkpoint_never_runs_code(runtime, tmp_path):
+    import torch
+
+    from models.network import UnsafeCheckpointError, load_checkpoint
+    from tasks.registry import RegistryError
+
+    sentinel = tmp_path / "pwned"
+    planted = tmp_path / "planted.pt"
+    torch.save({"format": "emowatch-checkpoint/1", "x": _Evil(str(sentinel))}, planted)
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load_checkpoint(planted)
+    assert not sentinel.exists()
+
+    # The same file put in place of a registered version's checkpoint, in the artifact store:
+    v = _tiny_version(runtime, tmp_path)
+    [stored] = [p for p in Path(runtime.settings.artifact_root).rglob("checkpoint.pt")]
+    stored.write_bytes(planted.read_bytes())
+    with pytest.raises(RegistryError, match="does not match the sha256"):
+        runtime.registry.load_by_version("emowatch-source", v.version)
+    assert not sentinel.exists()
+
+
+def test_a_tampered_local_copy_is_refused_on_every_load(runtime, tmp_path):
+    from tasks.registry import RegistryError
+
+    v = _tiny_version(runtime, tmp_path)
+    ckpt, _ = runtime.registry.load_by_version("emowatch-source", v.version)  # caches a copy
+    [cached] = [p for p in Path(runtime.registry.cache_dir).rglob("checkpoint.pt")]
+    cached.write_bytes(cached.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(RegistryError, match="does not match the sha256"):
+        runtime.registry.load_by_version("emowatch-source", v.version)
+
+
+def test_predict_on_a_planted_version_fails_cleanly(runtime, tmp_path, monkeypatch):
+    import torch
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+
+    v = _tiny_version(runtime, tmp_path)
+    sentinel = tmp_path / "pwned-cli"
+    [stored] = [p for p in Path(runtime.settings.artifact_root).rglob("checkpoint.pt")]
+    torch.save({"x": _Evil(str(sentinel))}, stored)
+    sites = tmp_path / "sites.toml"
+    sites.write_text(f'[sites.lab]\ninbox = "{tmp_path}"\n')
+    monkeypatch.setenv("EMOWATCH_SITES_FILE", str(sites))
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(img)
+    r = CliRunner().invoke(app, ["predict", "lab", str(img), "--version", v.version, "--json"])
+    assert r.exit_code == 1 and "does not match the sha256" in r.stderr
+    assert not sentinel.exists()

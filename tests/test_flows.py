@@ -201,14 +201,14 @@ def test_approve_then_rollback_through_the_promote_flow(world, smtp):
     passed = {"source_accuracy": {"passed": True, "value": 0.0, "threshold": 0.03}}
     v = _known_challenger(rt, "promo", "pass", passed)
     before = len(smtp[0].messages)
-    out = promote(site="promo", version=v, action="approve", actor="tester", reason="e2e",
+    out = promote(site="promo", version=v, action="approve", actor="ops@example.org", reason="e2e",
                   settings=settings)
     assert (out["champion"], out["previous_champion"], out["forced"]) == (v, "1", False)
     assert out["history_agrees"] is True and out["next_rollback"] == "1"
     assert rt.registry.get_alias_version("emowatch-promo", "champion") == v
     [msg] = _mails(smtp, before)
     assert f"version {v} is now the champion" in msg["Subject"]
-    back = promote(site="promo", version=None, action="rollback", actor="tester",
+    back = promote(site="promo", version=None, action="rollback", actor="ops@example.org",
                    reason="undo", settings=settings)
     assert (back["champion"], back["previous_champion"]) == ("1", v)
     assert rt.registry.get_alias_version("emowatch-promo", "champion") == "1"
@@ -257,7 +257,7 @@ def test_cli_json_contracts(world, monkeypatch):
     assert json.loads(r.stdout)["exit_code"] == 2
     r = runner.invoke(app, ["adapt", "night", "--method", "magic", "--json"])
     assert r.exit_code == 2 and "--method 'magic'" in r.stderr
-    r = runner.invoke(app, ["approve", "cli", "999", "--by", "x", "--json"])
+    r = runner.invoke(app, ["approve", "cli", "999", "--by", "ops@example.org", "--json"])
     assert r.exit_code == 2 and "no version '999'" in r.stderr
     r = runner.invoke(app, ["adapt", "night", "--method", "adabn", "--train-backbone", "--json"])
     assert r.exit_code == 2 and "use the training data (coral, mmd), not 'adabn'" in r.stderr

@@ -222,9 +222,12 @@ def test_site_without_model_uses_source_then_gets_a_copy(reg, source_v1):
     cp = registry.copy_to_site(SOURCE_MODEL, src_champion, site_model_name("lab"))
     assert (cp.name, cp.version) == ("emowatch-lab", "1")
     site_v = registry.get_version("emowatch-lab", "1")
-    # Same logged model and run (lineage), none of the source's tags but where it came from.
+    # Same logged model and run (lineage), none of the source's tags but where it came from
+    # and the sha256 of the (shared) artifacts.
     assert site_v.model_id == src.model_id and site_v.run_id == src.run_id
-    assert site_v.tags == {"emowatch.copied_from": f"emowatch-source/{src_champion}"}
+    sha = {k: v for k, v in src.tags.items() if k.startswith("emowatch.sha256.")}
+    assert len(sha) == 2
+    assert site_v.tags == {"emowatch.copied_from": f"emowatch-source/{src_champion}", **sha}
 
     registry.set_alias("emowatch-lab", CHAMPION, cp.version)
     assert registry.resolve_site_model("lab") == ("emowatch-lab", "1", "champion")

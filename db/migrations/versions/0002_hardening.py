@@ -1,4 +1,6 @@
-"""hardening: original bytes of quarantined file names; time-based retry of alerts
+"""hardening: original bytes of quarantined file names; time-based retry of alerts; the
+audit result, the verdict's reasons and the candidates of every adaptation run (the gate record
+a promotion checks)
 
 Revision ID: 0002
 Revises: 0001
@@ -26,9 +28,17 @@ def upgrade() -> None:
         # when the next delivery attempt is due (NULL: at once); backoff per alert
         b.add_column(sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True))
         b.create_index("ix_alerts_next_attempt_at", ["next_attempt_at"])
+    with op.batch_alter_table("adaptation_runs") as b:
+        b.add_column(sa.Column("audit", sa.JSON(), nullable=True))
+        b.add_column(sa.Column("reasons", sa.JSON(), nullable=True))
+        b.add_column(sa.Column("candidates", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("adaptation_runs") as b:
+        b.drop_column("candidates")
+        b.drop_column("reasons")
+        b.drop_column("audit")
     with op.batch_alter_table("alerts") as b:
         b.drop_index("ix_alerts_next_attempt_at")
         b.drop_column("next_attempt_at")
