@@ -95,4 +95,18 @@ def lock_holder(session: Session, name: str) -> str | None:
     return row.owner
 
 
-__all__ = ["acquire_lock", "lock_holder", "release_lock"]
+def list_locks(session: Session) -> list[tuple[str, str, dt.datetime]]:
+    """Every lock row ``(name, owner, expires_at)`` (expired ones too)."""
+    from sqlalchemy import select
+
+    q = select(SiteLock.name, SiteLock.owner, SiteLock.expires_at).order_by(SiteLock.name)
+    return [(n, o, e) for n, o, e in session.execute(q)]
+
+
+def drop_lock(session: Session, name: str, owner: str) -> bool:
+    """Delete the row of ``name`` if ``owner`` still holds it (a stale lock being cleared)."""
+    return bool(session.execute(
+        delete(SiteLock).where(SiteLock.name == name, SiteLock.owner == owner)).rowcount)
+
+
+__all__ = ["acquire_lock", "drop_lock", "list_locks", "lock_holder", "release_lock"]

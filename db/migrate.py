@@ -12,7 +12,9 @@ New revision after changing ``db/models.py``:
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +73,32 @@ def current(url: str | Engine) -> str | None:
             engine.dispose()
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created), held for the block: processes on
+    this host take turns (SQLite has no lock that spans Alembic's check-then-create)."""
+    import fcntl
+
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def init_db(url: str | Engine) -> str:
     """Create or upgrade the database at ``url`` to the newest schema; returns the revision it
-    is at. Safe to call on every start: a database already at head is left alone, and two
-    processes migrating PostgreSQL at once take turns."""
+    is at. Safe to call on every start: a database already at head is left alone, and
+    processes migrating at once take turns (PostgreSQL: an advisory lock in
+    migrations/env.py; a SQLite file: a lock file beside it, ``<db>.migrate-lock``)."""
     if isinstance(url, str):
         u = make_url(url)
         if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
-            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            db = Path(u.database).expanduser()
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with _file_lock(db.with_name(db.name + ".migrate-lock")):
+                return upgrade(url)
     return upgrade(url)
 
 

@@ -261,13 +261,16 @@ class Alert(Timestamped, Base):
     attachments: Mapped[list[Any]] = mapped_column(JSON, default=list)  # file paths
     status: Mapped[str] = mapped_column(
         String(16), default="pending", index=True
-    )  # pending|sent|failed|kept
+    )  # pending|sending|sent|failed (retried at next_attempt_at)|undelivered (gave up)|kept
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     eml_path: Mapped[str | None] = mapped_column(Text)
     # the next delivery attempt is not before this (backoff per alert; None: at once)
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), index=True)
+    # retried until then (set at the first failed attempt: now + Settings.alert_retry_hours;
+    # a requeue clears it), then "undelivered"
+    retry_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class SiteLock(Timestamped, Base):

@@ -239,35 +239,50 @@ def site_status(rt: Runtime, site: str | None = None) -> dict[str, Any]:
 
 
 # --- outbox -----------------------------------------------------------------------------------------
-def outbox_status(rt: Runtime, send: bool = False, limit: int = OUTBOX_LIMIT) -> dict[str, Any]:
-    """Alerts by status and the ``limit`` newest; ``send``: deliver what is pending first."""
+def outbox_status(rt: Runtime, send: bool = False, limit: int = OUTBOX_LIMIT,
+                  requeue: int | str | None = None) -> dict[str, Any]:
+    """Alerts by status and the ``limit`` newest. ``requeue``: an alert id, or "failed" (every
+    failed and undelivered alert), made due again first; ``send``: deliver what is due. With
+    ``send``, ``exit_code`` is 1 when alerts are left undelivered (failed, waiting or given up)."""
     from db import outbox
     from db.session import session_scope
     from tasks.notify import deliver_pending
+    from tasks.notify import requeue as requeue_alerts
 
     if limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     settings, engine = rt.settings, rt.engine
-    delivery = asdict(deliver_pending(engine, settings)) if send else None
+    requeued = None
+    if requeue is not None:
+        requeued = requeue_alerts(engine, None if requeue == "failed" else int(requeue))
+    summary = deliver_pending(engine, settings) if send else None
     with session_scope(engine) as s:
         counts = outbox.counts_by_status(s)
         alerts = [{
             "id": a.id, "kind": a.kind, "site": site_name, "subject": a.subject,
             "status": a.status, "attempts": a.attempts, "recipients": list(a.recipients or []),
             "created_at": _iso(a.created_at), "sent_at": _iso(a.sent_at),
+            "next_attempt_at": _iso(a.next_attempt_at), "retry_until": _iso(a.retry_until),
             "last_error": (a.last_error or None) and a.last_error[:300], "eml_path": a.eml_path,
         } for a, site_name in outbox.newest(s, limit)]
     smtp = (f"{settings.smtp_host}:{settings.smtp_port} ({settings.smtp_security})"
             if settings.smtp_host else None)
-    return {
+    undelivered = sum(counts.get(k, 0) for k in ("pending", "failed", "undelivered"))
+    out: dict[str, Any] = {
         "smtp": smtp,
         "delivery_mode": "smtp" if smtp else "kept (.eml files only: EMOWATCH_SMTP_HOST unset)",
         "outbox_dir": str(Path(settings.outbox_dir).resolve()),
+        "retry_hours": settings.alert_retry_hours,
         "counts": counts,
         "total": sum(counts.values()),
-        "delivery": delivery,
+        "undelivered": undelivered,
+        "requeued": requeued,
+        "delivery": asdict(summary) if summary is not None else None,
         "alerts": alerts,
     }
+    if send:
+        out["exit_code"] = 1 if undelivered else 0
+    return out
 
 
 __all__ = ["redact_url", "init_project", "list_sites", "site_status", "outbox_status"]

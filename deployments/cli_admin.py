@@ -1,4 +1,5 @@
-"""``emowatch`` commands about the installation: init, site list, status, outbox, serve, demo."""
+"""``emowatch`` commands about the installation: init, site list, status, outbox, doctor, serve,
+demo."""
 
 from __future__ import annotations
 
@@ -71,17 +72,73 @@ def status(
 
 @commands.command()
 def outbox(
-    send: Annotated[bool, typer.Option(help="Try to deliver pending e-mails now.")] = False,
+    alert_id: Annotated[int | None, typer.Argument(
+        help="With --requeue: the alert to send again.", show_default=False)] = None,
+    send: Annotated[bool, typer.Option(help="Try to deliver the due e-mails now; exit 1 when "
+                                            "something is left undelivered.")] = False,
+    requeue: Annotated[bool, typer.Option(
+        "--requeue", help="Make an alert (ALERT_ID) or, with --failed, every failed and "
+                          "undelivered alert due again now, with a fresh retry window.")] = False,
+    failed: Annotated[bool, typer.Option(
+        "--failed", help="With --requeue: every failed and undelivered alert.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show the e-mail outbox (and deliver what is pending with --send)."""
+    """Show the e-mail outbox; --requeue ID|--failed puts alerts back, --send delivers.
+
+    Failed alerts are retried with backoff (1 minute doubling to 30) for
+    EMOWATCH_ALERT_RETRY_HOURS after their first failure, then they are "undelivered" until
+    requeued. Exit codes: 0, 1 when --send left alerts undelivered, 2 on bad arguments."""
 
     def go() -> dict[str, Any]:
         from deployments.admin import outbox_status
+        from deployments.cli_app import UsageError
 
-        return outbox_status(runtime(), send=send)
+        if requeue and (alert_id is None) == (not failed):
+            raise UsageError("--requeue needs one alert id or --failed (not both)")
+        if not requeue and (failed or alert_id is not None):
+            raise UsageError("an alert id and --failed go with --requeue")
+        return outbox_status(runtime(), send=send,
+                             requeue=(alert_id if alert_id is not None else "failed")
+                             if requeue else None)
 
     run(go, as_json)
+
+
+@commands.command()
+def doctor(
+    site: Annotated[str | None, typer.Argument(help="One site (default: every site).",
+                                               show_default=False)] = None,
+    repair: Annotated[bool, typer.Option(help="Fix what has one safe fix (see the list).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check that MLflow agrees with emowatch's records, per site: the champion alias against
+    the recorded history, the challenger against its gate record, the sha256 tags of the
+    versions in use, locks left by dead processes.
+
+    --repair puts a champion alias moved outside emowatch back (a 'restore' row), records a
+    site's first champion, records the hashes of versions registered before hashes were kept
+    (after checking their checkpoint loads safely) and removes dead locks. A challenger whose
+    record does not match is left for a person (approve --force --reason, or reject).
+    Exit codes: 0 healthy, 1 problems remain, 2 bad arguments."""
+
+    def go() -> dict[str, Any]:
+        from deployments.doctor import doctor as check
+
+        return check(runtime(), site, repair=repair)
+
+    def render(r: dict[str, Any]) -> str:
+        lines = []
+        for name, e in r["sites"].items():
+            lines.append(f"{name}: {'ok' if e['ok'] else 'PROBLEMS'} (champion "
+                         f"{e['champion'] or '-'}, challenger {e['challenger'] or '-'})")
+            lines += [f"  - {p}" for p in e["problems"]]
+            lines += [f"  + {p}" for p in e["repaired"]]
+        lines += [f"- {p}" for p in r["problems"]] + [f"+ {p}" for p in r["repaired"]]
+        lines.append("healthy" if r["ok"] else "problems remain" + (
+            "" if r["repair"] else " (emowatch doctor --repair fixes those it can)"))
+        return "\n".join(lines)
+
+    run(go, as_json, render)
 
 
 @commands.command()

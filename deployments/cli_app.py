@@ -30,8 +30,13 @@ def config_errors() -> tuple[type[BaseException], ...]:
 
 
 def run(fn: Callable[[], dict[str, Any] | list[Any]], as_json: bool,
-         human: Callable[[Any], str] | None = None) -> None:
-    """Run ``fn``, print its result, and exit with the contract's code."""
+        render: Callable[[Any], str] | None = None) -> None:
+    """Run ``fn``, print its result (``render`` for people, else :func:`human`), and exit with
+    the contract's code: a result dict may carry a non-zero ``exit_code`` (the command ran but
+    did not achieve what it was asked, e.g. mail left undelivered). Everything printed goes
+    through :func:`emowatch.redact.redact_tree` / ``redact``: no password leaves in output."""
+    from emowatch.redact import redact_tree
+
     try:
         result = fn()
     except typer.Exit:
@@ -44,17 +49,24 @@ def run(fn: Callable[[], dict[str, Any] | list[Any]], as_json: bool,
         if os.environ.get("EMOWATCH_DEBUG"):
             traceback.print_exc()
         fail(as_json, e, code=1)
+    result = redact_tree(result)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     else:
-        sys.stdout.write((human(result) if human else human(result)) + "\n")
+        sys.stdout.write((render or human)(result) + "\n")
     sys.stdout.flush()
+    code = result.get("exit_code") if isinstance(result, dict) else None
+    if isinstance(code, int) and code:
+        raise typer.Exit(code)
 
 
 def fail(as_json: bool, e: BaseException, code: int) -> None:
+    from emowatch.redact import redact
+
     msg = str(e) or e.__class__.__name__
     if isinstance(e, FileNotFoundError) and e.filename:
         msg = f"not found: {e.filename}"
+    msg = redact(msg)
     typer.echo(f"emowatch: error: {msg}", err=True)
     if as_json:
         sys.stdout.write(json.dumps({"error": msg, "exit_code": code}) + "\n")
@@ -84,7 +96,9 @@ def settings_from_env():
     """The command's settings, read from the environment at its start."""
     from emowatch.settings import Settings
 
-    return Settings()
+    settings = Settings()
+    settings.register_secrets()  # what the command prints or logs never holds them
+    return settings
 
 
 def runtime(settings=None):

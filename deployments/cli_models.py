@@ -184,7 +184,9 @@ def adapt(
 def explain(
     site: Annotated[str, typer.Argument()],
     image: Annotated[Path, typer.Argument()],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Overlay PNG to write.")] = Path("map.png"),
+    output: Annotated[str, typer.Option(
+        "-o", "--output", help="Overlay PNG to write (FILE.png), or a folder: DIR/<image>.png "
+                               "(an existing folder, DIR/, or a name without suffix).")] = "map.png",
     version: Annotated[str | None, typer.Option()] = None,
     depth: Annotated[int, typer.Option(min=1, max=10)] = 6,
     as_json: JsonOpt = False,
@@ -197,7 +199,7 @@ def explain(
             raise UsageError(f"{image}: no such file")
         from tasks.explain import explain_image
 
-        return explain_image(runtime(settings), s.name, str(image), str(output), version=version,
+        return explain_image(runtime(settings), s.name, str(image), output, version=version,
                              depth=depth)
 
     run(go, as_json)

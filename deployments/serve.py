@@ -85,7 +85,27 @@ def describe(deps: list[Any]) -> dict[str, Any]:
     return {"deployments": out}
 
 
-def serve_all(deps: list[Any]) -> None:  # pragma: no cover - blocks until interrupted
-    from prefect import serve
+def serve_all(deps: list[Any]) -> None:
+    """Serve the deployments until SIGINT or SIGTERM (what a service manager sends to stop a
+    service; systemd sends it to every process of the service at once); both shut the runner
+    down and return.
 
-    serve(*deps)
+    With a Prefect server (``PREFECT_API_URL``) the schedules are paused on the way out, so no
+    runs pile up while nobody serves them. Without one, Prefect's temporary server is a child
+    of this process and stops with it: pausing would wait for an API that is already gone (the
+    process hung there), so nothing is paused."""
+    import signal
+
+    from prefect import serve
+    from prefect.exceptions import TerminationSignal
+    from prefect.settings import PREFECT_API_URL
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise TerminationSignal(signal=signum)
+
+    # Prefect's runner installs its own SIGTERM handler once started; this one covers startup.
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        serve(*deps, pause_on_shutdown=bool(PREFECT_API_URL.value()))
+    finally:
+        signal.signal(signal.SIGTERM, previous)

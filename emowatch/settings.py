@@ -85,11 +85,19 @@ class Settings(BaseSettings):
         return redact_url(url)
 
     def register_secrets(self) -> None:
-        """Tell the redaction helper which values must never be printed."""
-        from emowatch.redact import register_secret
+        """Tell the redaction helper which values must never be printed, and redact this
+        process's log lines from now on."""
+        import os
+
+        from emowatch.redact import install_log_redaction, register_secret, register_url_password
 
         if self.smtp_password is not None:
             register_secret(self.smtp_password.get_secret_value())
+        register_url_password(self.database_url)
+        register_url_password(self.mlflow_tracking_uri)
+        for var in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+            register_secret(os.environ.get(var))
+        install_log_redaction()
 
     # --- derived locations (no I/O) ---------------------------------------------------------
     @property

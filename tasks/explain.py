@@ -10,9 +10,22 @@ import numpy as np
 from tasks.context import Runtime
 
 
+def overlay_path(output: str, image: str) -> Path:
+    """Where the overlay goes: ``output`` itself when it names a file (``map.png``), else
+    ``output/<image stem>.png``: an existing folder, a name ending with a separator, or a name
+    without a suffix (a folder to create)."""
+    import os
+
+    out = Path(output)
+    if out.is_dir() or output.endswith((os.sep, "/")) or not out.suffix:
+        return out / f"{Path(image).stem}.png"
+    return out
+
+
 def explain_image(rt: Runtime, site: str, image: str, output: str,
                   version: str | None = None, depth: int = 6, baseline: str = "blur") -> dict[str, Any]:
-    """Region attributions of the predicted class; writes an overlay PNG to ``output``.
+    """Region attributions of the predicted class; writes an overlay PNG to ``output`` (a
+    file, or a folder: ``<folder>/<image stem>.png``, see :func:`overlay_path`).
 
     Region values are in probability units and sum to p(image) - p(baseline)
     (``efficiency_gap`` is the float error of that sum)."""
@@ -23,7 +36,7 @@ def explain_image(rt: Runtime, site: str, image: str, output: str,
 
     ckpt, key = site_checkpoint(rt, site, version)
     prep = ckpt.preprocessing
-    original = load_rgb(image)
+    original = load_rgb(image, max_pixels=rt.settings.max_image_pixels)
     grid = prep.to_array(original)  # (S, S, 3) uint8: the pixels the model sees
     x = prep.normalize(grid).unsqueeze(0)
     att = DnCShap(ckpt.model, depth=depth).attribute(x, baseline=baseline)
@@ -33,7 +46,7 @@ def explain_image(rt: Runtime, site: str, image: str, output: str,
     with torch.no_grad():
         probs = torch.softmax(ckpt.model.eval()(x), 1)[0].numpy()
     label = ckpt.classes[target]
-    out = Path(output)
+    out = overlay_path(output, image)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Boxes and overlay in the original image's pixels ("squash" preprocessing maps the model
     # grid linearly onto the whole image); other preprocessing: the model's grid.

@@ -94,6 +94,8 @@ def approval_message(site: Site, version: str, champion: str | None, verdict: st
         outcome = ("Some checks FAILED (" + ", ".join(b.failed_gates) + "). Approving anyway "
                    "needs --force and a reason.")
         approve = f"  emowatch approve {site.name} {version} --by NAME --force --reason TEXT"
+    if b.reasons:
+        outcome += "\n" + "\n".join(f"- {r}" for r in b.reasons)
     subject = f"[emowatch] {site.name}: approve challenger version {version}? (verdict {verdict})"
     body = (
         f"Site {site.name} drifted and was re-adapted without labels. The challenger is "

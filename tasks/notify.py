@@ -2,13 +2,19 @@
 
     queue_email(session, ...)        -> an ``alerts`` row (status ``pending``), in the caller's
                                         transaction: the alert exists once that commits.
-    deliver_pending(engine, settings) -> sends every ``pending``/``failed`` row below
-                                        ``max_attempts`` and records the outcome on the row.
+    deliver_pending(engine, settings) -> sends every due row and records the outcome on it.
+    requeue(engine, alert_id | None)  -> failed/undelivered rows due again, with a fresh window.
 
 Statuses: ``pending`` (queued) -> ``sending`` (claimed by one deliverer) -> ``sent`` |
-``failed`` (retried by the next run until ``max_attempts``) | ``kept`` (no SMTP server is
+``failed`` (retried at ``next_attempt_at``) | ``undelivered`` | ``kept`` (no SMTP server is
 configured: the ``.eml`` file in ``settings.outbox_dir`` *is* the delivery). A ``sending`` row
 whose deliverer died is claimable again after ``STALE_SENDING``.
+
+Retries are timed per alert, not counted per delivery pass (with fifty sites, fifty flows
+deliver every few minutes): a failed alert waits :func:`retry_delay` (1 minute, doubling, at
+most 30 minutes, spread by a few percent per alert so a recovered server is not hit by every
+alert at the same second) and is retried until ``Settings.alert_retry_hours`` after its first
+failure; only then is it ``undelivered``, and ``emowatch outbox --requeue`` sends it again.
 
 Every delivery attempt also writes the message as ``<outbox_dir>/alert-<id>-<kind>.eml``: the
 exact bytes sent, readable by people (any mail client opens it) even when the mail server is
@@ -46,6 +52,7 @@ from sqlalchemy.orm import Session
 
 from db import outbox
 from db.models import Alert, utcnow
+from emowatch.redact import redact
 
 if TYPE_CHECKING:
     from emowatch.settings import Settings
@@ -61,13 +68,35 @@ _MAX_ERROR_CHARS = 2000
 SessionSource = Engine | Callable[[], Session]
 
 
+RETRY_FIRST_S = 60.0
+RETRY_MAX_S = 30 * 60.0
+
+
 @dataclass(frozen=True)
 class DeliverySummary:
     sent: int = 0
     kept: int = 0  # written to the outbox folder only (no SMTP server configured)
-    failed: int = 0  # tried this run and failed; retried next run below max_attempts
+    failed: int = 0  # tried this run and failed (retried later, or given up: see exhausted)
     skipped: int = 0  # claimed by a concurrent deliverer meanwhile
-    exhausted: int = 0  # failed rows at max_attempts (all time): need a person
+    exhausted: int = 0  # "undelivered" rows (all time): their retry window passed; need a person
+    retrying: int = 0  # "failed" rows (all time) waiting for their next attempt
+
+    @property
+    def undelivered(self) -> int:
+        """Alerts not delivered when this pass ended (failed now, waiting, or given up)."""
+        return self.exhausted + self.retrying
+
+
+class PlaintextAuthRefused(smtplib.SMTPException):
+    """The SMTP password would cross the network unencrypted."""
+
+
+def retry_delay(attempts: int, alert_id: int) -> dt.timedelta:
+    """Wait before the next attempt of an alert that has failed ``attempts`` times: 1 minute,
+    doubling, capped at 30 minutes, +0-10 % by alert id (deterministic spread)."""
+    base = min(RETRY_FIRST_S * 2.0 ** max(attempts - 1, 0), RETRY_MAX_S)
+    spread = 1.0 + ((alert_id * 2654435761) % 1000) / 10000.0
+    return dt.timedelta(seconds=base * spread)
 
 
 # --- queueing -------------------------------------------------------------------------------------
@@ -176,6 +205,12 @@ def _connect(settings: Settings, ssl_context: ssl.SSLContext | None) -> smtplib.
             smtp.ehlo()
             smtp.starttls(context=ssl_context or ssl.create_default_context())
             smtp.ehlo()
+        if (settings.smtp_username and settings.smtp_security == "none"
+                and not settings.smtp_allow_plaintext_auth):
+            raise PlaintextAuthRefused(
+                "refusing to send the SMTP password without encryption (smtp_security = none): "
+                "set EMOWATCH_SMTP_SECURITY=starttls or ssl, or "
+                "EMOWATCH_SMTP_ALLOW_PLAINTEXT_AUTH=true if the network is trusted")
         if settings.smtp_username:
             pw = settings.smtp_password.get_secret_value() if settings.smtp_password else ""
             smtp.login(settings.smtp_username, pw)
@@ -195,7 +230,7 @@ def _close(smtp: smtplib.SMTP | None) -> None:
 
 
 def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:_MAX_ERROR_CHARS]
+    return redact(f"{type(e).__name__}: {e}")[:_MAX_ERROR_CHARS]
 
 
 # --- delivery --------------------------------------------------------------------------------------
@@ -208,28 +243,44 @@ def _sessions(source: SessionSource) -> Callable[[], Session]:
 def deliver_pending(
     sessions: SessionSource,
     settings: Settings,
-    max_attempts: int = 5,
     *,
     ssl_context: ssl.SSLContext | None = None,
+    now: Callable[[], dt.datetime] = utcnow,
 ) -> DeliverySummary:
-    """Send every deliverable alert; SMTP trouble is recorded on the rows, never raised.
+    """Send every due alert; SMTP trouble is recorded on the rows, never raised.
 
     ``sessions``: an Engine or a session factory. ``ssl_context``: for STARTTLS/SSL (default:
-    the system's trust store; tests pass one that trusts their own certificate). Database
-    errors do raise: without the outbox nothing can be recorded.
+    the system's trust store; tests pass one that trusts their own certificate). ``now``: the
+    clock (simulations pass their own). Database errors do raise: without the outbox nothing
+    can be recorded.
     """
-    if max_attempts < 1:
-        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     make = _sessions(sessions)
+    window = dt.timedelta(hours=settings.alert_retry_hours)
     with make() as s:
-        ids = outbox.deliverable_ids(s, max_attempts, STALE_SENDING)
+        ids = outbox.deliverable_ids(s, now(), STALE_SENDING)
 
     counts = {"sent": 0, "kept": 0, "failed": 0, "skipped": 0}
+
+    def failed(alert: Alert, error: str, eml: str | None) -> None:
+        t = now()
+        until = alert.retry_until or t + window
+        if t >= until:
+            values = {"status": "undelivered", "next_attempt_at": None}
+            log.error("alert %s: still not delivered after %.0f h, giving up (requeue it with "
+                      "'emowatch outbox --requeue %s'): %s", alert.id, settings.alert_retry_hours,
+                      alert.id, error)
+        else:
+            values = {"status": "failed",
+                      "next_attempt_at": min(t + retry_delay(alert.attempts, alert.id), until)}
+        outbox.finish(make, alert.id, now=t, retry_until=until, last_error=error,
+                      **({"eml_path": eml} if eml else {}), **values)
+        counts["failed"] += 1
+
     smtp: smtplib.SMTP | None = None
     connect_error: str | None = None  # one refused connection fails the rest of this run fast
     try:
         for alert_id in ids:
-            alert = outbox.claim(make, alert_id, max_attempts, STALE_SENDING)
+            alert = outbox.claim(make, alert_id, now(), STALE_SENDING)
             if alert is None:
                 counts["skipped"] += 1
                 continue
@@ -237,62 +288,72 @@ def deliver_pending(
                 msg = build_message(alert, settings.mail_from)
                 eml = str(_write_eml(msg, alert, Path(settings.outbox_dir)))
             except (OSError, ValueError) as e:  # unreadable attachment, full disk, bad header
-                outbox.finish(make, alert_id, status="failed", last_error=_describe(e))
-                counts["failed"] += 1
-                log.warning("alert %s: cannot build message: %s", alert_id, e)
+                log.warning("alert %s: cannot build message: %s", alert_id, _describe(e))
+                failed(alert, _describe(e), None)
                 continue
             if not settings.smtp_host:
-                outbox.finish(make, alert_id, status="kept", eml_path=eml, last_error=None)
+                outbox.finish(make, alert_id, now=now(), status="kept", eml_path=eml,
+                              last_error=None, next_attempt_at=None)
                 counts["kept"] += 1
                 continue
             if smtp is None and connect_error is None:
                 try:
                     smtp = _connect(settings, ssl_context)
                 except (smtplib.SMTPException, OSError) as e:
-                    connect_error = f"connect {settings.smtp_host}:{settings.smtp_port}: {_describe(e)}"
+                    connect_error = (f"connect {settings.smtp_host}:{settings.smtp_port}: "
+                                     f"{_describe(e)}")
                     log.warning("no SMTP session: %s", connect_error)
             if connect_error is not None:
-                outbox.finish(make, alert_id, status="failed", eml_path=eml, last_error=connect_error)
-                counts["failed"] += 1
+                failed(alert, connect_error, eml)
                 continue
             assert smtp is not None
             try:
                 refused = smtp.send_message(msg, from_addr=settings.mail_from,
                                             to_addrs=list(alert.recipients))
             except (smtplib.SMTPException, OSError) as e:
-                outbox.finish(make, alert_id, status="failed", eml_path=eml, last_error=_describe(e))
-                counts["failed"] += 1
-                log.warning("alert %s not sent: %s", alert_id, e)
+                log.warning("alert %s not sent: %s", alert_id, _describe(e))
+                failed(alert, _describe(e), eml)
                 if isinstance(e, smtplib.SMTPServerDisconnected | OSError):
                     _close(smtp)
                     smtp = None  # reconnect for the next message
                 continue
             # Some recipients refused (others accepted): sent, with the refusals on record.
             note = f"refused: {refused}"[:_MAX_ERROR_CHARS] if refused else None
-            outbox.finish(make, alert_id, status="sent", sent_at=utcnow(), eml_path=eml, last_error=note)
+            outbox.finish(make, alert_id, now=now(), status="sent", sent_at=now(), eml_path=eml,
+                          last_error=note, next_attempt_at=None)
             counts["sent"] += 1
     finally:
         _close(smtp)
 
     with make() as s:
-        exhausted = outbox.count_exhausted(s, max_attempts)
+        exhausted = outbox.count_status(s, "undelivered")
+        retrying = outbox.count_status(s, "failed")
     if exhausted:
-        log.error("%d alert(s) failed %d times and are no longer retried", exhausted, max_attempts)
-    return DeliverySummary(**counts, exhausted=int(exhausted or 0))
+        log.error("%d alert(s) were not delivered within %.0f h and are no longer retried "
+                  "('emowatch outbox --requeue --failed')", exhausted, settings.alert_retry_hours)
+    return DeliverySummary(**counts, exhausted=exhausted, retrying=retrying)
+
+
+def requeue(sessions: SessionSource, alert_id: int | None = None) -> list[int]:
+    """Make failed/undelivered alerts (or one alert, also a ``kept`` one) due now, with a fresh
+    retry window; returns their ids."""
+    make = _sessions(sessions)
+    with make() as s, s.begin():
+        return outbox.requeue(s, alert_id)
 
 
 # --- Prefect ----------------------------------------------------------------------------------------
 @task(name="deliver-alerts", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
-def deliver_alerts(rt: Runtime, max_attempts: int = 5) -> DeliverySummary:
+def deliver_alerts(rt: Runtime) -> DeliverySummary:
     """Prefect task around :func:`deliver_pending`.
 
     A down mail server does not fail this task (the outbox retries on the next run); the
     Prefect retries cover what does raise: a database that is briefly unreachable or locked.
     """
-    return deliver_pending(rt.engine, rt.settings, max_attempts)
+    return deliver_pending(rt.engine, rt.settings)
 
 
 __all__ = [
-    "DeliverySummary", "queue_email", "should_alert", "build_message", "deliver_pending",
-    "deliver_alerts", "STALE_SENDING",
+    "DeliverySummary", "PlaintextAuthRefused", "STALE_SENDING", "build_message",
+    "deliver_alerts", "deliver_pending", "queue_email", "requeue", "retry_delay", "should_alert",
 ]

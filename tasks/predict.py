@@ -36,7 +36,8 @@ def predict_paths(rt: Runtime, site: str, paths: list[str], version: str | None 
     ok_idx, grids = [], []
     for i, p in enumerate(paths):
         try:
-            grids.append(ckpt.preprocessing.to_array(load_rgb(p)))
+            grids.append(ckpt.preprocessing.to_array(
+                load_rgb(p, max_pixels=rt.settings.max_image_pixels)))
             ok_idx.append(i)
             out.append({"path": p})
         except Exception as e:  # noqa: BLE001 - report per image, keep going
@@ -59,9 +60,13 @@ def predict_paths(rt: Runtime, site: str, paths: list[str], version: str | None 
 def evaluate_folder(rt: Runtime, site: str, data: str, version: str | None = None) -> dict[str, Any]:
     """Accuracy, macro-F1 and per-class recall on a labelled ``<class>/<image>`` folder.
 
-    Folder class names must be among the model's classes (others are refused, not guessed)."""
+    Folder class names must be among the model's classes (others are refused, not guessed).
+    Images are decoded with the ingestion's limits (``Settings.max_image_pixels``)."""
+    import numpy as np
+
     from models.data import read_image_folder
     from models.evaluate import evaluate
+    from models.images import load_rgb
 
     ckpt, key = site_checkpoint(rt, site, version)
     found = sorted(p.name for p in Path(data).iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -72,7 +77,10 @@ def evaluate_folder(rt: Runtime, site: str, data: str, version: str | None = Non
     # labels in the folder's subset order -> the model's class indices
     to_model = [ckpt.classes.index(c) for c in ls.classes]
     labels = [to_model[r.label] for r in ls.records]
-    res = evaluate(ckpt, ls.records, labels, classes=ckpt.classes)
+    limit = rt.settings.max_image_pixels
+    grids = np.stack([ckpt.preprocessing.to_array(load_rgb(r.path, max_pixels=limit))
+                      for r in ls.records])
+    res = evaluate(ckpt, grids, labels, classes=ckpt.classes)
     return {"accuracy": res.accuracy, "macro_f1": res.macro_f1, "n": res.n,
             "per_class": {c: v for c, v in res.per_class.items() if v["n"] > 0},
             "model": key, "confusion": res.confusion, "classes": list(ckpt.classes)}

@@ -243,6 +243,7 @@ def promote_version(
         "next_rollback": rollback_target(new_stack, new_champion),
         "history_agrees": (new_stack[-1] if new_stack else None) == new_champion,
         "blessing": plan["blessing"],
+        "problems": list(plan.get("problems") or []),
     }
     subject, body = promotion_message(site, result, plan)
     result.update(send_to_approvers(ctx, _KINDS[action], subject, body, deliver=deliver))

@@ -341,6 +341,11 @@ class Registry:
         with self.fluent():
             return registry_artifacts.version_dir(uri, self.cache_dir, name, version)
 
+    def artifact_folder(self, name: str, version: str | int) -> Path:
+        """The local copy of a version's files, NOT verified (for ``emowatch doctor``, which
+        records the hashes of versions registered before they were recorded)."""
+        return self._version_dir(name, str(version))
+
     def _verified(self, info: VersionInfo, filename: str) -> Path:
         return registry_artifacts.verified(
             self._version_dir(info.name, info.version) / filename, info, filename)

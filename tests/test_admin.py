@@ -161,3 +161,20 @@ def test_status_on_postgresql(project, pg_schema_url):
     assert st["sites"]["example"]["last_drift_check"]["decision"] == "insufficient_data"
     assert st["totals"]["sites"] == 1
     assert outbox_status(pg)["counts"] == {}
+
+
+def test_every_read_only_command_prints_for_people_too(settings, monkeypatch, tmp_path):
+    """Without --json each command prints text and exits 0 (the renderer once crashed on
+    every command that had no renderer of its own)."""
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+
+    monkeypatch.setenv("EMOWATCH_SITES_FILE", str(tmp_path / "sites.toml"))
+    runner = CliRunner()
+    assert runner.invoke(app, ["init"]).exit_code == 0
+    for args in (["status"], ["status", "example"], ["site", "list"], ["outbox"],
+                 ["doctor"], ["serve", "--dry-run"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, (args, r.output)
+        assert r.stdout.strip() and not r.stdout.lstrip().startswith("{"), args

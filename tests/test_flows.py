@@ -32,6 +32,8 @@ SITES = (
                               "train_backbone = false\n"),
     ("promo", "night", ""),
     ("cli", "clean", ""),
+    ("auto-audit", "night", 'policy = "auto"\n[sites.auto-audit.adapt]\ntime_budget_s = 30\n'
+                            "train_backbone = false\n"),
 )
 
 
@@ -173,6 +175,39 @@ def test_readapt_registers_a_challenger_records_its_gates_and_asks_for_approval(
     [msg] = _mails(smtp, before)  # manual site: an approval request, no promotion
     assert out["promotion"] is None
     assert f"approve challenger version {out['version']}? (verdict {out['verdict']})" in msg["Subject"]
+
+
+def test_auto_site_asks_a_person_when_the_audit_says_worse(world, smtp, monkeypatch):
+    """Issue 17, item 4: every gate passes but the audit set says the challenger is worse. The
+    flow decides with the promotion's own blessing: no promotion is attempted (the flow does
+    not fail), the approvers get the approval e-mail, the champion stays."""
+    from flows.ingest import ingest_site
+    from flows.readapt import readapt_site
+    from tasks import candidate
+    from tasks.context import Runtime
+
+    real = candidate.validate.fn
+
+    def worse_on_audit(inputs, result, site):
+        v = real(inputs, result, site)
+        v["verdict"] = "pass"
+        v["gates"] = {k: {**g, "passed": True} for k, g in v["gates"].items()}
+        v["audit"] = {"n": 40, "challenger": 0.40, "champion": 0.70, "champion_only": 13,
+                      "challenger_only": 1}
+        return v
+
+    monkeypatch.setattr(candidate, "validate", worse_on_audit)
+    settings = world["settings"]
+    ingest_site(site="auto-audit", settings=settings)
+    before = len(smtp[0].messages)
+    out = readapt_site(site="auto-audit", method="adabn", settings=settings)
+    assert out["verdict"] == "pass" and out["promotion"] is None
+    rt = Runtime.open(settings)
+    assert rt.registry.get_alias_version("emowatch-auto-audit", "champion") == "1"
+    assert rt.registry.get_alias_version("emowatch-auto-audit", "challenger") == out["version"]
+    [msg] = _mails(smtp, before)
+    assert f"approve challenger version {out['version']}?" in msg["Subject"]
+    assert "audit accuracy 0.400 is 0.300 below" in msg.get_body(("plain",)).get_content()
 
 
 def _known_challenger(rt, site: str, verdict: str, gates: dict) -> str:

@@ -107,31 +107,41 @@ def test_message_arrives_with_subject_recipients_and_attachments(engine, setting
     assert notify.deliver_pending(engine, _smtp_settings(settings, port)).sent == 0
 
 
-def test_down_server_keeps_alert_and_next_run_sends_it_once(engine, settings):
+def _clock(minutes: float):
+    """A clock ``minutes`` from now (delivery passes at chosen times)."""
+    t = notify.utcnow() + dt.timedelta(minutes=minutes)
+    return lambda: t
+
+
+def test_down_server_keeps_alert_and_a_later_run_sends_it_once(engine, settings):
     port = _free_port()  # nobody listens here yet
     s = _smtp_settings(settings, port)
     aid = _queue(engine)
     aid2 = _queue(engine, kind="approval")
 
-    first = notify.deliver_pending(engine, s)  # must not raise
-    assert (first.sent, first.failed) == (0, 2)
+    first = notify.deliver_pending(engine, s, now=_clock(0))  # must not raise
+    assert (first.sent, first.failed, first.retrying) == (0, 2, 2)
     row = _alert(engine, aid)
     assert row.status == "failed" and row.attempts == 1
     assert "Connection" in row.last_error or "refused" in row.last_error.lower()
     assert Path(row.eml_path).is_file()  # readable by people meanwhile
+    assert row.next_attempt_at is not None and row.retry_until is not None
 
-    assert notify.deliver_pending(engine, s).failed == 2
+    # Another flow's delivery pass seconds later does not spend an attempt: not due yet.
+    assert notify.deliver_pending(engine, s, now=_clock(0.2)).failed == 0
+    assert _alert(engine, aid).attempts == 1
+    assert notify.deliver_pending(engine, s, now=_clock(2)).failed == 2
     assert _alert(engine, aid).attempts == 2
 
     handler = Collector()
     ctl = Controller(handler, hostname="127.0.0.1", port=port)
     ctl.start()
     try:
-        third = notify.deliver_pending(engine, s)
-        fourth = notify.deliver_pending(engine, s)
+        third = notify.deliver_pending(engine, s, now=_clock(10))
+        fourth = notify.deliver_pending(engine, s, now=_clock(60))
     finally:
         ctl.stop()
-    assert (third.sent, third.failed) == (2, 0)
+    assert (third.sent, third.failed, third.retrying) == (2, 0, 0)
     assert fourth.sent == 0
     assert len(handler.messages) == 2  # exactly once each
     row = _alert(engine, aid)
@@ -139,14 +149,41 @@ def test_down_server_keeps_alert_and_next_run_sends_it_once(engine, settings):
     assert _alert(engine, aid2).status == "sent"
 
 
-def test_gives_up_after_max_attempts(engine, settings):
-    s = _smtp_settings(settings, _free_port())
+def test_retry_delay_backs_off_per_alert():
+    d = [notify.retry_delay(n, 7).total_seconds() for n in range(1, 9)]
+    assert 60 <= d[0] < 66 and all(b >= a for a, b in zip(d, d[1:], strict=False))
+    assert d[-1] <= 30 * 60 * 1.1 and d[1] > 1.9 * d[0]
+    assert notify.retry_delay(1, 7) != notify.retry_delay(1, 8)  # spread between alerts
+
+
+def test_retried_until_the_window_then_undelivered_until_requeued(engine, settings):
+    port = _free_port()
+    s = _smtp_settings(settings, port, alert_retry_hours=1.0)
     aid = _queue(engine)
-    for _ in range(3):
-        notify.deliver_pending(engine, s, max_attempts=2)
-    row = _alert(engine, aid)
-    assert (row.status, row.attempts) == ("failed", 2)
-    assert notify.deliver_pending(engine, s, max_attempts=2).exhausted == 1
+    minutes = 0.0
+    while True:  # a delivery pass every 5 minutes while the server is down
+        summary = notify.deliver_pending(engine, s, now=_clock(minutes))
+        if _alert(engine, aid).status == "undelivered":
+            break
+        minutes += 5
+        assert minutes < 120
+    assert 60 <= minutes <= 65 and summary.exhausted == 1
+    attempts = _alert(engine, aid).attempts
+    assert 5 <= attempts <= 10  # backoff: not one attempt per pass (13 passes)
+    assert notify.deliver_pending(engine, s, now=_clock(minutes + 60)).failed == 0  # given up
+
+    with pytest.raises(ValueError, match="no alert 999"):
+        notify.requeue(engine, 999)
+    assert notify.requeue(engine) == [aid]
+    handler = Collector()
+    ctl = Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        assert notify.deliver_pending(engine, s).sent == 1
+    finally:
+        ctl.stop()
+    with pytest.raises(ValueError, match="is sent"):
+        notify.requeue(engine, aid)
 
 
 def test_stale_sending_row_is_taken_over(engine, settings):
@@ -271,8 +308,10 @@ def test_starttls_with_login(engine, settings, tmp_path):
                               smtp_password=SecretStr("s3cret"))
         bad = good.model_copy(update={"smtp_password": SecretStr("wrong")})
         assert notify.deliver_pending(engine, bad, ssl_context=client_ctx).failed == 1
-        assert "Authentication" in _alert(engine, aid).last_error
-        assert notify.deliver_pending(engine, good, ssl_context=client_ctx).sent == 1
+        error = _alert(engine, aid).last_error
+        assert "Authentication" in error and "wrong" not in error
+        assert notify.deliver_pending(engine, good, ssl_context=client_ctx,
+                                      now=_clock(5)).sent == 1
     finally:
         ctl.stop()
     assert len(handler.messages) == 1
@@ -280,6 +319,33 @@ def test_starttls_with_login(engine, settings, tmp_path):
     assert set(logins) == {(b"emowatch", b"wrong"), (b"emowatch", b"s3cret")}
     assert logins[-1] == (b"emowatch", b"s3cret")
     assert _alert(engine, aid).attempts == 2
+
+
+def test_no_password_over_a_plain_connection_unless_allowed(engine, settings):
+    from pydantic import SecretStr
+
+    logins: list[bytes] = []
+
+    def auth(server, session, envelope, mechanism, data):  # noqa: ANN001 (aiosmtpd hook)
+        logins.append(bytes(data.password))
+        return AuthResult(success=True, handled=False)
+
+    handler = Collector()
+    port = _free_port()
+    ctl = Controller(handler, hostname="127.0.0.1", port=port, authenticator=auth,
+                     auth_require_tls=False)
+    ctl.start()
+    try:
+        aid = _queue(engine)
+        plain = _smtp_settings(settings, port, smtp_security="none", smtp_username="emowatch",
+                               smtp_password=SecretStr("s3cret-pw"))
+        assert notify.deliver_pending(engine, plain).failed == 1
+        assert logins == [] and "refusing to send the SMTP password" in _alert(engine, aid).last_error
+        allowed = plain.model_copy(update={"smtp_allow_plaintext_auth": True})
+        assert notify.deliver_pending(engine, allowed, now=_clock(5)).sent == 1
+    finally:
+        ctl.stop()
+    assert logins == [b"s3cret-pw"]
 
 
 def test_prefect_task_wraps_delivery(engine, settings):

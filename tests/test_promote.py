@@ -359,6 +359,217 @@ def test_failed_registry_move_leaves_history_and_aliases_as_they_were(env, monke
     assert len(_history(site)) == 1 and _agree(site)
 
 
+# --- gates cannot be bypassed (issue 17, item 3) ------------------------------------------------
+def test_a_version_that_is_not_the_challenger_and_has_no_record_needs_force(env):
+    """A ``verdict = pass`` tag alone is not a gate record."""
+    from tasks.promote import promote_version
+
+    site = _site(env, "bypass-nc")
+    v = _challenger(site, "pass", PASS, alias=False, record=False)
+    with pytest.raises(ValueError, match="not the challenger") as e:
+        promote_version(site, v, "approve", "alice@example.org")
+    assert "no gate record in the database" in str(e.value) and "--force" in str(e.value)
+    with pytest.raises(ValueError, match="--force needs a --reason"):
+        promote_version(site, v, "approve", "alice@example.org", force=True)
+    assert _aliases(site) == ("1", None) and len(_history(site)) == 1
+    r = promote_version(site, v, "approve", "alice@example.org", "hand-checked 30 images",
+                        force=True)
+    assert r["forced"] and r["champion"] == v and len(r["problems"]) == 2
+    assert _history(site)[-1] == ("approve", v, "1", "alice@example.org", True)
+
+
+def test_edited_tags_do_not_outvote_the_gate_record(env):
+    """The database's record said fail; someone set the MLflow tags to pass."""
+    from tasks.promote import promote_version
+
+    site = _site(env, "bypass-tags")
+    v = _challenger(site, "fail", FAIL)
+    env.registry.set_version_tags(site.site.model_name, v, {"emowatch.verdict": "pass",
+                                                            "emowatch.gates": PASS})
+    with pytest.raises(ValueError, match="do not match its gate record"):
+        promote_version(site, v, "approve", "bob@example.org")
+    assert _aliases(site) == ("1", v) and len(_history(site)) == 1
+    # forcing it is a recorded decision judged on the record (its failed gate), not the tags
+    r = promote_version(site, v, "approve", "bob@example.org", "labels checked", force=True)
+    assert r["forced"] and r["blessing"]["failed_gates"] == ["source_acc"]
+    assert _history(site)[-1] == ("approve", v, "1", "bob@example.org", True)
+
+
+def test_a_rejected_version_put_back_as_challenger_needs_force(env):
+    from tasks.promote import promote_version
+
+    site = _site(env, "bypass-rej")
+    v = _challenger(site, "pass", PASS)
+    promote_version(site, v, "reject", "carol@example.org", "blurry faces")
+    env.registry.set_alias(site.site.model_name, CHALLENGER, v)  # by hand, in the MLflow UI
+    with pytest.raises(ValueError, match="was rejected by carol@example.org"):
+        promote_version(site, v, "approve", "dave@example.org")
+    assert _aliases(site)[0] == "1"
+    r = promote_version(site, v, "approve", "dave@example.org", "re-checked", force=True)
+    assert r["forced"] and r["champion"] == v
+
+
+def test_by_must_name_an_approver_unless_the_setting_allows_any(env):
+    import dataclasses
+
+    from tasks.promote import promote_version
+
+    site = _site(env, "bypass-by")
+    v = _challenger(site, "pass", PASS)
+    with pytest.raises(ValueError, match="not an approver of site bypass-by"):
+        promote_version(site, v, "approve", "mallory@example.org")
+    with pytest.raises(ValueError, match="automatic promotions are made by 'emowatch-auto'"):
+        promote_version(site, v, "auto", "alice@example.org")
+    assert _aliases(site) == ("1", v)
+    anyone = dataclasses.replace(site, settings=site.settings.model_copy(
+        update={"allow_any_approver": True}))
+    assert promote_version(anyone, v, "approve", "mallory@example.org")["champion"] == v
+
+
+def test_expected_champion_guards_an_approval_against_a_race(env):
+    from tasks.promote import promote_version
+
+    site = _site(env, "race-exp")
+    v = _challenger(site, "pass", PASS)
+    looked = "1"
+    promote_version(site, v, "approve", "erin@example.org")  # someone else, meanwhile
+    w = _challenger(site, "pass", PASS)
+    with pytest.raises(ValueError, match=f"changed from {looked} to {v}"):
+        promote_version(site, w, "approve", "frank@example.org", expected_champion=looked)
+    with pytest.raises(ValueError, match="changed from"):
+        promote_version(site, None, "rollback", "frank@example.org", expected_champion=looked)
+    assert _aliases(site) == (v, w) and _agree(site)
+
+
+def test_concurrent_approve_and_rollback_keep_history_and_registry_in_step(env):
+    """Eight threads approve and roll back the same site at once: each either happens with its
+    history row or is refused cleanly; afterwards the registry's champion is the history's."""
+    import threading
+
+    from tasks.promote import promote_version
+
+    site = _site(env, "race")
+    v = _challenger(site, "pass", PASS)
+    outcomes: list[str] = []
+
+    def act(i: int) -> None:
+        try:
+            if i % 2:
+                promote_version(site, None, "rollback", "gina@example.org", "undo", deliver=False)
+            else:
+                promote_version(site, v, "approve", "gina@example.org", deliver=False)
+            outcomes.append("done")
+        except (ValueError, RuntimeError) as e:
+            outcomes.append(type(e).__name__)
+
+    threads = [threading.Thread(target=act, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 8 and "done" in outcomes
+    assert _agree(site)
+    moves = [h for h in _history(site) if h[0] in ("approve", "rollback")]
+    assert len(moves) == outcomes.count("done")
+
+
+def test_kill_9_mid_promotion_is_reconciled_by_the_next_one(env, tmp_path):
+    """A promoter killed after MLflow's champion moved but before its history row committed:
+    its lock belongs to a dead process and the alias has no recorded decision. The next
+    promotion takes the lock over, puts the alias back (a ``restore`` row) and proceeds."""
+    import subprocess
+    import sys
+
+    site = _site(env, "kill9")
+    v = _challenger(site, "pass", PASS)
+    s = env.settings
+    code = f"""
+import os, signal
+from pathlib import Path
+from emowatch.settings import Settings
+from emowatch.sites import Site
+from tasks.context import Runtime
+from tasks import registry
+s = Settings(home=Path({str(s.home)!r}), database_url=None, mlflow_tracking_uri=None,
+             smtp_host=None, sites_file=Path({str(s.sites_file)!r}))
+site = Site(name="kill9", inbox=Path({str(tmp_path)!r}), approvers=["lead@example.org"])
+ctx = Runtime.open(s).site_context("kill9", sites={{"kill9": site}}).serving()
+real = registry.Registry.set_alias
+def set_alias_then_die(self, name, alias, version):
+    real(self, name, alias, version)
+    if alias == "champion":
+        os.kill(os.getpid(), signal.SIGKILL)
+registry.Registry.set_alias = set_alias_then_die
+from tasks.promote import promote_version
+promote_version(ctx, {v!r}, "approve", "lead@example.org", deliver=False)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+    assert _aliases(site)[0] == v and not _agree(site)  # moved, nothing recorded
+    assert len(_history(site)) == 1
+
+    from tasks.promote import promote_version
+
+    out = promote_version(site, v, "approve", "lead@example.org", deliver=False)
+    assert out["champion"] == v and out["history_agrees"]
+    assert [h[:3] for h in _history(site)[1:]] == [("restore", "1", v), ("approve", v, "1")]
+
+
+# --- doctor ------------------------------------------------------------------------------------------------
+def test_doctor_finds_and_repairs_what_has_a_safe_fix(env, monkeypatch):
+    """A champion moved in the MLflow UI, a challenger with edited tags, a version registered
+    before hashes were recorded and a lock of a dead process: the doctor names each; --repair
+    fixes all but the challenger (a person's decision) and says so."""
+    import datetime as dt
+
+    from typer.testing import CliRunner
+
+    from db.locks import list_locks
+    from db.models import SiteLock, utcnow
+    from db.session import session_scope
+    from deployments.cli import app
+    from deployments.doctor import doctor
+
+    site = _site(env, "doc")
+    Path(env.settings.sites_file).write_text(
+        f'[sites.doc]\ninbox = "{site.site.inbox}"\napprovers = ["lead@example.org"]\n')
+    name = site.site.model_name
+    v2 = _challenger(site, "pass", PASS, alias=False)
+    env.registry.set_alias(name, CHAMPION, v2)  # by hand, in the MLflow UI
+    v3 = _challenger(site, "fail", FAIL)
+    env.registry.set_version_tags(name, v3, {"emowatch.verdict": "pass", "emowatch.gates": PASS})
+    env.registry.client().delete_model_version_tag(name, "1", "emowatch.sha256.checkpoint")
+    with session_scope(env.engine) as s:
+        s.add(SiteLock(name="promote:doc", owner=f"{os.uname().nodename}:999999",
+                       expires_at=utcnow() + dt.timedelta(minutes=5)))
+
+    r = doctor(env, "doc")
+    assert not r["ok"] and r["exit_code"] == 1
+    text = " | ".join(r["sites"]["doc"]["problems"] + r["problems"])
+    assert f"champion alias is on {v2}, the recorded champion is 1" in text
+    assert f"tags of {name}/{v3} do not match its gate record" in text
+    assert f"{name}/1 records no sha256 of checkpoint.pt" in text
+    assert "lock promote:doc" in text and "dead process" in text
+    assert _aliases(site) == (v2, v3)  # a check changes nothing
+
+    monkeypatch.setenv("EMOWATCH_HOME", str(env.settings.home))
+    monkeypatch.setenv("EMOWATCH_SITES_FILE", str(env.settings.sites_file))
+    for k in ("EMOWATCH_DATABASE_URL", "EMOWATCH_MLFLOW_TRACKING_URI", "EMOWATCH_SMTP_HOST"):
+        monkeypatch.delenv(k, raising=False)
+    cli = CliRunner().invoke(app, ["doctor", "doc", "--repair"])
+    assert cli.exit_code == 1, cli.output  # the challenger is left for a person
+    assert "put back on 1" in cli.stdout and "emowatch reject doc" in cli.stdout
+    r = doctor(env, "doc")
+    assert r["sites"]["doc"]["problems"] == [p for p in r["sites"]["doc"]["problems"]
+                                             if "gate record" in p] and r["problems"] == []
+    assert _aliases(site) == ("1", v3) and _agree(site)
+    assert "emowatch.sha256.checkpoint" in env.registry.get_version(name, "1").tags
+    with session_scope(env.engine) as s:
+        assert [n for n, _, _ in list_locks(s)] == []
+    env.registry.load_by_version(name, "1")  # verified again
+
+
 # --- e-mails ---------------------------------------------------------------------------------------------------
 def test_mail_problems_never_fail_a_promotion(env, monkeypatch):
     from tasks import notify

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 
@@ -116,3 +118,49 @@ def test_featurization_chunks_run_on_a_local_dask_cluster(prefect_harness, setti
     assert len(fs) == 6 and fs.z.shape == (6, 256) and fs.probs.shape == (6, 3)
     assert np.allclose(fs.probs.sum(1), 1, atol=1e-5)
     assert np.all(np.isfinite(fs.quality["brightness"]))
+
+
+@pytest.mark.parametrize("api", ["prefect-server", "temporary-server"])
+def test_serve_stops_on_sigterm_to_its_process_group(prefect_harness, tmp_path, api):
+    """A service manager stops `emowatch serve` with SIGTERM (to every process of the
+    service): it shuts down and exits 0; with a Prefect server its schedules are paused. (With
+    Prefect's temporary server, a child that died with the same signal, it used to hang.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    (tmp_path / "in").mkdir()
+    sites = tmp_path / "sites.toml"
+    sites.write_text('[sites.lab]\ninbox = "in"\nschedule = "*/30 * * * *"\n')
+    env = {**os.environ, "EMOWATCH_HOME": str(tmp_path / "home"),
+           "EMOWATCH_SITES_FILE": str(sites), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    if api == "temporary-server":
+        env.pop("PREFECT_API_URL")
+        env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as f:
+        p = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve"], env=env,
+                             stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and b"prefect deployment run" not in log.read_bytes():
+            assert p.poll() is None, log.read_text()
+            time.sleep(0.5)
+        assert b"prefect deployment run" in log.read_bytes(), log.read_text()
+        time.sleep(8)  # the message comes before the runner has started polling
+        t0 = time.time()
+        os.killpg(p.pid, signal.SIGTERM)
+        rc = p.wait(timeout=60)
+        took = time.time() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "SIGTERM received" in text and took < 60
+    assert ("All deployments have been paused" in text) == (api == "prefect-server")

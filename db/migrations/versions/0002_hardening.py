@@ -28,6 +28,8 @@ def upgrade() -> None:
         # when the next delivery attempt is due (NULL: at once); backoff per alert
         b.add_column(sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True))
         b.create_index("ix_alerts_next_attempt_at", ["next_attempt_at"])
+        # retried until then (set at the first failure), then "undelivered"
+        b.add_column(sa.Column("retry_until", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("adaptation_runs") as b:
         b.add_column(sa.Column("audit", sa.JSON(), nullable=True))
         b.add_column(sa.Column("reasons", sa.JSON(), nullable=True))
@@ -40,6 +42,7 @@ def downgrade() -> None:
         b.drop_column("reasons")
         b.drop_column("audit")
     with op.batch_alter_table("alerts") as b:
+        b.drop_column("retry_until")
         b.drop_index("ix_alerts_next_attempt_at")
         b.drop_column("next_attempt_at")
     with op.batch_alter_table("quarantined_files") as b:
