@@ -103,7 +103,7 @@ def run_cases(ids: list[str], xml: Path) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                     f"--junitxml={xml}", "-o", "junit_family=xunit1", *ids], cwd=REPO,
-                   check=False)
+                   check=False, stdout=sys.stderr)  # pytest's own report: stderr
     return time.perf_counter() - t0
 
 

@@ -160,7 +160,12 @@ def _details(session: Session, site_id: int, model_name: str) -> dict[str, Any]:
             "threshold": d.threshold, "method": d.method, "n_ref": d.n_ref, "n_cur": d.n_cur,
             "model": f"{d.model_name}/{d.model_version}", "created_at": _iso(d.created_at),
             "report_html": d.report_html, "report_json": d.report_json, "alert_id": d.alert_id,
+            "impact": d.impact, "estimate": d.estimate,
         },
+        "impact": None if d is None else d.impact,
+        "estimated_accuracy": None if d is None or not d.estimate else {
+            k: d.estimate.get(k) for k in ("accuracy", "low", "high", "source_accuracy",
+                                           "verifiable")},
         "last_adaptation": None if a is None else {
             "id": a.id, "status": a.status, "method": a.method, "verdict": a.verdict,
             "candidate_version": a.candidate_version, "base_model": a.base_model,

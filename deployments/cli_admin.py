@@ -60,14 +60,43 @@ def status(
     site: Annotated[str | None, typer.Argument(help="One site; default: all.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Images, quarantine, last drift decision, models and outbox per site."""
+    """Images, quarantine, last drift decision with its impact and estimated accuracy,
+    models and outbox per site."""
 
     def go() -> dict[str, Any]:
         from deployments.admin import site_status
 
         return site_status(runtime(), site)
 
-    run(go, as_json)
+    def render(r: dict[str, Any]) -> str:
+        def acc(e: dict[str, Any] | None) -> str:
+            if not e or e.get("accuracy") is None:
+                return "-"
+            flag = "" if e.get("verifiable") else " (unverifiable)"
+            return (f"~{e['accuracy']:.2f} [{e['low']:.2f}, {e['high']:.2f}] was "
+                    f"{e['source_accuracy']:.2f}{flag}")
+
+        head = (f"{'site':<16} {'images':>6} {'quar.':>5} {'last check':<12} {'impact':<9} "
+                f"{'estimated accuracy':<34} {'champion':<8} {'challenger':<10}")
+        lines = [head]
+        for name, e in r["sites"].items():
+            check = e.get("last_drift_check") or {}
+            lines.append(
+                f"{name:<16} {e['images']:>6} {e['quarantined']:>5} "
+                f"{check.get('decision') or '-':<12} {e.get('impact') or '-':<9} "
+                f"{acc(e.get('estimated_accuracy')):<34} {str(e.get('champion') or '-'):<8} "
+                f"{str(e.get('challenger') or '-'):<10}")
+            if e.get("registry_error"):
+                lines.append(f"  registry: {e['registry_error']}")
+            if not e.get("history_agrees", True):
+                lines.append("  MLflow's champion differs from the recorded history: "
+                             f"emowatch doctor {name}")
+        lines.append(f"outbox: {r['outbox'] or 'empty'}; database {r['database']}")
+        if r.get("note"):
+            lines.append(r["note"])
+        return "\n".join(lines)
+
+    run(go, as_json, render)
 
 
 @commands.command()

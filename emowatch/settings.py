@@ -77,6 +77,10 @@ class Settings(BaseSettings):
         None, description="Scheduler address for the dask task runner; unset: local cluster."
     )
     featurize_batch: int = Field(64, ge=1, le=4096)
+    inference_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Arithmetic of a NEW model version's inference, stored with it "
+        "(every later inference of that version uses the same): auto = bf16 where the CPU has "
+        "it natively (AVX512-BF16/AMX: ~3x faster), else fp32.")
 
     @field_serializer("database_url", "mlflow_tracking_uri", when_used="json")
     def _hide_passwords(self, url: str | None) -> str | None:

@@ -32,6 +32,14 @@ class DriftThresholds(BaseModel):
     cooldown_minutes: int | None = Field(
         None, ge=0, description="Alert cool-down; default: Settings.alert_cooldown_minutes."
     )
+    max_accuracy_drop: float = Field(
+        0.03, ge=0, le=1, description="Tolerated drop of the estimated accuracy below the "
+        "training domain's (a fraction): above it with confidence the impact is harmful; an "
+        "upper bound within it is harmless.")
+    alert_on: Literal["harmful", "drift"] = Field(
+        "harmful", description="harmful: e-mail (and re-adapt) when the impact is harmful, or "
+        "unknown while the drift test fired; a harmless drift is recorded and reported only. "
+        "drift: every statistical drift, whatever its impact.")
 
     @model_validator(mode="after")
     def _window_holds_min(self) -> DriftThresholds:

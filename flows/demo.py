@@ -23,6 +23,9 @@ from flows.train import train_source
 
 DEMO_EPOCHS = 15
 DEMO_TRAINABLE_BLOCKS = 1
+# The demo's accuracy estimator is fitted on a third of the default bank (60 shifts): the
+# whole demo stays within minutes (python -m bench.estimate measures the default).
+DEMO_ESTIMATOR_SPECS = 20
 
 
 def _say(msg: str) -> None:
@@ -65,7 +68,7 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0,
     trained = train_source(data=str(data.source_dir), backbone=data.backbone, img_size=data.img_size,
                            epochs=(30 if data.kind == "generated" else DEMO_EPOCHS), seed=seed,
                            promote=True, trainable_blocks=DEMO_TRAINABLE_BLOCKS, crops=0,
-                           settings=settings)
+                           estimator_specs=DEMO_ESTIMATOR_SPECS, settings=settings)
     _say(f"    emowatch-source v{trained['version']}: test accuracy {trained['test_accuracy']:.3f}")
 
     rows: list[dict[str, Any]] = []
@@ -74,14 +77,17 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0,
         before = evaluate_folder(rt, name, s["audit"])  # source champion on the audit set
         _say(f"2/5 monitoring {name} (camera: {s['condition']})")
         mon = monitor_site(site=name, settings=settings)
-        _say(f"    {name}: {mon['decision']} (p={_f(mon['p_value'])}, n={mon['n_cur']})"
+        est = mon["estimate"]
+        _say(f"    {name}: {mon['decision']} (p={_f(mon['p_value'])}, n={mon['n_cur']}); "
+             f"impact {mon['impact']}, estimated accuracy {_acc(est)}"
              + (f"; {', '.join(mon['quality_shift'])}" if mon["quality_shift"] else ""))
         row = {"site": name, "camera": s["condition"], "policy": s["policy"],
                "decision": mon["decision"], "p_value": mon["p_value"], "n_cur": mon["n_cur"],
+               "impact": mon["impact"], "estimate": est, "notified": mon["notified"],
                "report_html": mon["report_html"], "alert_id": mon["alert_id"],
                "audit_acc_before": before["accuracy"], "method": None, "verdict": None,
                "gates": None, "challenger": None, "promoted": False}
-        if mon["decision"] == "drift":
+        if mon["notified"]:  # what the drift event would start (alert_on rule)
             _say(f"3/5 re-adapting {name} without labels (mmd)")
             ad = readapt_site(site=name, method="mmd", seed=seed, settings=settings)
             failed = [k for k, v in ad["gates"].items() if not v["passed"]]
@@ -133,18 +139,33 @@ def _approval_refusal(rt: Any, site: str, version: str, actor: str) -> str | Non
     return None
 
 
+def _acc(e: dict[str, Any]) -> str:
+    if e.get("accuracy") is None:
+        return "-"
+    return f"~{e['accuracy']:.2f} [{e['low']:.2f}, {e['high']:.2f}]"
+
+
 def _f(x: float | None) -> str:
     return "-" if x is None else (f"{x:.2g}" if x < 0.001 else f"{x:.3f}")
 
 
+def _source_acc(rows: list[dict[str, Any]]) -> str:
+    for r in rows:
+        e = r.get("estimate") or {}
+        if e.get("source_accuracy") is not None:
+            return f"{e['source_accuracy']:.2f}"
+    return "-"
+
+
 def summary_text(rows: list[dict[str, Any]], trained: dict[str, Any], kind: str, settings: Any,
                  seconds: float) -> str:
-    head = ["site", "camera", "decision", "p-value", "method", "gates", "verdict", "champion",
-            "audit acc before -> after"]
+    head = ["site", "camera", "decision", "p-value", "impact", "estimated acc", "method", "gates",
+            "verdict", "champion", "audit acc before -> after"]
     table = [head]
     for r in rows:
         table.append([
-            r["site"], r["camera"], r["decision"], _f(r["p_value"]), r["method"] or "-",
+            r["site"], r["camera"], r["decision"], _f(r["p_value"]), r.get("impact") or "-",
+            _acc(r.get("estimate") or {}), r["method"] or "-",
             r["gates"] or "-", r["verdict"] or "-",
             r["champion"].split("/", 1)[1] if r.get("champion") else "-",
             f"{r['audit_acc_before']:.2f} -> {r['audit_acc_after']:.2f}",
@@ -160,8 +181,11 @@ def summary_text(rows: list[dict[str, Any]], trained: dict[str, Any], kind: str,
         "",
         *lines,
         "",
-        "(audit acc = accuracy of the site's champion on the site's labelled audit photos, which",
-        " are never used for adaptation; 'champion' = model/version serving the site now)",
+        "(estimated acc = the label-free estimate of the source champion's accuracy on the site's",
+        f" images, training domain {_source_acc(rows)}; impact = what that means against the",
+        " site's tolerance; only a harmful or unknown drift starts a re-adaptation; audit acc =",
+        " accuracy of the site's champion on the site's labelled audit photos, which are never",
+        " used for adaptation; 'champion' = model/version serving the site now)",
         "",
         f"Evidently reports:  {home / 'reports'}/<site>/drift-*.html",
         f"Evidently UI:       evidently ui --workspace {home / 'evidently'}",

@@ -12,6 +12,7 @@ from emowatch.settings import Settings
 from flows.runner import default_runner, open_runtime
 from tasks import monitor as t
 from tasks.featurize import featurize_images
+from tasks.impact import should_notify
 from tasks.ingest import ingest_inbox_task
 from tasks.notify import deliver_alerts
 
@@ -20,7 +21,9 @@ from tasks.notify import deliver_alerts
 def monitor_site(site: str, ingest: bool = True, settings: Settings | None = None
                  ) -> dict[str, Any]:
     """One scheduled check of one site. Returns the CLI's JSON contract:
-    ``{site, decision, p_value, statistic, n_ref, n_cur, report_html, alert_id}`` (+ details)."""
+    ``{site, decision, p_value, statistic, n_ref, n_cur, report_html, alert_id, estimate,
+    impact}`` (+ details). The e-mail and the drift event (re-adaptation) follow the site's
+    ``drift.alert_on`` rule (``tasks.impact.should_notify``)."""
     ctx = open_runtime(settings).site_context(site)
     ingested = ingest_inbox_task(ctx) if ingest else None
     ctx = ctx.serving()
@@ -29,16 +32,19 @@ def monitor_site(site: str, ingest: bool = True, settings: Settings | None = Non
     window = t.select_window(ctx)
     fs = featurize_images(ctx, window.items)
     result, phrases = t.drift_test(ctx.site, profile, fs)
+    estimate, impact = t.estimate_task(ctx, profile, fs)
     stamp = dt.datetime.now(dt.UTC)
-    reports = t.evidently_report(ctx, profile, fs, stamp, result.decision)
-    check_id = t.record_check(ctx, result, phrases, window.ids_of(fs.shas), window, reports)
-    t.log_check_to_mlflow(ctx, check_id, result, reports)
+    reports = t.evidently_report(ctx, profile, fs, stamp, result.decision, estimate, impact)
+    check_id = t.record_check(ctx, result, phrases, window.ids_of(fs.shas), window, reports,
+                              estimate, impact)
+    t.log_check_to_mlflow(ctx, check_id, result, reports, estimate, impact)
     alert_id = event_id = None
-    if result.decision == "drift":
-        alert_id = t.alert_on_drift(ctx, check_id, result, phrases, reports)
-        event_id = t.emit_drift_event(ctx.site, check_id, result)
+    notified = should_notify(ctx.site, result.decision, impact)
+    if notified:
+        alert_id = t.alert_on_drift(ctx, check_id, result, phrases, reports, estimate, impact)
+        event_id = t.emit_drift_event(ctx.site, check_id, result, impact)
     deliver_alerts(ctx)  # a mail server that is down never fails the flow
-    t.publish_artifact(ctx.site, check_id, result, phrases, reports)
+    t.publish_artifact(ctx.site, check_id, result, phrases, reports, estimate, impact)
     return {
         "site": site,
         "decision": result.decision,
@@ -56,4 +62,8 @@ def monitor_site(site: str, ingest: bool = True, settings: Settings | None = Non
         "event_id": event_id,
         "ingested": ingested,
         "details": plain(result.details),
+        "estimate": plain(estimate),
+        "impact": impact,
+        "alert_on": ctx.site.drift.alert_on,
+        "notified": notified,
     }

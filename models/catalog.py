@@ -24,6 +24,19 @@ DETECTORS: dict[str, str] = {
 }
 DEFAULT_DETECTORS: tuple[str, ...] = ("mmd", "bbsd", "quality")
 
+# Label-free accuracy estimators (protocol: models.estimate.Estimator). The default is the one
+# the benchmark (python -m bench.estimate) chose on conditions held out of its fitting; the
+# others are the published baselines it is compared with.
+ESTIMATORS: dict[str, str] = {
+    "meta-gbm": "models.estimate_meta:MetaGBM",
+    "no-change": "models.estimate:NoChange",
+    "avg-conf": "models.estimate:AvgConf",
+    "doc": "models.estimate:DoC",
+    "atc-mc": "models.estimate:ATCMaxConf",
+    "atc-ne": "models.estimate:ATCNegEntropy",
+}
+DEFAULT_ESTIMATOR = "meta-gbm"
+
 # Unsupervised adaptation methods (protocol: models.adapt.Adapter).
 ADAPTERS: dict[str, str] = {
     "mmd": "models.discrepancy:MMDAdapter",
@@ -42,11 +55,12 @@ GATES: dict[str, str] = {
     "explanation": "models.gates:ExplanationGate",
 }
 
-_TABLES = {"detector": DETECTORS, "adapter": ADAPTERS, "gate": GATES}
+_TABLES = {"detector": DETECTORS, "estimator": ESTIMATORS, "adapter": ADAPTERS, "gate": GATES}
 
 
 def load(kind: str, name: str) -> Any:
-    """The class registered as ``name`` in the ``kind`` table ("detector", "adapter", "gate")."""
+    """The class registered as ``name`` in the ``kind`` table ("detector", "estimator",
+    "adapter", "gate")."""
     table = _TABLES[kind]
     if name not in table:
         raise ValueError(f"unknown {'adaptation method' if kind == 'adapter' else kind} "
@@ -55,4 +69,5 @@ def load(kind: str, name: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-__all__ = ["ADAPTERS", "DEFAULT_DETECTORS", "DETECTORS", "GATES", "load"]
+__all__ = ["ADAPTERS", "DEFAULT_DETECTORS", "DEFAULT_ESTIMATOR", "DETECTORS", "ESTIMATORS",
+           "GATES", "load"]

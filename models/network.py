@@ -286,6 +286,13 @@ class Checkpoint:
     def net_config(self) -> NetConfig:
         return self.model.config
 
+    @property
+    def precision(self) -> str:
+        """The arithmetic every inference of this model version uses ("fp32" or "bf16"):
+        its reference profile, its estimator's bank and every site featurization, so that
+        they are comparable (older versions: fp32)."""
+        return str((self.config.get("inference") or {}).get("precision", "fp32"))
+
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> None:
     torch.save(

@@ -25,6 +25,9 @@ class ReferenceProfile:
     classes: list[str]
     quality: dict[str, np.ndarray] | None = None  # stat name -> (n,) float64
     info: dict[str, Any] = field(default_factory=dict)  # model key, sample description, ...
+    # the fitted accuracy estimator as plain arrays (models.estimate.Estimator.state());
+    # None for profiles saved before estimators existed (checks then say "no estimate")
+    estimator: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features, dtype=np.float32)
@@ -44,6 +47,17 @@ class ReferenceProfile:
     def __len__(self) -> int:
         return len(self.features)
 
+    def accuracy_estimator(self) -> Any:
+        """The fitted ``models.estimate.Estimator`` (built once), or None."""
+        if self.estimator is None:
+            return None
+        cached = self.__dict__.get("_estimator")
+        if cached is None:
+            from models.estimate import estimator_from_state
+
+            cached = self.__dict__["_estimator"] = estimator_from_state(self.estimator)
+        return cached
+
     @classmethod
     def from_arrays(cls, features: Any, probs: Any, classes: list[str],
                     quality: dict[str, Any] | None = None, info: dict[str, Any] | None = None
@@ -56,6 +70,8 @@ class ReferenceProfile:
         arrays: dict[str, Any] = {"features": self.features, "probs": self.probs}
         for k, v in (self.quality or {}).items():
             arrays[f"quality__{k}"] = v
+        for k, v in (self.estimator or {}).items():
+            arrays[f"est__{k}"] = v
         meta = {"format": FORMAT, "classes": self.classes, "info": self.info}
         np.savez_compressed(Path(path), meta=np.asarray(json.dumps(meta)), **arrays)
 
@@ -66,8 +82,9 @@ class ReferenceProfile:
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: not an emowatch reference profile")
             quality = {k.removeprefix("quality__"): z[k] for k in z.files if k.startswith("quality__")}
+            est = {k.removeprefix("est__"): z[k] for k in z.files if k.startswith("est__")}
             return cls(z["features"], z["probs"], list(meta["classes"]), quality or None,
-                       dict(meta.get("info", {})))
+                       dict(meta.get("info", {})), est or None)
 
 
 def build_reference_profile(checkpoint: Any, images: Any, max_n: int = 1000, seed: int = 0,

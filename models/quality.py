@@ -33,6 +33,7 @@ STAT_NAMES: tuple[str, ...] = (
     "width",
     "height",
     "aspect",  # width / height
+    "noise",  # Immerkaer (1996) fast noise estimate on the luma, 0..255 units (sensor noise)
 )
 
 # 256 px: large enough that a 2 px blur on a 320 px photo still changes the Laplacian a lot,
@@ -72,6 +73,18 @@ def _blockiness(grey: np.ndarray) -> float:
     return float((on / n_on + 1e-3) / (off / n_off + 1e-3))
 
 
+def _noise_sigma(luma: np.ndarray) -> float:
+    """Immerkaer's fast noise estimate: the response to a Laplacian-difference mask that
+    cancels smooth image structure, averaged (0..255 units)."""
+    g = luma
+    h, w = g.shape
+    if h < 3 or w < 3:
+        return 0.0
+    c = (g[:-2, :-2] + g[:-2, 2:] + g[2:, :-2] + g[2:, 2:]
+         - 2 * (g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:]) + 4 * g[1:-1, 1:-1])
+    return float(np.sqrt(np.pi / 2) * np.abs(c).sum() / (6.0 * (w - 2) * (h - 2)))
+
+
 def image_stats(img: ImageLike) -> dict[str, float]:
     """Quality statistics of one image (PIL or uint8 array) as plain floats, keyed by STAT_NAMES."""
     rgb = rgb_array(img)  # (H,W,3) uint8
@@ -97,6 +110,7 @@ def image_stats(img: ImageLike) -> dict[str, float]:
         "width": float(w),
         "height": float(h),
         "aspect": float(w / h),
+        "noise": _noise_sigma(luma),
     }
 
 

@@ -97,7 +97,9 @@ def _fmt(x: float | None) -> str:
 
 @task(name="evidently-report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def evidently_report(ctx: RunContext, profile: Any, fs: FeatureSet,
-                     stamp: dt.datetime, decision: str) -> dict[str, str | None]:
+                     stamp: dt.datetime, decision: str,
+                     estimate: dict[str, Any] | None = None, impact: str | None = None,
+                     ) -> dict[str, str | None]:
     """Evidently report (HTML + JSON) on PCA components, predicted classes and image quality,
     added to the site's project in the local Evidently workspace. Evidently explains; the
     calibrated test decides. Never fails the monitor run: errors are logged and returned."""
@@ -117,7 +119,8 @@ def evidently_report(ctx: RunContext, profile: Any, fs: FeatureSet,
         snap = report.build_drift_report(
             ref_frame[common], cur_frame[common], timestamp=stamp,
             name=f"{site.name} {stamp:%Y-%m-%d %H:%M}",
-            metadata={"site": site.name, "decision": decision},
+            metadata={"site": site.name, "decision": decision,
+                      **_estimate_metadata(estimate, impact)},
         )
         base = Path(settings.reports_dir) / site.name / f"drift-{stamp:%Y%m%dT%H%M%S}"
         html, js = base.with_suffix(".html"), base.with_suffix(".json")
@@ -132,9 +135,31 @@ def evidently_report(ctx: RunContext, profile: Any, fs: FeatureSet,
         return {"html": None, "json": None, "error": str(e)}
 
 
+def _estimate_metadata(estimate: dict[str, Any] | None, impact: str | None) -> dict[str, str]:
+    if not estimate or estimate.get("accuracy") is None:
+        return {"impact": impact or "unknown", "estimated_accuracy": "none"}
+    return {"impact": impact or "unknown",
+            **{f"estimated_{k}": f"{estimate[k]:.4f}" for k in ("accuracy", "low", "high",
+                                                               "source_accuracy", "drop")},
+            "estimate_verifiable": str(bool(estimate.get("verifiable"))).lower()}
+
+
+@task(name="estimate-accuracy", cache_policy=NO_CACHE)
+def estimate_task(ctx: RunContext, profile: Any, fs: FeatureSet) -> tuple[dict[str, Any], str]:
+    """(estimate, impact) of the window (``tasks.impact``)."""
+    from tasks.impact import estimate_accuracy, headline, impact_of
+
+    est = estimate_accuracy(profile, fs)
+    imp = impact_of(ctx.site, est)
+    get_run_logger().info("%s%s", headline(ctx.site, est, imp),
+                          "" if est.get("accuracy") is not None else f" ({est.get('reason')})")
+    return est, imp
+
+
 @task(name="record-drift-check", cache_policy=NO_CACHE)
 def record_check(ctx: RunContext, result: DriftResult, phrases: list[str], image_ids: list[int],
-                 window: Window, reports: dict[str, Any]) -> int:
+                 window: Window, reports: dict[str, Any], estimate: dict[str, Any] | None = None,
+                 impact: str | None = None) -> int:
     from db import checks
     from db.session import session_scope
 
@@ -146,17 +171,27 @@ def record_check(ctx: RunContext, result: DriftResult, phrases: list[str], image
             n_cur=result.n_cur, window_start=window.oldest, window_end=window.newest,
             image_ids=image_ids, details={**plain(result.details), "quality_shift": phrases},
             report_html=reports.get("html"), report_json=reports.get("json"),
+            estimate=plain(estimate) if estimate is not None else None, impact=impact,
         )
 
 
 def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[str],
-                model_key: str, reports: dict[str, Any]) -> tuple[str, str]:
+                model_key: str, reports: dict[str, Any], estimate: dict[str, Any] | None = None,
+                impact: str | None = None) -> tuple[str, str]:
+    """(subject, body): the impact and the estimate first, then the drift test's evidence."""
+    from tasks.impact import explanation, headline
+
+    est = estimate or {"accuracy": None, "reason": "not computed"}
+    imp = impact or "unknown"
     sub = result.details.get(result.details.get("triggered_by", ""), {}) if result.details else {}
+    drifted = result.decision == "drift"
     lines = [
-        f"emowatch detected drift at site {site.name}.",
+        headline(site, est, imp),
+        explanation(site, est, imp),
         "",
-        f"Decision:      {result.decision} (combined p-value {_fmt(result.p_value)} <= alpha {result.threshold})",
-        f"Test:          {result.method}; triggered by {result.details.get('triggered_by', '?')}"
+        f"Drift test:    {result.decision} (combined p-value {_fmt(result.p_value)} "
+        f"{'<=' if drifted else '>'} alpha {result.threshold})",
+        f"Test:          {result.method}; triggered by {result.details.get('triggered_by', '-')}"
         f" (statistic {_fmt(sub.get('statistic'))}, p {_fmt(sub.get('p_value'))})",
         f"Sample sizes:  {result.n_cur} recent site images vs {result.n_ref} reference images",
         f"Model:         {model_key}",
@@ -176,13 +211,14 @@ def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[st
         "site without labels and asks for approval of the candidate. By hand:",
         f"  emowatch adapt {site.name} --json",
     ]
-    subject = f"[emowatch] drift at {site.name}: p={_fmt(result.p_value)}, n={result.n_cur}"
+    subject = f"[emowatch] {headline(site, est, imp)} (drift p={_fmt(result.p_value)}, n={result.n_cur})"
     return subject, "\n".join(lines)
 
 
 @task(name="drift-alert", cache_policy=NO_CACHE)
 def alert_on_drift(ctx: RunContext, check_id: int, result: DriftResult, phrases: list[str],
-                   reports: dict[str, Any]) -> int | None:
+                   reports: dict[str, Any], estimate: dict[str, Any] | None = None,
+                   impact: str | None = None) -> int | None:
     """Queue the drift e-mail (unless the site's cool-down holds) and link it to the check."""
     from db import checks
     from db.session import session_scope
@@ -197,7 +233,8 @@ def alert_on_drift(ctx: RunContext, check_id: int, result: DriftResult, phrases:
         if not notify.should_alert(s, ctx.site_id, "drift", cooldown):
             log.info("drift alert for %s suppressed by the %d-minute cool-down", site.name, cooldown)
             return None
-        subject, body = drift_email(site, check_id, result, phrases, ctx.model.key, reports)
+        subject, body = drift_email(site, check_id, result, phrases, ctx.model.key, reports,
+                                    estimate, impact)
         attachments = [reports["html"]] if reports.get("html") else []
         alert = notify.queue_email(s, site_id=ctx.site_id, kind="drift",
                                    recipients=site.approvers or [settings.mail_from],
@@ -207,7 +244,8 @@ def alert_on_drift(ctx: RunContext, check_id: int, result: DriftResult, phrases:
 
 
 @task(name="emit-drift-event", cache_policy=NO_CACHE)
-def emit_drift_event(site: Site, check_id: int, result: DriftResult) -> str | None:
+def emit_drift_event(site: Site, check_id: int, result: DriftResult,
+                     impact: str | None = None) -> str | None:
     """The Prefect event that triggers the ``readapt`` deployment (see deployments/serve.py)."""
     from prefect.events import emit_event
 
@@ -215,14 +253,16 @@ def emit_drift_event(site: Site, check_id: int, result: DriftResult) -> str | No
         event=DRIFT_EVENT,
         resource={"prefect.resource.id": f"emowatch.site.{site.name}", "emowatch.site": site.name},
         payload={"site": site.name, "check_id": check_id, "p_value": result.p_value,
-                 "n_cur": result.n_cur, "auto_adapt": site.adapt.auto},
+                 "n_cur": result.n_cur, "auto_adapt": site.adapt.auto,
+                 "impact": impact or "unknown"},
     )
     return str(ev.id) if ev is not None else None
 
 
 @task(name="log-check-to-mlflow", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def log_check_to_mlflow(ctx: RunContext, check_id: int, result: DriftResult,
-                        reports: dict[str, Any]) -> str | None:
+                        reports: dict[str, Any], estimate: dict[str, Any] | None = None,
+                        impact: str | None = None) -> str | None:
     """The check as an MLflow run (metrics + report artifacts) in experiment emowatch-monitor,
     linked from the check's row. Tracking is not worth failing a check for: errors are logged."""
     from db import checks
@@ -233,10 +273,16 @@ def log_check_to_mlflow(ctx: RunContext, check_id: int, result: DriftResult,
         metrics = {k: float(v) for k, v in (("p_value", result.p_value),
                    ("statistic", result.statistic), ("n_cur", result.n_cur),
                    ("n_ref", result.n_ref)) if v is not None}
+        est = estimate or {}
+        metrics.update({f"estimated_{k}": float(est[k]) for k in (
+            "accuracy", "low", "high", "source_accuracy", "drop", "drop_low", "drop_high")
+            if est.get(k) is not None})
         run_id = ctx.registry.log_run(
             "emowatch-monitor", f"{site.name}-check-{check_id}",
             tags={"emowatch.site": site.name, "emowatch.model": ctx.model.key,
-                  "emowatch.decision": result.decision, "emowatch.check_id": str(check_id)},
+                  "emowatch.decision": result.decision, "emowatch.check_id": str(check_id),
+                  "emowatch.impact": impact or "unknown",
+                  "emowatch.estimate_verifiable": str(bool(est.get("verifiable"))).lower()},
             metrics=metrics,
             artifacts=[(reports[k], "evidently") for k in ("html", "json") if reports.get(k)])
     except Exception as e:  # noqa: BLE001
@@ -249,12 +295,20 @@ def log_check_to_mlflow(ctx: RunContext, check_id: int, result: DriftResult,
 
 @task(name="prefect-artifact", cache_policy=NO_CACHE)
 def publish_artifact(site: Site, check_id: int, result: DriftResult, phrases: list[str],
-                     reports: dict[str, Any]) -> None:
+                     reports: dict[str, Any], estimate: dict[str, Any] | None = None,
+                     impact: str | None = None) -> None:
     """A markdown artifact people read in the Prefect UI (with a link to the report)."""
     from prefect.artifacts import create_markdown_artifact
 
+    from tasks.impact import explanation, headline
+
+    est = estimate or {"accuracy": None, "reason": "not computed"}
     md = [
         f"## Drift check #{check_id} — site `{site.name}`",
+        "",
+        f"**{headline(site, est, impact or 'unknown')}**",
+        "",
+        explanation(site, est, impact or "unknown"),
         "",
         "| decision | p-value | alpha | statistic | n_ref | n_cur | method |",
         "|---|---|---|---|---|---|---|",

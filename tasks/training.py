@@ -164,6 +164,11 @@ def register(rt: Runtime, result: Any, test_metrics: Any, profile: Any, spec: So
             "cache_seconds": result.cache_seconds,
             "best_epoch": result.best_epoch,
         }
+        est = profile.info.get("estimator") or {}
+        if est:
+            metrics.update({"estimator_seconds": est["seconds"],
+                            "estimator_oof_drop_mae": est.get("oof_mae") or 0.0,
+                            "estimator_acc_ref": est["acc_ref"]})
         reg = rt.registry.log_and_register(
             ckpt,
             model_name=SOURCE_MODEL,
@@ -205,10 +210,62 @@ def train_configs(backbone: str, img_size: int | None, epochs: int | None, seed:
     return net, tc
 
 
-def attach_config(result: Any, spec: SourceSpec, train_config: Any) -> None:
-    """Store what is needed to use and re-adapt the model inside its checkpoint."""
+def attach_config(result: Any, spec: SourceSpec, train_config: Any,
+                  precision: str = "fp32") -> None:
+    """Store what is needed to use and re-adapt the model inside its checkpoint (and the
+    arithmetic every inference of this version uses: ``Checkpoint.precision``)."""
     result.checkpoint.config.update({
         "source": spec.to_dict(),
         "train": train_config.to_dict(),
+        "inference": {"precision": precision},
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
+
+
+def estimator_config(specs: int | None, seed: int) -> Any:
+    """The estimator's config for ``specs`` bank specs (None: the default 60; two thirds
+    mostly mild, one third mostly strong); None when ``specs`` is 0 (no estimator)."""
+    from models.estimate_fit import EstimatorConfig
+
+    cfg = EstimatorConfig(seed=seed)
+    if specs is None:
+        return cfg
+    if specs == 0:
+        return None
+    if specs < 2:
+        raise ValueError(f"the estimator needs at least 2 bank specs (or 0: none), got {specs}")
+    cfg.specs_mild = round(2 * specs / 3)
+    cfg.specs_severe = specs - cfg.specs_mild
+    return cfg
+
+
+@task(name="fit-accuracy-estimator", cache_policy=NO_CACHE)
+def fit_accuracy_estimator(ckpt: Any, splits: SourceSplits, profile: Any, config: Any
+                           ) -> dict[str, Any] | None:
+    """Fit the label-free accuracy estimator on the held-out labelled images (validation and
+    test) and store it in the reference profile (saved with the model). None: not fitted."""
+    from models.estimate_fit import fit_estimator
+    from models.images import load_rgb
+
+    log = get_run_logger()
+    if config is None:
+        log.info("no accuracy estimator (estimator specs 0): checks report no estimate")
+        return None
+    held = [splits.data.records[i] for i in splits.val + splits.test]
+    if len(held) < 8:
+        log.warning("only %d held-out images: no accuracy estimator fitted", len(held))
+        return None
+    rng = np.random.default_rng(config.seed)
+    if len(held) > config.max_images:
+        held = [held[i] for i in sorted(rng.choice(len(held), config.max_images, replace=False))]
+    images = [np.asarray(load_rgb(r.path)) for r in held]
+    n_specs = config.specs_mild + config.specs_severe
+    log.info("fitting the accuracy estimator: %d held-out images x %d shifts (%s)",
+             len(images), n_specs, ckpt.precision)
+    est, info = fit_estimator(ckpt, images, [r.label for r in held], config, progress=True)
+    profile.estimator = est.state()
+    profile.info["estimator"] = info
+    log.info("accuracy estimator %s fitted in %.0f s (bank %.0f s): held-out accuracy %.3f, "
+             "out-of-fold drop error %.3f", info["config"]["method"], info["seconds"],
+             info["bank_seconds"], info["acc_ref"], info["oof_mae"] or float("nan"))
+    return info

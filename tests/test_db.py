@@ -115,6 +115,43 @@ def test_migrations_roundtrip_postgres(pg_schema_url, pg_url):
     assert version_in_schema == 1
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'step.sqlite'}"
+    return request.getfixturevalue("pg_schema_url")
+
+
+def test_the_estimate_migration_keeps_existing_checks(empty_url):
+    """0002 -> 0003 adds drift_checks.estimate/impact (existing rows: NULL) and back."""
+    url = empty_url
+    assert migrate.upgrade(url, "0002") == "0002"
+    eng = make_engine(url)
+    with eng.begin() as c:
+        c.execute(sa.text("insert into sites (id, name, inbox, config, created_at, updated_at) "
+                          "values (1, 'a', '/in', '{}', :t, :t)"), {"t": utcnow()})
+        c.execute(sa.text(
+            "insert into drift_checks (id, site_id, model_name, model_version, decision, "
+            "threshold, method, n_ref, n_cur, image_ids, details, created_at, updated_at) "
+            "values (7, 1, 'm', '1', 'drift', 0.05, 'mmd', 10, 10, '[]', '{}', :t, :t)"),
+            {"t": utcnow()})
+    assert migrate.upgrade(url) == migrate.head()
+    with session_scope(eng) as s:
+        row = s.get(DriftCheck, 7)
+        assert (row.decision, row.estimate, row.impact) == ("drift", None, None)
+        row.estimate, row.impact = {"accuracy": 0.4, "verifiable": True}, "harmful"
+    with session_scope(eng) as s:
+        assert s.get(DriftCheck, 7).estimate["accuracy"] == 0.4
+    eng.dispose()
+    assert migrate.downgrade(url, "0002") == "0002"
+    eng = make_engine(url)
+    cols = {c["name"] for c in sa.inspect(eng).get_columns("drift_checks")}
+    assert "estimate" not in cols and "impact" not in cols
+    with eng.connect() as c:
+        assert c.execute(sa.text("select decision from drift_checks where id = 7")).scalar() == "drift"
+    eng.dispose()
+
+
 def test_schema_diff_detects_a_difference(tmp_path):
     url = f"sqlite:///{tmp_path / 'd.db'}"
     init_db(url)

@@ -230,8 +230,13 @@ def test_quality_drift_catches_a_partly_affected_batch_tail():
         cur["sharpness"][:15] = rng.normal(0.6, 0.05, 15)  # 30% blurred
         hits += det.predict(cur).is_drift
     assert hits >= 18
-    nulls = sum(det.predict(_quality(rng, 50)).is_drift for _ in range(40))
-    assert nulls <= 5
+    # false alarms, over fresh references too (the guarantee is marginal: conditional on one
+    # reference draw the rate varies, 1-11% over draws)
+    nulls = 0
+    for _ in range(10):
+        ref_det = QualityDrift(x_ref=_quality(rng, 300))
+        nulls += sum(ref_det.predict(_quality(rng, 50)).is_drift for _ in range(40))
+    assert nulls <= 32  # of 400 at alpha 0.05: 20 expected (binomial sd 4.4)
 
 
 def test_combined_with_quality_uses_three_way_bonferroni():

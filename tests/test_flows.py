@@ -32,6 +32,8 @@ SITES = (
                               "train_backbone = false\n"),
     ("promo", "night", ""),
     ("cli", "clean", ""),
+    ("night-harmless", "night", ""),
+    ("night-every", "night", "[sites.night-every.drift]\nalert_on = \"drift\"\n"),
     ("auto-audit", "night", 'policy = "auto"\n[sites.auto-audit.adapt]\ntime_budget_s = 30\n'
                             "train_backbone = false\n"),
 )
@@ -82,6 +84,7 @@ def world(tmp_path_factory, data_dir, smtp, prefect_harness):
                         mlflow_tracking_uri=None, smtp_host="127.0.0.1", smtp_port=port,
                         mail_from="emowatch@example.org", task_runner="thread")
     trained = train_source(data=str(root / "source"), backbone="tiny", epochs=3, seed=0,
+                           estimator_specs=12,
                            settings=settings)
     return {"root": root, "trained": trained, "settings": settings}
 
@@ -99,7 +102,15 @@ def test_train_registers_the_source_champion(world):
     t = world["trained"]
     assert (t["model"], t["version"], t["alias"]) == ("emowatch-source", "1", "champion")
     assert len(t["classes"]) == 6 and 0.0 <= t["val_accuracy"] <= 1.0
-    assert Runtime.open(world["settings"]).registry.get_alias_version(SOURCE_MODEL, CHAMPION) == "1"
+    rt = Runtime.open(world["settings"])
+    assert rt.registry.get_alias_version(SOURCE_MODEL, CHAMPION) == "1"
+    # the label-free accuracy estimator is fitted at training and saved with the model
+    est = t["estimator"]
+    assert est["n_specs"] == 12 and est["n_images"] >= 8 and est["seconds"] > 0
+    ckpt, profile = rt.registry.load_model(SOURCE_MODEL, "1")
+    assert profile.accuracy_estimator() is not None
+    assert ckpt.config["estimator"]["specs_mild"] + ckpt.config["estimator"]["specs_severe"] == 12
+    assert t["precision"] == ckpt.precision in ("fp32", "bf16")
 
 
 def test_monitor_clean_site_says_no_drift(world):
@@ -110,6 +121,11 @@ def test_monitor_clean_site_says_no_drift(world):
             "alert_id"} <= set(out)
     assert out["decision"] == "no_drift", out
     assert out["n_cur"] == SITE_IMAGES and out["alert_id"] is None
+    est = out["estimate"]  # the monitor's estimate contract (issue 15)
+    assert {"accuracy", "low", "high", "source_accuracy", "drop", "method", "verifiable",
+            "reason"} <= set(est)
+    assert est["method"] == "meta-gbm" and est["low"] <= est["accuracy"] <= est["high"]
+    assert out["impact"] in ("harmful", "harmless", "unknown") and not out["notified"]
     assert out["ingested"]["ingested"] == SITE_IMAGES
     assert Path(out["report_html"]).is_file()
     # The site got its own model: version 1 of emowatch-clean, copied from the source champion.
@@ -124,14 +140,50 @@ def test_monitor_night_site_says_drift_and_mails(world, smtp):
     assert out["decision"] == "drift", out
     assert out["p_value"] <= 0.05 and out["alert_id"] is not None
     assert any("darker" in p for p in out["quality_shift"])
+    assert out["impact"] in ("harmful", "unknown") and out["notified"]  # default alert_on
     [msg] = _mails(smtp, before)
-    assert "drift at night" in msg["Subject"]
+    # the subject and the first line lead with the impact and the estimate
+    assert msg["Subject"].startswith(f"[emowatch] night: accuracy ~{out['estimate']['accuracy']:.2f}")
+    assert f"- {out['impact']}" in msg["Subject"]
     body = msg.get_body(("plain",)).get_content()
+    assert body.startswith("night: accuracy ~")
     assert "p-value" in body and f"{SITE_IMAGES} recent site images" in body
     # A re-check of the same images is cheap (features cached) and a cool-down holds the alert.
     again = monitor_site(site="night", ingest=False, settings=world["settings"])
     assert again["decision"] == "drift" and again["alert_id"] is None
     assert len(smtp[0].messages) == before + 1
+
+
+def test_a_harmless_drift_is_recorded_but_mails_only_where_alert_on_is_drift(world, smtp,
+                                                                            monkeypatch):
+    """The drift test fires (night camera) but the estimate says harmless: the default
+    alert_on sends no e-mail and no drift event (so no re-adaptation) and records the check
+    with its estimate; a site with alert_on = "drift" still gets today's e-mail."""
+    from db.checks import latest_check
+    from db.session import session_scope
+    from flows.monitor import monitor_site
+    from tasks import impact
+    from tasks.context import Runtime
+
+    harmless = {"accuracy": 0.50, "low": 0.46, "high": 0.54, "source_accuracy": 0.51,
+                "drop": 0.01, "drop_low": -0.01, "drop_high": 0.02, "method": "meta-gbm",
+                "verifiable": True, "reason": "", "n": SITE_IMAGES}
+    monkeypatch.setattr(impact, "estimate_accuracy", lambda profile, fs: dict(harmless))
+    settings = world["settings"]
+    before = len(smtp[0].messages)
+    quiet = monitor_site(site="night-harmless", settings=settings)
+    assert (quiet["decision"], quiet["impact"], quiet["notified"]) == ("drift", "harmless", False)
+    assert quiet["alert_id"] is None and quiet["event_id"] is None
+    assert len(smtp[0].messages) == before
+    rt = Runtime.open(settings)
+    with session_scope(rt.engine) as s:
+        row = latest_check(s, rt.site_context("night-harmless").site_id)
+        assert (row.decision, row.impact, row.estimate["accuracy"]) == ("drift", "harmless", 0.50)
+    loud = monitor_site(site="night-every", settings=settings)
+    assert loud["notified"] and loud["alert_id"] is not None and loud["event_id"] is not None
+    [msg] = _mails(smtp, before)
+    assert msg["Subject"].startswith("[emowatch] night-every: accuracy ~0.50 [0.46, 0.54], was "
+                                     "0.51 - harmless")
 
 
 def test_readapt_registers_a_challenger_records_its_gates_and_asks_for_approval(world, smtp):

@@ -45,7 +45,8 @@ def test_the_decision_says_what_changed():
     same, phrases = monitor.check_drift(_site(), prof, _batch(rng, 80))
     assert same.decision == "no_drift" and same.method == "mmd+bbsd+quality" and phrases == []
     dark, phrases = monitor.check_drift(_site(), prof, _batch(rng, 80, brightness=0.25))
-    assert dark.decision == "drift" and dark.details["triggered_by"] == "quality"
+    q = dark.details["quality"]
+    assert dark.decision == "drift" and q["p_value"] <= q["threshold"]  # the quality test fired
     assert any(p.startswith("darker") for p in phrases)
     # quality_test off: the same dark batch is tested on features and probabilities only
     off, _ = monitor.check_drift(_site(quality_test=False), prof, _batch(rng, 80, brightness=0.25))
@@ -84,16 +85,29 @@ def test_window_check_record_and_email(runtime, tmp_path):
     rng = np.random.default_rng(2)
     result, phrases = monitor.check_drift(_site(), _profile(rng), _batch(rng, 80, shift=1.5))
     ctx = ctx.__class__(ctx.settings, ctx.site, ctx.site_id, ServedModel("emowatch-s", "3", "champion"))
-    check_id = monitor.record_check.fn(ctx, result, phrases, w.ids, w, {"html": "/r.html"})
+    est = {"accuracy": 0.31, "low": 0.26, "high": 0.36, "source_accuracy": 0.53, "drop": 0.22,
+           "drop_low": 0.17, "drop_high": 0.27, "method": "meta-gbm", "verifiable": True,
+           "reason": "", "n": 80}
+    check_id = monitor.record_check.fn(ctx, result, phrases, w.ids, w, {"html": "/r.html"},
+                                       est, "harmful")
     with session_scope(ctx.engine) as s:
         row = s.get(DriftCheck, check_id)
         assert (row.decision, row.model_version, row.n_cur, row.report_html) == (
             "drift", "3", 80, "/r.html")
         assert row.image_ids == w.ids and row.details["triggered_by"] == result.details["triggered_by"]
+        assert (row.impact, row.estimate["accuracy"]) == ("harmful", 0.31)
     subject, body = monitor.drift_email(ctx.site, check_id, result, phrases, "emowatch-s/3",
-                                        {"html": "/r.html"})
-    assert subject.startswith("[emowatch] drift at s: p=") and "n=80" in subject
+                                        {"html": "/r.html"}, est, "harmful")
+    # the subject and the first line lead with the impact and the estimate
+    assert subject.startswith("[emowatch] s: accuracy ~0.31 [0.26, 0.36], was 0.53 - harmful")
+    assert "n=80" in subject
+    first, second = body.splitlines()[:2]
+    assert first == "s: accuracy ~0.31 [0.26, 0.36], was 0.53 - harmful"
+    assert second.startswith("Harmful: estimated drop +22.0 points")
     assert f"Drift check:   #{check_id}" in body and "/r.html" in body
+    # without an estimate the e-mail says so instead of guessing
+    subject, body = monitor.drift_email(ctx.site, check_id, result, phrases, "emowatch-s/3", {})
+    assert "accuracy not estimated - unknown" in subject and "No accuracy estimate" in body
 
 
 @pytest.mark.parametrize("views", [("features", "probs"), ("features", "probs", "quality")])
