@@ -131,18 +131,29 @@ def audit_accuracy(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, An
             "challenger_only": int((right1 & ~right0).sum())}
 
 
-def candidate_profile(inputs: AdaptInputs, model: Any, own: dict[str, torch.Tensor] | None = None) -> Any:
-    """Reference profile of the candidate: its features of the same held-out training-domain
-    images as the champion's profile (image-quality statistics are unchanged). ``own``: the
-    candidate's own activations (:func:`candidate_activations`) when its frozen part changed."""
-    from models.adapt import cached_outputs
+def candidate_profile(inputs: AdaptInputs, cand: Any) -> Any:
+    """Reference profile of the candidate: its features and the quality statistics of the
+    held-out training-domain images, computed the way every later check of the candidate
+    computes a site's (a full forward in the version's own precision: a profile from another
+    arithmetic would itself look like drift)."""
+    from models.evaluate import extract_features
+    from models.images import load_rgb
     from models.profile import ReferenceProfile
+    from models.quality import image_stats
 
-    z, p = cached_outputs(model, inputs.src_heldout if own is None else own["heldout"])
+    prep = cand.preprocessing
+    grids, stats = [], []
+    for path in inputs.heldout_paths:
+        img = load_rgb(path)
+        grids.append(prep.to_array(img))
+        stats.append(image_stats(img))
+    z, p = extract_features(cand, np.stack(grids))
+    quality = {k: np.asarray([s[k] for s in stats], np.float64) for k in stats[0]}
     prof = inputs.profile
     return ReferenceProfile.from_arrays(
         features=np.asarray(z, np.float32), probs=np.asarray(p, np.float32),
-        classes=list(prof.classes), quality=getattr(prof, "quality", None),
+        classes=list(prof.classes), quality=quality,
+        info={"n": int(len(z)), "precision": cand.precision, "base_model": inputs.base_key},
     )
 
 
@@ -161,7 +172,7 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
         t = Path(tmp)
         prof_path = t / "reference_profile.npz"
         own = validation.get("candidate_activations")
-        candidate_profile(inputs, result.model, own).to_npz(prof_path)
+        candidate_profile(inputs, cand).to_npz(prof_path)
         artifacts: dict[str, Path] = {}
         try:
             from models.adapt import cached_outputs
