@@ -171,6 +171,41 @@ def doctor(
 
 
 @commands.command()
+def sync(
+    site: Annotated[str | None, typer.Argument(help="One site (default: every site).",
+                                               show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply the decisions approvers made in the MLflow UI: a version tagged
+    emowatch.decision=approve|reject with emowatch.decision_by (a listed approver) and
+    emowatch.decision_reason is approved or rejected exactly as 'emowatch approve/reject' does;
+    a champion alias moved without such a tag, or onto a version the rules refuse, is put back
+    on the recorded champion, recorded and e-mailed. The monitor and promote flows and
+    'emowatch serve' (every 2 minutes) run it too. Exit codes: 0 nothing refused, 1 a decision
+    was refused or a site failed, 2 bad arguments."""
+
+    def go() -> dict[str, Any]:
+        from tasks.sync import sync_sites
+
+        return sync_sites(runtime(), site)
+
+    def render(r: dict[str, Any]) -> str:
+        lines = []
+        for name, e in r["sites"].items():
+            if "error" in e:
+                lines.append(f"{name}: FAILED {e['error']}")
+                continue
+            lines.append(f"{name}: champion {e['champion'] or '-'}")
+            lines += [f"  applied: {a['action']} version {a['version']} by {a['by']}"
+                      for a in e["applied"]]
+            lines += [f"  REFUSED ({x['decision']} {x['version']}): {x['reason']}"
+                      for x in e["refused"]]
+        return "\n".join(lines)
+
+    run(go, as_json, render)
+
+
+@commands.command()
 def serve(
     dry_run: Annotated[bool, typer.Option(help="Print the deployments and exit.")] = False,
     as_json: JsonOpt = False,

@@ -3,6 +3,8 @@
 * one ``monitor-<site>`` deployment per site, on the site's cron schedule;
 * ``readapt`` triggered by the ``emowatch.drift.detected`` event (the site comes from the event
   payload), only for sites whose ``adapt.auto`` is true (the monitor flow decides to emit);
+* ``sync-registry`` every ``SYNC_INTERVAL_S`` seconds: decisions made in the MLflow UI
+  (``tasks.sync``);
 * ``train-source`` and ``promote`` on demand (``prefect deployment run ...``).
 
 Schedules need a real Prefect server (``prefect server start``; ``PREFECT_API_URL`` pointing at
@@ -18,6 +20,8 @@ from emowatch.sites import Site
 
 DRIFT_EVENT = "emowatch.drift.detected"
 SITE_RESOURCE_PREFIX = "emowatch.site."
+# An approval made in the MLflow UI is applied (or its alias put back) within this time.
+SYNC_INTERVAL_S = 120
 
 
 def drift_trigger():
@@ -38,6 +42,7 @@ def build_deployments(sites: dict[str, Site]) -> list[Any]:
     from flows.monitor import monitor_site
     from flows.promote import promote
     from flows.readapt import readapt_site
+    from flows.sync import sync_registry
     from flows.train import train_source
 
     deps = [
@@ -58,6 +63,9 @@ def build_deployments(sites: dict[str, Site]) -> list[Any]:
             description="Unsupervised re-adaptation of a drifted site; registers a challenger.",
         )
     )
+    deps.append(sync_registry.to_deployment(
+        name="sync-registry", interval=SYNC_INTERVAL_S, tags=["emowatch", "sync"],
+        description="Apply (or refuse and put back) decisions made in the MLflow UI."))
     deps.append(train_source.to_deployment(name="train-source", tags=["emowatch", "train"]))
     deps.append(promote.to_deployment(name="promote", tags=["emowatch", "promote"]))
     return deps
@@ -69,7 +77,9 @@ def describe(deps: list[Any]) -> dict[str, Any]:
         schedules = []
         for s in d.schedules or []:
             sch = getattr(s, "schedule", s)
-            schedules.append(getattr(sch, "cron", None) or str(sch))
+            every = getattr(sch, "interval", None)
+            schedules.append(getattr(sch, "cron", None)
+                             or (f"every {every.total_seconds():g} s" if every else str(sch)))
         triggers = [
             {"expect": sorted(t.expect), "match": dict(t.match), "parameters": t.parameters}
             for t in (d.triggers or [])

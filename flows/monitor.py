@@ -15,6 +15,7 @@ from tasks.featurize import featurize_images
 from tasks.impact import should_notify
 from tasks.ingest import ingest_inbox_task
 from tasks.notify import deliver_alerts
+from tasks.sync_tasks import sync_registry_task
 
 
 @flow(name="monitor_site", task_runner=default_runner(), log_prints=True)
@@ -25,6 +26,7 @@ def monitor_site(site: str, ingest: bool = True, settings: Settings | None = Non
     impact}`` (+ details). The e-mail and the drift event (re-adaptation) follow the site's
     ``drift.alert_on`` rule (``tasks.impact.should_notify``)."""
     ctx = open_runtime(settings).site_context(site)
+    sync_registry_task(ctx)  # decisions made in the MLflow UI first: they may change the champion
     ingested = ingest_inbox_task(ctx) if ingest else None
     ctx = ctx.serving()
     _, profile = ctx.registry.load_model(ctx.model.name, ctx.model.version)

@@ -14,6 +14,7 @@ from emowatch.settings import Settings
 from flows.runner import open_runtime
 from tasks.notify import deliver_alerts
 from tasks.promote import promote_version_task
+from tasks.sync_tasks import sync_registry_task
 
 
 @flow(name="promote")
@@ -31,7 +32,9 @@ def promote(
     is queued with the move and delivered by the last task. Returns the promotion summary
     with ``delivery`` (the outbox run's counts)."""
     ctx = open_runtime(settings).site_context(site)
+    result_of_sync = sync_registry_task(ctx)
     result = promote_version_task(ctx, version, action=action, actor=actor, reason=reason,
                                   force=force, deliver=False, expected_champion=expected_champion)
+    result["sync"] = result_of_sync
     result["delivery"] = asdict(deliver_alerts(ctx))
     return result

@@ -20,6 +20,7 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
                  settings: Settings | None = None) -> dict[str, Any]:
     """Returns ``{site, method, version, gates: {name: {passed, value, threshold}}, verdict}``.
     ``train_backbone`` overrides the site's ``adapt.train_backbone`` (None: the site's)."""
+    from tasks.descriptions import refresh_descriptions
     from tasks.gate_record import AUTO_ACTOR, auto_blessing
     from tasks.notify import deliver_alerts
     from tasks.promote import promote_version_task, request_approval_task
@@ -71,6 +72,8 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
         alert_id = request_approval_task(ctx, reg["version"], verdict, validation["gates"],
                                          attachments, audit=validation.get("audit"))
     deliver_alerts(ctx)  # a mail server that is down never fails the flow
+    extra = {"approval e-mail": f"outbox alert #{alert_id} (emowatch outbox)"} if alert_id else {}
+    refresh_descriptions(ctx, [reg["version"]], links={reg["version"]: extra})
     log.info("site %s: challenger %s/%s verdict %s", site, cfg.model_name, reg["version"], verdict)
     return {
         "site": site,

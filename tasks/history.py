@@ -27,7 +27,7 @@ def rollback_target(stack: Sequence[str], current: str | None) -> str | None:
     return stack[-2] if len(stack) >= 2 else None
 
 
-def reconcile(ctx: RunContext, repair: bool = False) -> dict[str, Any]:
+def reconcile(ctx: RunContext, repair: bool = False, reason: str | None = None) -> dict[str, Any]:
     """Compare the registry's champion alias with the history's champion; with ``repair``,
     put the alias back on the history's champion (the recorded decision is the truth: a
     crashed promotion, or a move in the MLflow UI without a recorded decision, left it off)
@@ -45,8 +45,9 @@ def reconcile(ctx: RunContext, repair: bool = False) -> dict[str, Any]:
         deployments.add_deployment(
             s, site_id=ctx.site_id, model_name=ctx.site.model_name, version=state["history"],
             previous_version=state["registry"], action="restore", actor="emowatch",
-            reason=f"the champion alias was on {state['registry'] or 'no version'} with no "
-                   f"recorded decision; put back on the recorded champion {state['history']}")
+            reason=(reason or f"the champion alias was on {state['registry'] or 'no version'} "
+                    "with no recorded decision")
+            + f"; put back on the recorded champion {state['history']}")
     return {**consistency(ctx), "repaired": True, "was": state["registry"]}
 
 

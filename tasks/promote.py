@@ -245,6 +245,9 @@ def promote_version(
         "blessing": plan["blessing"],
         "problems": list(plan.get("problems") or []),
     }
+    from tasks.descriptions import refresh_descriptions
+
+    refresh_descriptions(ctx, [v for v in (target, champion) if v])
     subject, body = promotion_message(site, result, plan)
     result.update(send_to_approvers(ctx, _KINDS[action], subject, body, deliver=deliver))
     log.info("%s %s/%s by %s: champion %s -> %s", action, name, target, actor, champion,

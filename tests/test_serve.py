@@ -25,7 +25,10 @@ def test_serve_builds_one_scheduled_monitor_per_site_and_the_drift_trigger(tmp_p
 
     deps = describe(build_deployments(load_sites(_sites(tmp_path))))["deployments"]
     by_name = {d["name"]: d for d in deps}
-    assert set(by_name) == {"monitor-store-12", "monitor-kiosk-3", "readapt", "train-source", "promote"}
+    assert set(by_name) == {"monitor-store-12", "monitor-kiosk-3", "readapt", "train-source",
+                            "promote", "sync-registry"}
+    assert by_name["sync-registry"]["schedules"] == ["every 120 s"]
+    assert by_name["sync-registry"]["flow"] == "sync-registry"
     assert by_name["monitor-store-12"]["schedules"] == ["0 * * * *"]
     assert by_name["monitor-kiosk-3"]["schedules"] == ["*/30 * * * *"]
     assert by_name["monitor-kiosk-3"]["parameters"] == {"site": "kiosk-3"}
