@@ -171,6 +171,22 @@ def doctor(
 
 
 @commands.command()
+def report(as_json: JsonOpt = False) -> None:
+    """Write the status page, $EMOWATCH_HOME/reports/index.html: one row per site (champion,
+    last check with its impact and estimated accuracy, images, what waits for approval and
+    why, e-mails pending) and per site the p-value and estimated accuracy over time, linking
+    each check's report (every monitor run rewrites it too). Open it in a browser."""
+
+    def go() -> dict[str, Any]:
+        from tasks.pages import write_status_page
+
+        path = write_status_page(runtime())
+        return {"status_page": str(path.resolve()), "bytes": path.stat().st_size}
+
+    run(go, as_json, lambda r: f"status page: {r['status_page']}")
+
+
+@commands.command()
 def sync(
     site: Annotated[str | None, typer.Argument(help="One site (default: every site).",
                                                show_default=False)] = None,

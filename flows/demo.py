@@ -121,11 +121,16 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0,
         rows.append(row)
 
     _say("5/5 summary")
+    from tasks.pages import screenshot, write_status_page
+
+    status = write_status_page(rt)
+    shot = screenshot(status, status.with_name("status.png"))  # None without chromium
     seconds = time.perf_counter() - t_start
     text = summary_text(rows, trained, data.kind, settings, seconds)
     log.info("demo finished in %.0f s", seconds)
     return {"data": data.kind, "source": trained, "sites": rows, "seconds": round(seconds, 1),
-            "summary_text": text, "sites_file": str(data.sites_file)}
+            "summary_text": text, "sites_file": str(data.sites_file),
+            "status_page": str(status), "status_screenshot": str(shot) if shot else None}
 
 
 def _approval_refusal(rt: Any, site: str, version: str, actor: str) -> str | None:
@@ -187,7 +192,10 @@ def summary_text(rows: list[dict[str, Any]], trained: dict[str, Any], kind: str,
         " accuracy of the site's champion on the site's labelled audit photos, which are never",
         " used for adaptation; 'champion' = model/version serving the site now)",
         "",
-        f"Evidently reports:  {home / 'reports'}/<site>/drift-*.html",
+        f"Status page:        {home / 'reports' / 'index.html'} (open it in a browser; "
+        "emowatch report rewrites it)",
+        f"Check reports:      {home / 'reports'}/<site>/check-*.html (Evidently detail: "
+        "drift-*.html)",
         f"Evidently UI:       evidently ui --workspace {home / 'evidently'}",
         f"Explanation plots:  {home / 'reports'}/<site>/adapt-v*/explanations.png",
         f"E-mails (.eml):     {home / 'outbox'}",

@@ -39,14 +39,18 @@ def monitor_site(site: str, ingest: bool = True, settings: Settings | None = Non
     reports = t.evidently_report(ctx, profile, fs, stamp, result.decision, estimate, impact)
     check_id = t.record_check(ctx, result, phrases, window.ids_of(fs.shas), window, reports,
                               estimate, impact)
-    t.log_check_to_mlflow(ctx, check_id, result, reports, estimate, impact)
+    run_id = t.log_check_to_mlflow(ctx, check_id, result, reports, estimate, impact)
     alert_id = event_id = None
     notified = should_notify(ctx.site, result.decision, impact)
+    reports = t.check_page(ctx, check_id, result, phrases, profile, fs, window, estimate, impact,
+                           notified, reports, run_id)
+    reports["status"] = str(ctx.settings.reports_dir.resolve() / "index.html")
     if notified:
         alert_id = t.alert_on_drift(ctx, check_id, result, phrases, reports, estimate, impact)
         event_id = t.emit_drift_event(ctx.site, check_id, result, impact)
     deliver_alerts(ctx)  # a mail server that is down never fails the flow
     t.publish_artifact(ctx.site, check_id, result, phrases, reports, estimate, impact)
+    status = t.status_page(ctx)
     return {
         "site": site,
         "decision": result.decision,
@@ -68,4 +72,6 @@ def monitor_site(site: str, ingest: bool = True, settings: Settings | None = Non
         "impact": impact,
         "alert_on": ctx.site.drift.alert_on,
         "notified": notified,
+        "report": reports.get("page"),
+        "status_page": status,
     }

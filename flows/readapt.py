@@ -68,9 +68,11 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
         promotion = promote_version_task(ctx, reg["version"], action="auto", actor=AUTO_ACTOR,
                                          reason="every gate passed")
     else:
-        attachments = list(reg["plots"].values())
+        # the explanation gallery first: the e-mail keeps what fits in its size budget
+        attachments = sorted(reg["plots"].values(), key=lambda p: "explanations" not in p)
         alert_id = request_approval_task(ctx, reg["version"], verdict, validation["gates"],
-                                         attachments, audit=validation.get("audit"))
+                                         attachments, audit=validation.get("audit"),
+                                         reasons=validation.get("reasons") or [])
     deliver_alerts(ctx)  # a mail server that is down never fails the flow
     extra = {"approval e-mail": f"outbox alert #{alert_id} (emowatch outbox)"} if alert_id else {}
     refresh_descriptions(ctx, [reg["version"]], links={reg["version"]: extra})

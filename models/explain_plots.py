@@ -9,25 +9,51 @@ import torch
 
 
 def gallery_figure(images, champ_maps: np.ndarray, chall_maps: np.ndarray,
-                   titles: Sequence[str] | None = None):
-    """Rows of image | champion map | challenger map (maps overlaid on the image)."""
+                   titles: Sequence[str] | None = None,
+                   champ_probs: np.ndarray | None = None, chall_probs: np.ndarray | None = None,
+                   classes: Sequence[str] | None = None):
+    """Rows of image | champion map | challenger map (maps overlaid on the image).
+
+    Each map is titled with the model's predicted class and probability (when ``*_probs`` and
+    ``classes`` are given) and the pair says whether the two models agree. Both maps of a row
+    share one diverging colour scale, shown once, with the legend: red raises, blue lowers the
+    predicted class's probability. Region boundaries show as the steps of the map."""
     from matplotlib.figure import Figure
 
     imgs = display_images(images)
     n = imgs.shape[0]
     if champ_maps.shape[0] != n or chall_maps.shape[0] != n:
         raise ValueError("one champion and one challenger map per image")
-    fig = Figure(figsize=(7.5, 2.5 * n), layout="constrained")
+    fig = Figure(figsize=(8.6, 2.6 * n + 0.5), layout="constrained")
     axes = fig.subplots(n, 3, squeeze=False)
+    im = None
     for i in range(n):
         axes[i, 0].imshow(imgs[i])
         axes[i, 0].set_title(titles[i] if titles else f"image {i}", fontsize=9)
+        lim = float(max(np.abs(champ_maps[i]).max(), np.abs(chall_maps[i]).max())) or 1.0
+        labels = []
+        for probs in (champ_probs, chall_probs):
+            if probs is not None and classes is not None:
+                k = int(np.argmax(probs[i]))
+                labels.append((classes[k], float(probs[i, k])))
+            else:
+                labels.append(None)
+        agree = labels[0] is not None and labels[1] is not None and labels[0][0] == labels[1][0]
         for j, (m, name) in enumerate(((champ_maps[i], "champion"), (chall_maps[i], "challenger")),
                                       start=1):
-            overlay(axes[i, j], imgs[i], m)
-            axes[i, j].set_title(name, fontsize=9)
+            im = overlay(axes[i, j], imgs[i], m, lim)
+            lab = labels[j - 1]
+            text = name if lab is None else f"{name}: {lab[0]} {lab[1]:.0%}"
+            colour = "black" if lab is None or agree else "crimson"
+            axes[i, j].set_title(text, fontsize=9, color=colour)
     for ax in axes.ravel():
         ax.set_axis_off()
+    if im is not None:
+        bar = fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), location="bottom", shrink=0.6,
+                           aspect=40, ticks=[im.norm.vmin, 0, im.norm.vmax])
+        bar.ax.set_xticklabels(["lowers", "0", "raises"], fontsize=8)
+        bar.set_label("red raises / blue lowers the predicted class's probability "
+                      "(one scale per row)", fontsize=8)
     return fig
 
 
@@ -61,8 +87,8 @@ def overlay_figure(image, attribution_map: np.ndarray, regions: np.ndarray | Non
     return fig
 
 
-def overlay(ax, img: np.ndarray, m: np.ndarray):
-    lim = float(np.abs(m).max()) or 1.0
+def overlay(ax, img: np.ndarray, m: np.ndarray, lim: float | None = None):
+    lim = lim or float(np.abs(m).max()) or 1.0
     ax.imshow(img)
     return ax.imshow(m, cmap="bwr", vmin=-lim, vmax=lim, alpha=0.55)
 

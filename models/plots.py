@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 
-def _figure(figsize: tuple[float, float]):
+def agg_figure(figsize: tuple[float, float]):
     # The object-oriented API with an Agg canvas: no pyplot state, no GUI backend, safe in
     # worker threads (Prefect task runners).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -30,7 +30,7 @@ def confusion_matrix_figure(
         raise ValueError(f"confusion matrix shape {cm.shape} does not match {k} classes")
     rows = cm.sum(1, keepdims=True)
     rate = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0) if normalize else cm
-    fig = _figure((1.0 + 0.8 * k, 0.8 + 0.7 * k))
+    fig = agg_figure((1.0 + 0.8 * k, 0.8 + 0.7 * k))
     ax = fig.add_subplot()
     im = ax.imshow(rate, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="recall" if normalize else "count")
@@ -53,7 +53,7 @@ def training_curves_figure(history: Sequence[dict[str, Any]], title: str = "Trai
     if not history:
         raise ValueError("empty training history")
     ep = [h["epoch"] for h in history]
-    fig = _figure((9.0, 3.5))
+    fig = agg_figure((9.0, 3.5))
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         if key in history[0]:
@@ -75,7 +75,7 @@ def embedding_figure(src_before: np.ndarray, site_before: np.ndarray, src_after:
                      site_after: np.ndarray, title: str = "Features before / after adaptation"):
     """Source vs site bottleneck features in 2-D (PCA fitted on each model's pooled features),
     before (champion) and after (candidate) adaptation: overlap = aligned domains."""
-    fig = _figure((9.0, 4.0))
+    fig = agg_figure((9.0, 4.0))
     for i, (a, b, name) in enumerate(((src_before, site_before, "champion"),
                                       (src_after, site_after, "candidate"))):
         x = np.concatenate([a, b]).astype(np.float64)
@@ -99,7 +99,7 @@ def adaptation_curves_figure(history: Sequence[dict[str, Any]], title: str = "Ad
         raise ValueError("empty adaptation history")
     keys = [k for k in history[0] if k != "step" and isinstance(history[0][k], int | float)]
     steps = [h.get("step", i) for i, h in enumerate(history)]
-    fig = _figure((3.2 * max(1, len(keys)), 3.0))
+    fig = agg_figure((3.2 * max(1, len(keys)), 3.0))
     for i, k in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), i + 1)
         ax.plot(steps, [h.get(k, np.nan) for h in history], marker=".")

@@ -28,6 +28,9 @@ class ReferenceProfile:
     # the fitted accuracy estimator as plain arrays (models.estimate.Estimator.state());
     # None for profiles saved before estimators existed (checks then say "no estimate")
     estimator: dict[str, np.ndarray] | None = None
+    # (k, T, T, 3) uint8 thumbnails of typical training-domain images (reports show them beside
+    # a site's atypical ones); None for profiles saved before they were kept
+    thumbnails: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features, dtype=np.float32)
@@ -72,6 +75,8 @@ class ReferenceProfile:
             arrays[f"quality__{k}"] = v
         for k, v in (self.estimator or {}).items():
             arrays[f"est__{k}"] = v
+        if self.thumbnails is not None:
+            arrays["thumbnails"] = np.asarray(self.thumbnails, np.uint8)
         meta = {"format": FORMAT, "classes": self.classes, "info": self.info}
         np.savez_compressed(Path(path), meta=np.asarray(json.dumps(meta)), **arrays)
 
@@ -83,8 +88,27 @@ class ReferenceProfile:
                 raise ValueError(f"{path}: not an emowatch reference profile")
             quality = {k.removeprefix("quality__"): z[k] for k in z.files if k.startswith("quality__")}
             est = {k.removeprefix("est__"): z[k] for k in z.files if k.startswith("est__")}
+            thumbs = z["thumbnails"] if "thumbnails" in z.files else None
             return cls(z["features"], z["probs"], list(meta["classes"]), quality or None,
-                       dict(meta.get("info", {})), est or None)
+                       dict(meta.get("info", {})), est or None, thumbs)
+
+
+def typical_indices(features: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` rows nearest the mean feature (the most typical images), nearest first."""
+    z = np.asarray(features, np.float64)
+    d = ((z - z.mean(0)) ** 2).sum(1)
+    return np.argsort(d, kind="stable")[: max(0, min(k, len(z)))]
+
+
+def thumbnail_array(img: Any, size: int = 64) -> np.ndarray:
+    """A PIL image centre-cropped to a square and resized: (size, size, 3) uint8."""
+    from PIL import Image
+
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return np.asarray(img.convert("RGB").crop(box).resize((size, size), Image.BILINEAR),
+                      np.uint8)
 
 
 def build_reference_profile(checkpoint: Any, images: Any, max_n: int = 1000, seed: int = 0,

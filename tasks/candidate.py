@@ -150,11 +150,13 @@ def candidate_profile(inputs: AdaptInputs, cand: Any) -> Any:
     z, p = extract_features(cand, np.stack(grids))
     quality = {k: np.asarray([s[k] for s in stats], np.float64) for k in stats[0]}
     prof = inputs.profile
-    return ReferenceProfile.from_arrays(
+    out = ReferenceProfile.from_arrays(
         features=np.asarray(z, np.float32), probs=np.asarray(p, np.float32),
         classes=list(prof.classes), quality=quality,
         info={"n": int(len(z)), "precision": cand.precision, "base_model": inputs.base_key},
     )
+    out.thumbnails = getattr(prof, "thumbnails", None)  # the same training-domain images
+    return out
 
 
 @task(name="register-challenger", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
@@ -199,7 +201,13 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
             champ_maps, chall_maps = maps["champion"][pick], maps["challenger"][pick]
             titles = [f"{'training domain' if i < half else site.name} probe {n + 1}"
                       for n, i in enumerate(pick)]
-            fig = gallery_figure(full[pick], champ_maps, chall_maps, titles=titles)
+            with torch.no_grad():
+                probe = full[pick]
+                champ_p = torch.softmax(inputs.ckpt.model.eval()(probe).float(), 1).numpy()
+                chall_p = torch.softmax(cand.model.eval()(probe).float(), 1).numpy()
+            fig = gallery_figure(probe, champ_maps, chall_maps, titles=titles,
+                                 champ_probs=champ_p, chall_probs=chall_p,
+                                 classes=list(inputs.ckpt.classes))
             fig.savefig(t / "explanations.png", dpi=100, bbox_inches="tight")
             artifacts["plots/explanations.png"] = t / "explanations.png"
         except Exception as e:  # noqa: BLE001 - a plot is not worth losing the candidate

@@ -5,7 +5,7 @@ Pure functions of the records they describe; ``tasks.promote`` queues them in th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from emowatch.sites import Site
@@ -79,7 +79,8 @@ def promotion_message(site: Site, r: Mapping[str, Any], plan: Mapping[str, Any]
 
 def approval_message(site: Site, version: str, champion: str | None, verdict: str,
                      gates: Mapping[str, Mapping[str, Any]] | None,
-                     audit: Mapping[str, Any] | None, blessing: Any) -> tuple[str, str]:
+                     audit: Mapping[str, Any] | None, blessing: Any,
+                     reasons: Sequence[str] = ()) -> tuple[str, str]:
     """(subject, body) of the "approval needed" e-mail for a challenger; ``blessing`` is what
     ``tasks.blessing.bless`` says of an approval now."""
     b = blessing
@@ -94,8 +95,9 @@ def approval_message(site: Site, version: str, champion: str | None, verdict: st
         outcome = ("Some checks FAILED (" + ", ".join(b.failed_gates) + "). Approving anyway "
                    "needs --force and a reason.")
         approve = f"  emowatch approve {site.name} {version} --by NAME --force --reason TEXT"
-    if b.reasons:
-        outcome += "\n" + "\n".join(f"- {r}" for r in b.reasons)
+    why = list(dict.fromkeys([*reasons, *b.reasons]))  # the verdict's reasons, then the rule's
+    if why:
+        outcome += "\nWhy:\n" + "\n".join(f"- {r}" for r in why)
     subject = f"[emowatch] {site.name}: approve challenger version {version}? (verdict {verdict})"
     body = (
         f"Site {site.name} drifted and was re-adapted without labels. The challenger is "

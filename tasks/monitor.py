@@ -205,7 +205,9 @@ def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[st
         lines.append("Predicted classes now: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     lines += [
         "",
-        f"Evidently report: {reports.get('html') or 'not available (' + str(reports.get('error')) + ')'}",
+        f"Report (open in a browser): {reports.get('page') or 'not written'}",
+        f"Status of every site:       {reports.get('status') or 'not written'}",
+        f"Evidently report (detail):  {reports.get('html') or 'not available (' + str(reports.get('error')) + ')'}",
         "",
         "What happens next: if the site's adapt.auto is true, emowatch re-adapts the model to the",
         "site without labels and asks for approval of the candidate. By hand:",
@@ -235,12 +237,54 @@ def alert_on_drift(ctx: RunContext, check_id: int, result: DriftResult, phrases:
             return None
         subject, body = drift_email(site, check_id, result, phrases, ctx.model.key, reports,
                                     estimate, impact)
-        attachments = [reports["html"]] if reports.get("html") else []
+        # one small picture, never the multi-MB Evidently page: the report is linked
+        attachments = [reports["summary_png"]] if reports.get("summary_png") else []
         alert = notify.queue_email(s, site_id=ctx.site_id, kind="drift",
                                    recipients=site.approvers or [settings.mail_from],
                                    subject=subject, body=body, attachments=attachments)
         checks.update_check(s, check_id, alert_id=alert.id)
         return alert.id
+
+
+@task(name="check-report", cache_policy=NO_CACHE)
+def check_page(ctx: RunContext, check_id: int, result: DriftResult, phrases: list[str],
+               profile: Any, fs: FeatureSet, window: Window, estimate: dict[str, Any] | None,
+               impact: str | None, notified: bool, reports: dict[str, Any],
+               mlflow_run: str | None) -> dict[str, Any]:
+    """emowatch's own report of the check (``reports/<site>/check-<id>.html``) and its small
+    summary picture for the e-mail; ``reports`` plus ``page`` and ``summary_png``. Never fails
+    the check: errors are logged."""
+    from tasks import pages
+
+    out = dict(reports)
+    try:
+        by_sha = dict(window.items)
+        paths = [by_sha[s] for s in fs.shas]
+        page = pages.write_check_report(ctx, check_id, result, phrases, profile, fs, paths,
+                                        estimate, impact, notified, reports, mlflow_run)
+        out["page"] = str(page.resolve())
+        if len(fs) and profile.quality and fs.quality:
+            from models.report_plots import quality_histograms_figure
+
+            png = page.with_suffix(".png")
+            quality_histograms_figure(profile.quality, fs.quality, site=ctx.site.name).savefig(
+                png, dpi=60)
+            out["summary_png"] = str(png.resolve())
+    except Exception as e:  # noqa: BLE001
+        get_run_logger().warning("could not write the check report: %s", e)
+    return out
+
+
+@task(name="status-page", cache_policy=NO_CACHE)
+def status_page(ctx: RunContext) -> str | None:
+    """Rewrite ``reports/index.html``; never fails the check."""
+    from tasks.pages import write_status_page
+
+    try:
+        return str(write_status_page(ctx).resolve())
+    except Exception as e:  # noqa: BLE001
+        get_run_logger().warning("could not write the status page: %s", e)
+        return None
 
 
 @task(name="emit-drift-event", cache_policy=NO_CACHE)
@@ -317,7 +361,9 @@ def publish_artifact(site: Site, check_id: int, result: DriftResult, phrases: li
         "",
         "Image quality: " + ("; ".join(phrases) if phrases else "no clear change"),
     ]
+    if reports.get("page"):
+        md += ["", f"Report: `file://{reports['page']}`"]
     if reports.get("html"):
-        md += ["", f"Evidently report: `file://{reports['html']}`"]
+        md += ["", f"Evidently report (detail): `file://{reports['html']}`"]
     create_markdown_artifact(markdown="\n".join(md), key=f"drift-{site.name.replace('_', '-')}",
                              description=f"emowatch drift check for {site.name}")

@@ -53,6 +53,9 @@ ACTIONS = ("approve", "auto", "reject", "rollback")
 # A promotion takes a few registry calls (seconds); 5 minutes is far above that, and a crashed
 # promoter frees the site after it without anyone deleting rows by hand.
 LOCK_TTL_S = 300.0
+# E-mails stay under 500 KB (what relays accept without complaint): attachments beyond this
+# total (before base64's 4/3) are named by path instead.
+ATTACHMENT_BUDGET = 340_000
 _KINDS = {"approve": "promoted", "auto": "promoted", "reject": "rejected", "rollback": "rollback"}
 
 
@@ -89,11 +92,15 @@ def send_to_approvers(ctx: RunContext, kind: str, subject: str, body: str,
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         body += "\n\nNot attached (missing): " + ", ".join(missing)
+    files, too_big = within_budget([p for p in files if p.is_file()], ATTACHMENT_BUDGET)
+    if too_big:
+        body += "\n\nNot attached (the e-mail stays small), open them here: " + ", ".join(
+            str(p.resolve()) for p in too_big)
     try:
         with session_scope(ctx.engine) as s:
             alert = notify.queue_email(s, site_id=ctx.site_id, kind=kind,
                                        recipients=site.approvers, subject=subject, body=body,
-                                       attachments=[p for p in files if p.is_file()])
+                                       attachments=files)
             out["alert_id"] = alert.id
         if deliver:
             out["delivery"] = asdict(notify.deliver_pending(ctx.engine, ctx.settings))
@@ -101,6 +108,19 @@ def send_to_approvers(ctx: RunContext, kind: str, subject: str, body: str,
         out["mail_error"] = f"{type(e).__name__}: {e}"
         log.warning("e-mail %r for site %s not queued/delivered: %s", kind, site.name, e)
     return out
+
+
+def within_budget(files: Sequence[Path], budget: int) -> tuple[list[Path], list[Path]]:
+    """(attached, left out): files in order while their total size stays within ``budget``."""
+    keep, out, total = [], [], 0
+    for p in files:
+        size = p.stat().st_size
+        if total + size <= budget:
+            keep.append(p)
+            total += size
+        else:
+            out.append(p)
+    return keep, out
 
 
 def _restore_aliases(ctx: RunContext, model_name: str, before: Mapping[str, str | None]) -> None:
@@ -366,6 +386,7 @@ def request_approval(
     *,
     audit: Mapping[str, Any] | None = None,
     deliver: bool = True,
+    reasons: Sequence[str] = (),
 ) -> int | None:
     """Queue the "approval needed" e-mail for a challenger; returns the alert id (None when the
     site has no approvers or the outbox failed: logged, never raised)."""
@@ -375,7 +396,8 @@ def request_approval(
     champion = ctx.registry.get_alias_version(site.model_name, CHAMPION)
     b = bless(action="approve", policy=site.policy, verdict=verdict, gates=dict(gates or {}),
               audit=dict(audit) if audit else None)
-    subject, body = approval_message(site, str(version), champion, verdict, gates, audit, b)
+    subject, body = approval_message(site, str(version), champion, verdict, gates, audit, b,
+                                     reasons=reasons)
     return send_to_approvers(ctx, "approval", subject, body, attachments,
                              deliver=deliver)["alert_id"]
 
@@ -396,12 +418,12 @@ def request_approval_task(ctx: RunContext, version: str, verdict: str,
                           gates: dict[str, dict[str, Any]] | None,
                           attachments: Sequence[str] = (),
                           audit: dict[str, Any] | None = None,
-                          deliver: bool = False) -> int | None:
+                          deliver: bool = False, reasons: Sequence[str] = ()) -> int | None:
     return request_approval(ctx, version, verdict, gates, attachments, audit=audit,
-                            deliver=deliver)
+                            deliver=deliver, reasons=list(reasons))
 
 
 __all__ = [
-    "ACTIONS", "check_promotion", "promote_version", "promote_version_task", "request_approval",
+    "ACTIONS", "ATTACHMENT_BUDGET", "check_promotion", "within_budget", "promote_version", "promote_version_task", "request_approval",
     "request_approval_task", "send_to_approvers",
 ]

@@ -116,7 +116,7 @@ def evaluate_test(ckpt: Any, splits: SourceSplits) -> Any:
 def build_profile(ckpt: Any, images: list[Any], seed: int) -> Any:
     """Reference profile = held-out features + softmax + image-quality statistics."""
     from models.images import load_rgb
-    from models.profile import build_reference_profile
+    from models.profile import build_reference_profile, thumbnail_array, typical_indices
     from models.quality import batch_stats
 
     rng = np.random.default_rng(seed)
@@ -125,7 +125,12 @@ def build_profile(ckpt: Any, images: list[Any], seed: int) -> Any:
         paths = [paths[i] for i in sorted(rng.choice(len(paths), PROFILE_MAX, replace=False))]
     profile = build_reference_profile(ckpt, paths, max_n=PROFILE_MAX, seed=seed)
     profile.quality = batch_stats(load_rgb(p) for p in paths)
+    typical = typical_indices(profile.features, THUMBNAILS)
+    profile.thumbnails = np.stack([thumbnail_array(load_rgb(paths[i])) for i in typical])
     return profile
+
+
+THUMBNAILS = 8  # typical training-domain images kept in the profile for the reports
 
 
 @task(name="reference-profile", cache_policy=NO_CACHE)

@@ -12,6 +12,25 @@ PASS = {"source_acc": {"passed": True, "value": 0.61, "threshold": 0.57},
 FAIL = {"source_acc": {"passed": False, "value": 0.31, "threshold": 0.57},
         "explanation_rank_corr": {"passed": True, "value": 0.8, "threshold": 0.5}}
 
+CLASSES = ["anger", "joy", "sadness"]
+
+
+def register_source(rt, root) -> None:
+    """A tiny untrained network registered as emowatch-source@champion (version 1)."""
+    import numpy as np
+    import torch
+
+    from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
+
+    torch.manual_seed(0)
+    cfg = NetConfig(backbone="tiny", img_size=64, pretrained=False, num_classes=len(CLASSES))
+    ckpt = Checkpoint(EmotionNet(cfg).eval(), CLASSES, preprocessing_for(cfg), {"seed": 0})
+    ref = root / "ref.npz"
+    np.savez(ref, features=np.zeros((4, 8), np.float32))
+    rt.registry.log_and_register(ckpt, model_name=SOURCE_MODEL, reference_profile_path=ref,
+                                 alias=CHAMPION, run_name="source")
+
+
 APPROVERS = ("lead@example.org", *(f"{n}@example.org" for n in (
     "alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan", "judy")))
 

@@ -174,7 +174,7 @@ def test_every_read_only_command_prints_for_people_too(settings, monkeypatch, tm
     runner = CliRunner()
     assert runner.invoke(app, ["init"]).exit_code == 0
     for args in (["status"], ["status", "example"], ["site", "list"], ["outbox"],
-                 ["doctor"], ["serve", "--dry-run"], ["sync"]):
+                 ["doctor"], ["serve", "--dry-run"], ["sync"], ["report"]):
         r = runner.invoke(app, args)
         assert r.exit_code == 0, (args, r.output)
         assert r.stdout.strip() and not r.stdout.lstrip().startswith("{"), args

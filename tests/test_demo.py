@@ -5,6 +5,7 @@ The real-data demo (EfficientNet-Lite0 on Emotion6, ~2-3 minutes) is the same fl
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 
@@ -47,3 +48,12 @@ def test_demo_fast_catches_drift_registers_challengers_and_promotes(tmp_path, pr
     state = workdir / "state"
     assert list((state / "outbox").glob("*.eml"))  # drift / approval e-mails kept as .eml
     assert "finished in" in out["summary_text"] and "mlflow ui" in out["summary_text"]
+    # the status page links every site's latest check report; its screenshot where a browser is
+    page = Path(out["status_page"])
+    html = page.read_text()
+    for name in sites:
+        assert f'href="#site-{name}"' in html
+    linked = [part.split('"')[0] for part in html.split('href="')[1:] if "check-" in part[:60]]
+    assert linked and all((page.parent / link).is_file() for link in linked)
+    if shutil.which("chromium") or os.environ.get("EMOWATCH_REQUIRE_BROWSER"):
+        assert out["status_screenshot"] and Path(out["status_screenshot"]).stat().st_size > 10_000

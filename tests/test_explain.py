@@ -137,7 +137,7 @@ def test_figures():
     imgs = make_faces(2, 48, seed=0).images
     maps = np.random.default_rng(0).normal(size=(2, 48, 48))
     fig = gallery_figure(imgs, maps, -maps, titles=["a", "b"])
-    assert len(fig.axes) == 6
+    assert len(fig.axes) == 7  # 2 rows x 3 panels + the one shared colour bar
     fig2 = overlay_figure(imgs[0], maps[0], image_partition(48, 48, 4).boxes, title="x")
     buf = io.BytesIO()
     fig2.savefig(buf, format="png")

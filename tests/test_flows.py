@@ -148,6 +148,14 @@ def test_monitor_night_site_says_drift_and_mails(world, smtp):
     body = msg.get_body(("plain",)).get_content()
     assert body.startswith("night: accuracy ~")
     assert "p-value" in body and f"{SITE_IMAGES} recent site images" in body
+    # small: one summary picture, the report linked (never the multi-MB Evidently page)
+    assert len(msg.as_bytes()) < 500_000
+    assert [p.get_filename() for p in msg.iter_attachments()] == [f"check-{out['check_id']}.png"]
+    page = Path(out["report"])
+    assert f"Report (open in a browser): {page}" in body and page.stat().st_size < 1_000_000
+    html = page.read_text()
+    assert out["decision"] in html and "witness" in html and html.count("<img") >= 4
+    assert Path(out["status_page"]).is_file() and "night" in Path(out["status_page"]).read_text()
     # A re-check of the same images is cheap (features cached) and a cool-down holds the alert.
     again = monitor_site(site="night", ingest=False, settings=world["settings"])
     assert again["decision"] == "drift" and again["alert_id"] is None
@@ -227,6 +235,9 @@ def test_readapt_registers_a_challenger_records_its_gates_and_asks_for_approval(
     [msg] = _mails(smtp, before)  # manual site: an approval request, no promotion
     assert out["promotion"] is None
     assert f"approve challenger version {out['version']}? (verdict {out['verdict']})" in msg["Subject"]
+    assert len(msg.as_bytes()) < 500_000  # small e-mails: what does not fit is named by path
+    desc = rt.registry.client().get_model_version("emowatch-night-adapt", out["version"]).description
+    assert f"**Verdict: {out['verdict']}**" in desc and "### Gates" in desc
 
 
 def test_auto_site_asks_a_person_when_the_audit_says_worse(world, smtp, monkeypatch):

@@ -20,13 +20,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
-from tasks.registry import CHAMPION, SOURCE_MODEL
-from tests.registry_helpers import FAIL, PASS
+from tests.registry_helpers import FAIL, PASS, register_source
 from tests.registry_helpers import aliases as _aliases
 from tests.registry_helpers import challenger as _challenger
 from tests.registry_helpers import history as _history
@@ -98,13 +94,7 @@ def env(server, tmp_path_factory):
     settings = Settings(home=root / "home", database_url=None, mlflow_tracking_uri=server,
                         smtp_host=None, sites_file=root / "sites.toml")
     rt = Runtime.open(settings)
-    torch.manual_seed(0)
-    cfg = NetConfig(backbone="tiny", img_size=64, pretrained=False, num_classes=len(CLASSES))
-    ckpt = Checkpoint(EmotionNet(cfg).eval(), CLASSES, preprocessing_for(cfg), {"seed": 0})
-    ref = root / "ref.npz"
-    np.savez(ref, features=np.zeros((4, 8), np.float32))
-    rt.registry.log_and_register(ckpt, model_name=SOURCE_MODEL, reference_profile_path=ref,
-                                 alias=CHAMPION, run_name="source")
+    register_source(rt, root)
     yield rt
     mlflow.set_tracking_uri(saved[0])
     mlflow.set_registry_uri(saved[1])
