@@ -207,9 +207,9 @@ def run_sites(ests: dict[str, Any], pool: dict[str, Any], y: np.ndarray, trials:
                                  "ms": 1000 * (time.perf_counter() - t0), **out.to_dict()})
 
 
-def photo_seed(seed: int, trials: int, rows: list[dict[str, Any]], cfg: Any, faces: bool) -> None:
+def photo_split(seed: int) -> tuple[Any, np.ndarray, list[int], list[int], Any]:
+    """(Emotion6, labels, calibration fold, site pool fold, the model trained on the rest)."""
     from models.data import read_image_folder
-    from models.images import load_rgb
 
     e6 = read_image_folder(data_dir() / "emotion6" / "images", classes=E6_CLASSES)
     y = np.asarray(e6.labels)
@@ -217,6 +217,13 @@ def photo_seed(seed: int, trials: int, rows: list[dict[str, Any]], cfg: Any, fac
     cal, pool = folds[seed % 4], folds[(seed + 1) % 4]
     train = sorted(set(range(len(y))) - set(cal) - set(pool))
     ckpt = train_model(f"photo{seed}", [e6.records[i] for i in train], E6_CLASSES, seed)
+    return e6, y, cal, pool, ckpt
+
+
+def photo_seed(seed: int, trials: int, rows: list[dict[str, Any]], cfg: Any, faces: bool) -> None:
+    from models.images import load_rgb
+
+    e6, y, cal, pool, ckpt = photo_split(seed)
     imgs = {i: np.asarray(load_rgb(e6.records[i].path)) for i in cal + pool}
     meta, info = meta_for(f"photo{seed}", ckpt, [imgs[i] for i in cal], y[cal], cfg)
     t0 = time.perf_counter()

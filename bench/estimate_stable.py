@@ -17,14 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from bench.estimate import CACHE, E6_CLASSES, data_dir, meta_for, outputs, photo_folds, train_model
+from bench.estimate import CACHE, E6_CLASSES, meta_for, outputs, photo_split
 
 
 def simulate(seed: int, cfg: Any, days: int = 30, per_hour: int = 24, window: int = 240,
              cooldown_h: float = 1.0) -> str:
     from emowatch.sites import Site
     from models.catalog import DEFAULT_ESTIMATOR, load
-    from models.data import read_image_folder
     from models.estimate_describe import STAT_SCALE
     from models.images import load_rgb
     from models.profile import ReferenceProfile
@@ -32,12 +31,7 @@ def simulate(seed: int, cfg: Any, days: int = 30, per_hour: int = 24, window: in
     from tasks.impact import estimate_accuracy, impact_of, should_notify
     from tasks.monitor import check_drift
 
-    e6 = read_image_folder(data_dir() / "emotion6" / "images", classes=E6_CLASSES)
-    y = np.asarray(e6.labels)
-    folds = photo_folds(y)
-    cal, pool = folds[seed % 4], folds[(seed + 1) % 4]
-    train = sorted(set(range(len(y))) - set(cal) - set(pool))
-    ckpt = train_model(f"photo{seed}", [e6.records[i] for i in train], E6_CLASSES, seed)
+    e6, y, cal, pool, ckpt = photo_split(seed)
     cal_imgs = [np.asarray(load_rgb(e6.records[i].path)) for i in cal]
     meta, _ = meta_for(f"photo{seed}", ckpt, cal_imgs, y[cal], cfg)
     est = load("estimator", DEFAULT_ESTIMATOR)(interval=cfg.interval).fit(meta)

@@ -80,6 +80,21 @@ def test_checkpoint_round_trip_same_predictions(trained, tmp_path: Path) -> None
     np.testing.assert_allclose(p1.sum(1), 1.0, atol=1e-5)
 
 
+def test_fp32_after_bf16_gives_fp32_results_on_contiguous_weights(trained) -> None:
+    """A bf16 call turns the weights channels-last in place; a later fp32 call must put them
+    back (fp32 NCHW on channels-last weights is a slow path) and give the same numbers."""
+    res, test, _ = trained
+    ck = res.checkpoint
+    _, p32 = extract_features(ck, test.images[:8], precision="fp32")
+    _, p16 = extract_features(ck, test.images[:8], precision="bf16")
+    conv = next(m for m in ck.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    _, again = extract_features(ck, test.images[:8], precision="fp32")
+    assert conv.weight.is_contiguous()
+    np.testing.assert_allclose(again, p32, atol=1e-6)
+    assert np.abs(p16 - p32).max() < 0.1
+
+
 def test_predict_accepts_arrays_pil_paths_and_tensors(trained, tmp_path: Path) -> None:
     res, test, _ = trained
     ck = res.checkpoint
