@@ -62,6 +62,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1000, help="photos (agreement is measured on all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--drift", action="store_true",
+                    help="also the drift decisions where bf16 is emulated (many minutes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from models.evaluate import extract_features
@@ -73,6 +75,12 @@ def main() -> None:
     ckpt.model.eval()
     prep = ckpt.preprocessing
     rows: list[tuple[str, str, str]] = []
+    t_start = time.perf_counter()
+
+    def note(what: str) -> None:  # progress on stderr (the tables go to stdout at the end)
+        import sys
+
+        print(f"[{time.perf_counter() - t_start:6.1f} s] {what}", file=sys.stderr, flush=True)
 
     def decode(p: Path) -> np.ndarray:
         return prep.to_array(load_rgb(p))
@@ -85,6 +93,7 @@ def main() -> None:
         list(pool.map(decode, paths))
     rows.append((f"decode + resize, {args.threads} threads", _rate(len(paths),
                                                                  time.perf_counter() - t), ""))
+    note("decoded")
     x = np.stack(arrays)
     model = ckpt.model.eval()
     sub = torch.as_tensor(prep.normalize(x[:128]))
@@ -102,13 +111,16 @@ def main() -> None:
                 m2.forward_cached(m2.frozen_forward(b.contiguous(memory_format=torch.channels_last)))
         rows.append(("raw forward bf16 channels-last batch 8",
                      _rate(len(sub), time.perf_counter() - t), ""))
+    note("raw forwards done")
     t = time.perf_counter()
     z32, p32 = extract_features(ckpt, x, batch_size=32, precision="fp32")
     rows.append(("extract_features fp32 (arrays)", _rate(len(x), time.perf_counter() - t), ""))
+    note("fp32 features done")
     t = time.perf_counter()
     z16, p16 = extract_features(ckpt, x, precision="bf16")
     rows.append(("extract_features bf16 (arrays)", _rate(len(x), time.perf_counter() - t),
                  "the product's default where the CPU has bf16"))
+    note("bf16 features done")
     t = time.perf_counter()
     grids, stats = [], []
     for p in paths[:300]:
@@ -132,7 +144,14 @@ def main() -> None:
     print("|---:|---:|---:|---:|")
     cos = (z16 * z32).sum(1) / (np.linalg.norm(z16, axis=1) * np.linalg.norm(z32, axis=1) + 1e-12)
     print(f"| {diff.max():.4f} | {diff.mean():.5f} | {agree:.4f} | {cos.mean():.5f} |")
-    _drift_decisions(ckpt, x, paths)
+    from emowatch.hardware import native_bf16
+
+    print(f"\nnative bf16 on this CPU: {native_bf16()} (without it bf16 is emulated and the "
+          "product's 'auto' precision is fp32)")
+    if native_bf16() or args.drift:
+        _drift_decisions(ckpt, x, paths)
+    else:
+        print("(drift decisions fp32 vs bf16 skipped: bf16 is emulated here; --drift forces)")
 
 
 def _drift_decisions(ckpt, x: np.ndarray, paths: list[Path]) -> None:
