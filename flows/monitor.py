@@ -15,6 +15,7 @@ from tasks.featurize import featurize_images
 from tasks.impact import should_notify
 from tasks.ingest import ingest_inbox_task
 from tasks.notify import deliver_alerts
+from tasks.pages import status_page_path
 from tasks.sync_tasks import sync_registry_task
 
 
@@ -44,7 +45,7 @@ def monitor_site(site: str, ingest: bool = True, settings: Settings | None = Non
     notified = should_notify(ctx.site, result.decision, impact)
     reports = t.check_page(ctx, check_id, result, phrases, profile, fs, window, estimate, impact,
                            notified, reports, run_id)
-    reports["status"] = str(ctx.settings.reports_dir.resolve() / "index.html")
+    reports["status"] = str(status_page_path(ctx.settings.reports_dir).resolve())
     if notified:
         alert_id = t.alert_on_drift(ctx, check_id, result, phrases, reports, estimate, impact)
         event_id = t.emit_drift_event(ctx.site, check_id, result, impact)

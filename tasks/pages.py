@@ -175,15 +175,15 @@ def write_check_report(ctx: RunContext, check_id: int, result: Any, phrases: Seq
                        profile: Any, fs: Any, paths: Sequence[str],
                        estimate: Mapping[str, Any] | None, impact: str | None, notified: bool,
                        reports: Mapping[str, Any], mlflow_run: str | None) -> Path:
+    from tasks.storage import write_atomic
+
     out = check_report_path(ctx.settings.reports_dir, ctx.site.name, check_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     html = check_report_html(site=ctx.site, check_id=check_id, model=ctx.model.key,
                              result=result, phrases=phrases, estimate=estimate, impact=impact,
                              notified=notified, profile=profile, fs=fs, paths=paths,
                              evidently=reports.get("html"), mlflow_run=mlflow_run)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    write_atomic(out, html.encode("utf-8"))
     return out
 
 
@@ -198,7 +198,7 @@ def _site_rows(rt: Runtime) -> tuple[list[dict[str, Any]], dict[str, int]]:
     from db.status import status_counts
     from emowatch.sites import load_sites
     from models.report_plots import history_figure
-    from tasks.registry import CHALLENGER
+    from tasks.registry import CHALLENGER, site_model_name
 
     try:
         sites = load_sites(rt.settings.sites_file)
@@ -212,7 +212,7 @@ def _site_rows(rt: Runtime) -> tuple[list[dict[str, Any]], dict[str, int]]:
                       for name, sid in ids.items()}
         for name in sorted(set(sites) | set(ids)):
             cfg = sites.get(name)
-            model = f"emowatch-{name}"
+            model = site_model_name(name)
             entry: dict[str, Any] = {
                 "name": name, "policy": cfg.policy if cfg else "-",
                 "approvers": ", ".join(cfg.approvers) if cfg else "",
@@ -255,7 +255,7 @@ def _site_rows(rt: Runtime) -> tuple[list[dict[str, Any]], dict[str, int]]:
         if cand is None:
             continue
         try:
-            challenger = rt.registry.get_alias_version(f"emowatch-{entry['name']}", CHALLENGER)
+            challenger = rt.registry.get_alias_version(site_model_name(entry["name"]), CHALLENGER)
         except Exception:  # noqa: BLE001 -- the page is still worth writing
             challenger = None
         if challenger == cand["version"]:
@@ -263,16 +263,21 @@ def _site_rows(rt: Runtime) -> tuple[list[dict[str, Any]], dict[str, int]]:
     return rows, outbox_counts
 
 
+def status_page_path(reports_dir: Path) -> Path:
+    return Path(reports_dir) / "index.html"
+
+
 def write_status_page(rt: Runtime) -> Path:
-    """Write ``reports/index.html`` (atomically) and return its path."""
+    """Write ``reports/index.html`` (atomically: monitors of several sites rewrite it at once)
+    and return its path."""
+    from tasks.storage import write_atomic
+
     rows, outbox_counts = _site_rows(rt)
     html = render("status.html.j2", sites=rows, outbox=outbox_counts,
                   written=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-    out = Path(rt.settings.reports_dir) / "index.html"
+    out = status_page_path(rt.settings.reports_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    write_atomic(out, html.encode("utf-8"))
     return out
 
 
@@ -299,5 +304,5 @@ def screenshot(page: Path, out: Path, width: int = 1200, height: int = 1400) -> 
     return out if out.is_file() else None
 
 
-__all__ = ["check_report_html", "screenshot", "check_report_path", "examples", "render", "test_rows",
+__all__ = ["check_report_html", "screenshot", "status_page_path", "check_report_path", "examples", "render", "test_rows",
            "write_check_report", "write_status_page"]
