@@ -154,7 +154,9 @@ def monitor(
 def adapt(
     site: Annotated[str, typer.Argument()],
     method: Annotated[str | None, typer.Option(
-        help="An adaptation method: mmd, coral, adabn, shot-im or tent (models.catalog.ADAPTERS).")] = None,
+        help="An adaptation method: mmd, coral, adabn, shot-im or tent (models.catalog.ADAPTERS; "
+             "forces it alone), or 'portfolio' (models.portfolio). Default: the site's "
+             "adapt.method.")] = None,
     train_backbone: Annotated[bool | None, typer.Option(
         "--train-backbone/--cached-top",
         help="mmd/coral: adapt every layer from the raw images (minutes) or only the cached top "
@@ -167,8 +169,9 @@ def adapt(
         settings, s = site_of(site)
         from models.catalog import ADAPTERS
 
-        if method and method not in ADAPTERS:
-            raise UsageError(f"--method {method!r}: choose {', '.join(sorted(ADAPTERS))}")
+        if method and method != "portfolio" and method not in ADAPTERS:
+            raise UsageError(f"--method {method!r}: choose portfolio or "
+                             f"{', '.join(sorted(ADAPTERS))}")
         from flows.readapt import readapt_site
         from tasks.readapt import resolve_method
 

@@ -48,9 +48,29 @@ class DriftThresholds(BaseModel):
         return self
 
 
+def _default_portfolio() -> tuple[str, ...]:
+    from models.catalog import DEFAULT_PORTFOLIO
+
+    return DEFAULT_PORTFOLIO
+
+
 class AdaptOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: str = Field("mmd", description="One of models.catalog.ADAPTERS.")
+    method: str = Field(
+        "mmd",
+        description="One method of models.catalog.ADAPTERS, or 'portfolio' (several candidates, "
+        "the one to propose chosen by its estimated gain on labelled proxies of the site: "
+        "models.portfolio; opt-in while its benchmark is incomplete, see the README).")
+    portfolio: list[str] = Field(
+        default_factory=lambda: list(_default_portfolio()),
+        description="The portfolio's members, by their names in models.catalog.PORTFOLIO "
+        "(tried in the catalog's order, cheapest first).")
+    portfolio_budget_s: float = Field(
+        75.0, gt=0,
+        description="Seconds the portfolio may spend building candidates (site and proxies); "
+        "a member not started by then is skipped and says so.")
+    proxies: int = Field(4, ge=1, le=10, description="Labelled proxies of the site the "
+                         "portfolio's estimates are measured on.")
     source_free: bool = Field(False, description="Training data may not be used at this site.")
     max_images: int = Field(500, ge=10, le=100_000)
     time_budget_s: float = Field(600.0, gt=0)
@@ -72,8 +92,22 @@ class AdaptOptions(BaseModel):
     def _known_method(cls, v: str) -> str:
         from models.catalog import ADAPTERS
 
-        if v not in ADAPTERS:
-            raise ValueError(f"{v!r} is not an adaptation method (one of {', '.join(sorted(ADAPTERS))})")
+        if v != "portfolio" and v not in ADAPTERS:
+            raise ValueError(f"{v!r} is not an adaptation method ('portfolio' or one of "
+                             f"{', '.join(sorted(ADAPTERS))})")
+        return v
+
+    @field_validator("portfolio")
+    @classmethod
+    def _known_members(cls, v: list[str]) -> list[str]:
+        from models.catalog import PORTFOLIO
+
+        known = [n for n, _, _ in PORTFOLIO]
+        bad = [m for m in v if m not in known]
+        if bad:
+            raise ValueError(f"unknown portfolio member(s) {bad}; known: {', '.join(known)}")
+        if not v:
+            raise ValueError("the portfolio needs at least one member")
         return v
 
 

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from emowatch.settings import Settings
 from flows.runner import default_runner, open_runtime, optional_int
 from tasks import candidate as c
+from tasks import portfolio as p
 from tasks import readapt as t
 
 
@@ -18,7 +19,10 @@ from tasks import readapt as t
 def readapt_site(site: str, method: str | None = None, drift_check_id: int | None = None,
                  seed: int = 0, train_backbone: bool | None = None,
                  settings: Settings | None = None) -> dict[str, Any]:
-    """Returns ``{site, method, version, gates: {name: {passed, value, threshold}}, verdict}``.
+    """Returns ``{site, method, version, gates: {name: {passed, value, threshold}}, verdict,
+    reasons, candidates}``. ``method`` None: the site's ``adapt.method`` (by default the
+    portfolio: ``candidates`` lists every one tried, ``verdict`` "no_gain" with ``version``
+    None when none is estimated to beat the champion); a method forces it alone.
     ``train_backbone`` overrides the site's ``adapt.train_backbone`` (None: the site's)."""
     from tasks.descriptions import refresh_descriptions
     from tasks.gate_record import AUTO_ACTOR, auto_blessing
@@ -41,21 +45,45 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
     t.acquire(ctx, owner)  # one adaptation per site at a time (database lock)
     run_id = t.start_run(ctx, m, check_id)
     t0 = time.perf_counter()
+    portfolio = None
     try:
-        inputs = t.load_inputs(ctx, source_free=not t.needs_source(m),
-                               train_backbone=cfg.adapt.train_backbone if train_backbone is None
-                               else bool(train_backbone))
-        result = t.run_adaptation(inputs, m, cfg, seed)
+        backbone = cfg.adapt.train_backbone if train_backbone is None else bool(train_backbone)
+        if m == "portfolio":
+            backbone = backbone and t.portfolio_runs_backbone(cfg)
+        inputs = t.load_inputs(ctx, source_free=not t.needs_source(m, cfg), train_backbone=backbone)
+        if m == "portfolio":
+            portfolio = p.run_portfolio_task(inputs, cfg, seed)
+            chosen = portfolio.chosen
+            if chosen is None:  # nothing beats the champion with confidence: no version
+                t.finish_run(ctx, run_id, status="done", verdict="no_gain",
+                             reasons=portfolio.reasons, candidates=portfolio.table(),
+                             n_site_images=len(inputs.site_h),
+                             seconds=time.perf_counter() - t0)
+                log.info("site %s: no_gain (%s)", site, portfolio.reasons[0])
+                return {"site": site, "method": m, "version": None, "model": cfg.model_name,
+                        "base_model": ctx.model.key, "gates": {}, "verdict": "no_gain",
+                        "reasons": portfolio.reasons, "candidates": portfolio.table(),
+                        "proxies": portfolio.proxies, "seconds": round(time.perf_counter() - t0, 1),
+                        "adapt_seconds": round(portfolio.seconds, 1),
+                        "n_site_images": len(inputs.site_h), "plots": {}, "promotion": None,
+                        "approval_alert_id": None, "adaptation_run_id": run_id}
+            result, label = chosen.applied.result, chosen.member.name
+        else:
+            result, label = t.run_adaptation(inputs, m, cfg, seed), m
         validation = c.validate(inputs, result, cfg)
-        reg = c.register_challenger(ctx, inputs, result, validation, m)
+        reasons = (portfolio.reasons if portfolio else []) + validation["reasons"]
+        validation["reasons"] = reasons
+        cands = portfolio.table() if portfolio else None
+        reg = c.register_challenger(ctx, inputs, result, validation, label, candidates=cands)
         t.finish_run(ctx, run_id, status="done", candidate_version=reg["version"],
                      verdict=validation["verdict"], gates=validation["gates"],
-                     audit=validation.get("audit"), reasons=validation["reasons"],
+                     audit=validation.get("audit"), reasons=reasons, candidates=cands,
                      n_site_images=len(inputs.site_h), seconds=time.perf_counter() - t0,
                      mlflow_run_id=reg["run_id"])
     except BaseException as e:
         t.finish_run(ctx, run_id, status="failed", error=f"{type(e).__name__}: {e}",
-                     seconds=time.perf_counter() - t0)
+                     seconds=time.perf_counter() - t0,
+                     candidates=portfolio.table() if portfolio else None)
         raise
     finally:
         t.release(ctx, owner)
@@ -72,7 +100,8 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
         attachments = sorted(reg["plots"].values(), key=lambda p: "explanations" not in p)
         alert_id = request_approval_task(ctx, reg["version"], verdict, validation["gates"],
                                          attachments, audit=validation.get("audit"),
-                                         reasons=validation.get("reasons") or [])
+                                         reasons=validation.get("reasons") or [],
+                                         candidates=cands)
     deliver_alerts(ctx)  # a mail server that is down never fails the flow
     extra = {"approval e-mail": f"outbox alert #{alert_id} (emowatch outbox)"} if alert_id else {}
     refresh_descriptions(ctx, [reg["version"]], links={reg["version"]: extra})
@@ -80,6 +109,7 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
     return {
         "site": site,
         "method": m,
+        "selected": label,
         "version": reg["version"],
         "model": cfg.model_name,
         "base_model": ctx.model.key,
@@ -91,7 +121,9 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
         "champion_source_acc": validation["champion_source_acc"],
         "audit": validation.get("audit"),
         "seconds": round(time.perf_counter() - t0, 1),
-        "adapt_seconds": round(result.seconds, 1),
+        "adapt_seconds": round(portfolio.seconds if portfolio else result.seconds, 1),
+        "candidates": cands,
+        "proxies": portfolio.proxies if portfolio else None,
         "n_site_images": len(inputs.site_h),
         "plots": reg["plots"],
         "promotion": promotion,

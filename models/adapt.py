@@ -127,6 +127,15 @@ class AdaptResult:
     # True when the frozen part changed: cached activations of the input model are NOT valid
     # for this one.
     frozen_changed: bool = False
+    # The site's activations under the returned model's frozen part, when it changed and the
+    # method computed them anyway (adabn scope "all"); None: compute them if needed.
+    site_h: torch.Tensor | None = None
+    # How the source-accuracy gate judges the candidate's weights on training-domain images:
+    # "own" (as the candidate runs: methods trained with the source loss, mmd/coral) or
+    # "champion" (with the champion's BN statistics: methods that only re-normalise or tune
+    # for the site -- adabn, tent, shot-im -- would otherwise be scored on training-domain
+    # images normalised with the site's statistics, a situation no site image is ever in).
+    source_normalisation: str = "own"
 
     def to_checkpoint(self, base: Checkpoint) -> Checkpoint:
         """The adapted model with ``base``'s classes and preprocessing."""
@@ -210,6 +219,8 @@ class Adapter:
     name: str = ""
     needs_source: bool = False
     config_class: type[AdaptConfig] = AdaptConfig
+    # AdaptResult.source_normalisation of this method's candidates
+    source_normalisation: str = "own"
 
     def default_config(self) -> AdaptConfig:
         return self.config_class()
@@ -263,7 +274,9 @@ class Adapter:
                            seconds=time.perf_counter() - t0, method=self.name,
                            config=cfg.to_dict(), steps_done=state.get("steps_done", 0),
                            stopped_early=state.get("stopped_early", False),
-                           frozen_changed=state.get("frozen_changed", False))
+                           frozen_changed=state.get("frozen_changed", False),
+                           site_h=state.get("site_h") if state.get("frozen_changed") else None,
+                           source_normalisation=self.source_normalisation)
 
     def _check(self, cfg: Any, src: CachedSet | None, tgt: CachedSet) -> None:
         """Method-specific input checks (raise ValueError)."""

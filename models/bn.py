@@ -95,11 +95,47 @@ def check_site_weight(w: float) -> None:
         raise ValueError(f"site_bn_weight must be in [0, 1], got {w}")
 
 
+def check_prior(prior_n: float | None) -> None:
+    if prior_n is not None and not prior_n >= 0:
+        raise ValueError(f"prior_n must be >= 0 (images), got {prior_n}")
+
+
+@torch.no_grad()
+def frozen_outputs(model: EmotionNet, images: torch.Tensor, batch_size: int | None = None,
+                   precision: str = "fp32", reestimate: bool = False,
+                   stats_batch: int = 32) -> torch.Tensor:
+    """The frozen part's outputs (float32) of normalised ``images``, in eval mode; with
+    ``reestimate`` first AdaBN on the frozen part's BN layers from the same images (one pass,
+    batch statistics over batches of ``stats_batch``; the running statistics are then the
+    site's). bf16 runs channels-last under autocast, as the version runs, in small batches
+    (``batch_size`` None: 8 in bf16, 32 in fp32; measured fastest, bench/throughput.py)."""
+    from models.evaluate import inference_context
+
+    fbns = bn_modules(model.frozen)
+    fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    model.frozen.to(memory_format=fmt)
+    model.eval()
+
+    def fwd(x: torch.Tensor) -> torch.Tensor:
+        with inference_context(precision):
+            return model.frozen_forward(x.contiguous(memory_format=fmt)).float()
+
+    if batch_size is None:
+        batch_size = 8 if precision == "bf16" else 32
+    if reestimate:
+        reestimate_bn(fbns, fwd, batches(images, stats_batch))
+        for b in fbns:
+            b.eval()
+    out = torch.cat([fwd(b) for b in batches(images, batch_size)])
+    model.frozen.to(memory_format=torch.contiguous_format)
+    return out
+
+
 @dataclass
 class AdaBNConfig(AdaptConfig):
     # "trainable" re-estimates BN of the top + bottleneck from cached activations; "all" also
-    # the frozen part, which needs ``target.images`` and makes cached activations of the
-    # returned model differ from the input model's.
+    # the frozen part (mixed at the same site weight), which needs ``target.images`` and makes
+    # cached activations of the returned model differ from the input model's.
     scope: Literal["trainable", "all"] = "trainable"
     # The weight of the site in the final statistics: 1 is AdaBN (pure site); 0.5 the moment-
     # matched mixture with the champion's running statistics (the training domain's: no source
@@ -109,12 +145,24 @@ class AdaBNConfig(AdaptConfig):
     # far apart: on a strong synthetic shift 0.5 fixes nothing (tests/test_adapt.py), so the
     # default stays pure AdaBN.
     site_bn_weight: float = 1.0
+    # A source prior of N images (Schneider et al. 2020): when set, the site weight is
+    # n / (n + N) for n site images and ``site_bn_weight`` is ignored. The portfolio
+    # (models.portfolio) tries several N.
+    prior_n: float | None = None
+    # Arithmetic of the frozen part's passes (scope "all"): "fp32" or "bf16" (autocast,
+    # channels-last; what the version runs at, models.evaluate.inference_context).
+    precision: str = "fp32"
 
     def validate(self) -> None:
         super().validate()
         if self.scope not in ("trainable", "all"):
             raise ValueError(f"scope must be 'trainable' or 'all', got {self.scope!r}")
         check_site_weight(self.site_bn_weight)
+        check_prior(self.prior_n)
+
+    def weight(self, n_site: int) -> float:
+        """The site's weight in the final statistics for ``n_site`` site images."""
+        return self.site_bn_weight if self.prior_n is None else prior_weight(n_site, self.prior_n)
 
 
 class AdaBNAdapter(Adapter):
@@ -128,6 +176,7 @@ class AdaBNAdapter(Adapter):
 
     name = "adabn"
     config_class = AdaBNConfig
+    source_normalisation = "champion"
 
     def _check(self, cfg, src, tgt):
         if cfg.scope == "all" and tgt.images is None:
@@ -138,24 +187,28 @@ class AdaBNAdapter(Adapter):
     def _adapt(self, model, src, tgt, cfg, gen, report, t0):
         frozen_changed = False
         h = tgt.h
+        w = cfg.weight(len(tgt))
         if cfg.scope == "all":
             fbns = bn_modules(model.frozen)
-            model.eval()
-            reestimate_bn(fbns, model.frozen_forward, batches(tgt.images, cfg.eval_batch_size))
-            for b in fbns:
-                b.eval()
-            with torch.no_grad():
-                h = torch.cat([model.frozen_forward(b)
-                               for b in batches(tgt.images, cfg.eval_batch_size)])
+            before = bn_stats(fbns)
+            if w < 1.0:
+                # site statistics from one train-mode pass, mixed with the champion's; then the
+                # outputs under the mixed statistics (a second, eval-mode pass)
+                frozen_outputs(model, tgt.images, None, cfg.precision, reestimate=True)
+                mix_bn_stats(fbns, before, w)
+                h = frozen_outputs(model, tgt.images, None, cfg.precision)
+            else:
+                h = frozen_outputs(model, tgt.images, None, cfg.precision,
+                                   reestimate=True)
             frozen_changed = bool(fbns)
-        adapt_top_bn(model, h, cfg.eval_batch_size, include_top=True,
-                     site_weight=cfg.site_bn_weight)
-        report.step(1, 1, t0, n_bn=float(len(bn_modules(model.top)) +
-                                         len(bn_modules(model.bottleneck))))
-        return {"steps_done": 1, "frozen_changed": frozen_changed}
+        adapt_top_bn(model, h, cfg.eval_batch_size, include_top=True, site_weight=w)
+        report.step(1, 1, t0, site_weight=w, n_bn=float(len(bn_modules(model.top)) +
+                                                        len(bn_modules(model.bottleneck))))
+        return {"steps_done": 1, "frozen_changed": frozen_changed, "site_h": h}
 
 
 __all__ = [
     "AdaBNAdapter", "AdaBNConfig", "BatchNorm", "adapt_top_bn", "bn_modules", "bn_stats",
-    "check_site_weight", "mix_bn_stats", "prior_weight", "reestimate_bn",
+    "check_prior", "check_site_weight", "frozen_outputs", "mix_bn_stats", "prior_weight",
+    "reestimate_bn",
 ]

@@ -46,6 +46,23 @@ ADAPTERS: dict[str, str] = {
     "tent": "models.entropy:TentAdapter",
 }
 
+# The re-adaptation portfolio (models.portfolio): (name, kind, params), cheapest first. The
+# flow tries them in this order within the site's adapt.portfolio_budget_s; the sites file's
+# adapt.portfolio names a subset. prior_n: the training domain counted as N images in the BN
+# statistics (site weight n / (n + N)); expected_s: seconds per set (the site and each proxy)
+# a member must see left in the budget before it starts (0: always).
+PORTFOLIO: tuple[tuple[str, str, dict[str, float]], ...] = (
+    ("bn(N=80)", "bn", {"prior_n": 80}),
+    ("bn(N=240)", "bn", {"prior_n": 240}),
+    ("bn(N=720)", "bn", {"prior_n": 720}),
+    ("bn-all(N=480)", "bn-all", {"prior_n": 480}),
+    ("tent", "tent", {"steps": 20}),
+    ("shot-im", "shot-im", {"steps": 20}),
+    ("mmd", "mmd", {"steps": 100, "expected_s": 3}),
+    ("mmd-backbone", "mmd-backbone", {"expected_s": 300}),
+)
+DEFAULT_PORTFOLIO: tuple[str, ...] = tuple(n for n, _, _ in PORTFOLIO)
+
 # Promotion gates (protocol: models.gates.Gate), in the order they are reported.
 GATES: dict[str, str] = {
     "source_accuracy": "models.gates:SourceAccuracyGate",
@@ -69,5 +86,5 @@ def load(kind: str, name: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-__all__ = ["ADAPTERS", "DEFAULT_DETECTORS", "DEFAULT_ESTIMATOR", "DETECTORS", "ESTIMATORS",
-           "GATES", "load"]
+__all__ = ["ADAPTERS", "DEFAULT_DETECTORS", "DEFAULT_ESTIMATOR", "DEFAULT_PORTFOLIO", "DETECTORS",
+           "ESTIMATORS", "GATES", "PORTFOLIO", "load"]

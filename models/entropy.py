@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from models.adapt import AdaptConfig, Adapter, entropy, sampler, set_dropout
-from models.bn import adapt_top_bn, bn_modules, bn_stats, check_site_weight
+from models.bn import (
+    adapt_top_bn,
+    bn_modules,
+    bn_stats,
+    check_prior,
+    check_site_weight,
+    prior_weight,
+)
 from models.network import EmotionNet
 
 
@@ -34,6 +41,9 @@ class EntropyConfig(AdaptConfig):
     shot_top_bn: bool = True
     # Weight of the site in the final BN statistics (models.bn): 1 = pure site statistics.
     site_bn_weight: float = 1.0
+    # A source prior of N images (models.bn.AdaBNConfig.prior_n): the site weight is then
+    # n / (n + N), and ``site_bn_weight`` is ignored.
+    prior_n: float | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -46,6 +56,7 @@ class EntropyConfig(AdaptConfig):
         if self.diversity_weight < 0:
             raise ValueError(f"diversity_weight must be >= 0, got {self.diversity_weight}")
         check_site_weight(self.site_bn_weight)
+        check_prior(self.prior_n)
 
 
 def bn_affine(module: nn.Module) -> list[nn.Parameter]:
@@ -57,6 +68,7 @@ class EntropyAdapter(Adapter):
 
     use_diversity = True
     config_class = EntropyConfig
+    source_normalisation = "champion"
 
     def _params(self, model: EmotionNet, cfg: EntropyConfig) -> list[nn.Parameter]:
         raise NotImplementedError
@@ -99,8 +111,9 @@ class EntropyAdapter(Adapter):
         for p in model.frozen.parameters():
             p.requires_grad_(False)
         # the champion's statistics, not those training left, are the training domain's
+        w = cfg.site_bn_weight if cfg.prior_n is None else prior_weight(len(tgt), cfg.prior_n)
         adapt_top_bn(model, tgt.h, cfg.eval_batch_size, include_top=True,
-                     site_weight=cfg.site_bn_weight, mix_with=source_stats)
+                     site_weight=w, mix_with=source_stats)
         return {"steps_done": done, "stopped_early": early}
 
 

@@ -11,6 +11,8 @@ images -- and computes the shared quantities (outputs, DEV, MMD) once, on first 
 
     gate               value                                      passes when
     source_accuracy    champion - candidate source val accuracy    <= max_source_drop
+                       (the candidate's weights as ``candidate_source_model`` reads the
+                       source: did it forget the task?)
     dev_risk           candidate - champion DEV risk                <= dev_tolerance
     residual_drift     candidate's site-vs-source MK-MMD^2          <= max(champion's, floor)
     prediction_sanity  entropy of the mean site prediction / log K  >= min_entropy_ratio
@@ -129,8 +131,10 @@ class ModelView:
     source_acc: float
 
 
-def model_view(model: EmotionNet, src: CachedSet, site: CachedSet, loss: str) -> ModelView:
-    zs, ps = cached_outputs(model, src.h)
+def model_view(model: EmotionNet, src: CachedSet, site: CachedSet, loss: str,
+               source_model: EmotionNet | None = None) -> ModelView:
+    """``source_model`` reads the source images when given (default ``model``)."""
+    zs, ps = cached_outputs(source_model if source_model is not None else model, src.h)
     zt, pt = cached_outputs(model, site.h)
     y = src.labels.numpy()
     hit = ps.argmax(1) == y
@@ -155,6 +159,10 @@ class Evidence:
     source_candidate: CachedSet | None = None
     site_candidate: CachedSet | None = None
     probe: torch.Tensor | None = None  # normalised probe images for the explanation gate
+    # the network that reads the source images for the candidate (None: the candidate): a
+    # candidate that only re-normalised for the site is judged on the training domain with
+    # the champion's statistics (tasks.candidate.source_model)
+    candidate_source_model: EmotionNet | None = None
     # filled by the explanation gate: {"champion": Attribution, "challenger": Attribution}
     attributions: dict[str, Any] = field(default_factory=dict)
 
@@ -167,7 +175,8 @@ class Evidence:
         src = self.source_candidate if self.source_candidate is not None else self.source
         src = CachedSet(h=src.h, labels=self.source.labels)
         site = self.site_candidate if self.site_candidate is not None else self.site
-        return model_view(self.candidate, src, site, self.config.dev_loss)
+        return model_view(self.candidate, src, site, self.config.dev_loss,
+                          self.candidate_source_model)
 
     @functools.cached_property
     def champion_dev(self) -> DEVResult:

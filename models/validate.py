@@ -80,7 +80,8 @@ def _num(x: Any) -> str:
 def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: Any,
                        site: Any, config: ValidationConfig | None = None,
                        site_candidate: Any = None, source_candidate: Any = None,
-                       probe: torch.Tensor | None = None) -> ValidationReport:
+                       probe: torch.Tensor | None = None,
+                       candidate_source_model: EmotionNet | None = None) -> ValidationReport:
     """Run the configured gates and DEV for both models.
 
     source_val: labelled source validation activations ``(h, labels)`` or CachedSet (never
@@ -89,7 +90,9 @@ def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: 
     candidate's frozen part differs pass its own activations of the same images as
     ``site_candidate`` and ``source_candidate`` (labels as in ``source_val``): the candidate is
     judged as it would run, never on the champion's activations. ``probe``: normalised images
-    for the explanation gate (skipped without).
+    for the explanation gate (skipped without). ``candidate_source_model``: the network
+    that reads the source images for the candidate (default the candidate itself; e.g. its
+    weights with the champion's BN statistics, ``tasks.candidate.source_model``).
     """
     cfg = config or ValidationConfig()
     cfg.validate()
@@ -102,7 +105,7 @@ def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: 
         if len(src_c) != len(src):
             raise ValueError(f"source_candidate has {len(src_c)} images, source_val {len(src)}")
     ev = Evidence(champion, candidate, src, tgt, cfg, source_candidate=src_c, site_candidate=tgt_c,
-                  probe=probe)
+                  probe=probe, candidate_source_model=candidate_source_model)
     gates = run_gates(ev, cfg.gates)
     dev1, dev0 = ev.candidate_dev, ev.champion_dev
     unverifiable = dev1.unverifiable or (cfg.unverifiable_from == "either" and dev0.unverifiable)

@@ -57,20 +57,30 @@ def validation_config(site: Site) -> Any:
 @task(name="validate-candidate", cache_policy=NO_CACHE)
 def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
     """The gates of ``models.validate`` (source accuracy, DEV, residual drift, prediction
-    sanity, explanation stability on probe images), and the audit set when the site has one."""
+    sanity, explanation stability on probe images), and the audit set when the site has one.
+
+    The candidate is judged on the site as it runs (its own activations when its frozen part
+    changed). On training-domain images it is judged as its method says
+    (``AdaptResult.source_normalisation``): as it runs, or -- for a candidate that only
+    re-normalised or tuned itself for the site (adabn, tent, shot-im) -- its weights with the
+    champion's BN statistics, the training domain's: scoring it on training-domain images
+    normalised with the site's statistics would ask a question no site image ever poses."""
     from models.validate import validate_candidate
 
     log = get_run_logger()
     own = candidate_activations(inputs, result)
     site_cand = src_cand = None
+    src_model = source_model(inputs, result)
     if own is not None:  # the candidate's frozen part changed: judge it on its own activations
         src_h, site_cand = candidate_inputs(inputs, own)
-        src_cand = (src_h, inputs.src_val[1])
+        if src_model is result.model:
+            src_cand = (src_h, inputs.src_val[1])
     probe = site_probe_images(inputs)
     t0 = time.perf_counter()
     rep = validate_candidate(result.model, inputs.ckpt.model, inputs.src_val, inputs.site_h,
                              validation_config(site), site_candidate=site_cand,
-                             source_candidate=src_cand, probe=probe)
+                             source_candidate=src_cand, probe=probe,
+                             candidate_source_model=None if src_model is result.model else src_model)
     log.info("gates (with the explanation gate on %d probe images): %.1f s", len(probe),
              time.perf_counter() - t0)
     audit = audit_accuracy(inputs, result, site) if site.audit is not None else None
@@ -80,20 +90,46 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
             "source_acc": rep.source_acc, "champion_source_acc": rep.champion_source_acc,
             "mmd2_before": rep.mmd2_before, "mmd2_after": rep.mmd2_after, "audit": audit,
             "probe": probe, "probe_maps": {k: a.maps for k, a in rep.attributions.items()},
-            "candidate_activations": own}
+            "candidate_activations": own,
+            "source_normalisation": result.source_normalisation}
+
+
+def source_model(inputs: AdaptInputs, result: Any) -> Any:
+    """The network the source-accuracy gate scores on training-domain images: the candidate
+    itself, or (``source_normalisation`` "champion") its weights with every BN layer's running
+    statistics set to the champion's."""
+    if getattr(result, "source_normalisation", "own") != "champion":
+        return result.model
+    import copy
+
+    from models.bn import bn_modules
+
+    m = copy.deepcopy(result.model)
+    for b, b0 in zip(bn_modules(m), bn_modules(inputs.ckpt.model), strict=True):
+        b.running_mean.copy_(b0.running_mean)
+        b.running_var.copy_(b0.running_var)
+    return m.eval()
 
 
 def candidate_activations(inputs: AdaptInputs, result: Any) -> dict[str, torch.Tensor] | None:
     """The candidate's own frozen activations of the site and held-out source images when its
     frozen part changed (whole-backbone mmd/coral, adabn scope "all"); None otherwise, when
-    the champion's cached activations are the candidate's too."""
+    the champion's cached activations are the candidate's too. A candidate judged with the
+    champion's statistics on training-domain images (:func:`source_model`) sees those
+    through the champion's frozen part."""
     if not result.frozen_changed:
         return None
     from models.adapt import cache_activations
 
-    site_x = inputs.site_images if inputs.site_images is not None else decode_images(inputs, inputs.site_paths)
-    return {"site": cache_activations(result.model, site_x),
-            "heldout": cache_activations(result.model, decode_images(inputs, inputs.heldout_paths))}
+    site_h = getattr(result, "site_h", None)
+    if site_h is None:
+        site_x = inputs.site_images if inputs.site_images is not None else decode_images(inputs, inputs.site_paths)
+        site_h = cache_activations(result.model, site_x)
+    if getattr(result, "source_normalisation", "own") == "champion":
+        held = inputs.src_heldout
+    else:
+        held = cache_activations(result.model, decode_images(inputs, inputs.heldout_paths))
+    return {"site": site_h, "heldout": held}
 
 
 def candidate_inputs(inputs: AdaptInputs, own: dict[str, torch.Tensor] | None
@@ -132,36 +168,42 @@ def audit_accuracy(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, An
 
 
 def candidate_profile(inputs: AdaptInputs, cand: Any) -> Any:
-    """Reference profile of the candidate: its features and the quality statistics of the
-    held-out training-domain images, computed the way every later check of the candidate
-    computes a site's (a full forward in the version's own precision: a profile from another
-    arithmetic would itself look like drift)."""
+    """Reference profile of an adapted version: the site's images it was adapted to, as it
+    sees them -- features and quality statistics computed the way every later check computes
+    a site's (a full forward in the version's own precision: a profile from another
+    arithmetic would itself look like drift).
+
+    An adapted version serves the site's conditions, so its checks compare the site with
+    those: the site it was adapted to reads no drift, and a return to the training domain's
+    conditions (or any new change) is drift from the adapted conditions. The accuracy
+    estimator is the champion's training-domain one and does not carry over: checks of an
+    adapted version report no estimate (impact unknown)."""
     from models.evaluate import extract_features
     from models.images import load_rgb
     from models.profile import ReferenceProfile
     from models.quality import image_stats
 
     prep = cand.preprocessing
-    grids, stats = [], []
-    for path in inputs.heldout_paths:
+    grids_, stats = [], []
+    for path in inputs.site_paths:
         img = load_rgb(path)
-        grids.append(prep.to_array(img))
+        grids_.append(prep.to_array(img))
         stats.append(image_stats(img))
-    z, p = extract_features(cand, np.stack(grids))
+    z, p = extract_features(cand, np.stack(grids_))
     quality = {k: np.asarray([s[k] for s in stats], np.float64) for k in stats[0]}
     prof = inputs.profile
-    out = ReferenceProfile.from_arrays(
+    return ReferenceProfile.from_arrays(
         features=np.asarray(z, np.float32), probs=np.asarray(p, np.float32),
         classes=list(prof.classes), quality=quality,
-        info={"n": int(len(z)), "precision": cand.precision, "base_model": inputs.base_key},
+        info={"n": int(len(z)), "precision": cand.precision, "base_model": inputs.base_key,
+              "reference": "site", "site": cand.config.get("adaptation", {}).get("site")},
     )
-    out.thumbnails = getattr(prof, "thumbnails", None)  # the same training-domain images
-    return out
 
 
 @task(name="register-challenger", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
 def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
-                        validation: dict[str, Any], method: str) -> dict[str, Any]:
+                        validation: dict[str, Any], method: str,
+                        candidates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Log everything to MLflow; register a version of emowatch-<site> with alias challenger."""
     from tasks.registry import CHALLENGER
 
@@ -184,7 +226,7 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
             z0s, _ = cached_outputs(inputs.ckpt.model, inputs.src_val[0])
             z0t, _ = cached_outputs(inputs.ckpt.model, inputs.site_h)
             src_h, site_h = candidate_inputs(inputs, own)
-            z1s, _ = cached_outputs(result.model, src_h)
+            z1s, _ = cached_outputs(source_model(inputs, result), src_h)
             z1t, _ = cached_outputs(result.model, site_h)
             fig = embedding_figure(np.asarray(z0s), np.asarray(z0t), np.asarray(z1s), np.asarray(z1t),
                                    title=f"{site.name}: source vs site features, before / after {method}")
@@ -228,6 +270,12 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
             "emowatch.method": method,
             "emowatch.base_model": inputs.base_key,
         }
+        if candidates:
+            tags["emowatch.candidates"] = json.dumps(candidates)[:4900]
+            chosen = next((c for c in candidates if c.get("selected")), None)
+            if chosen and chosen.get("estimate"):
+                metrics["estimated_gain"] = float(chosen["estimate"]["gain"])
+                metrics["estimated_gain_lower"] = float(chosen["estimate"]["lower"])
         if validation.get("audit") and validation["audit"].get("champion") is not None:
             tags["emowatch.audit"] = json.dumps(
                 {k: validation["audit"][k] for k in ("champion", "challenger", "n", "champion_only",

@@ -77,12 +77,32 @@ def promotion_message(site: Site, r: Mapping[str, Any], plan: Mapping[str, Any]
     return subject, body
 
 
+def candidates_table(candidates: Sequence[Mapping[str, Any]]) -> str:
+    """The portfolio's candidates as text lines: estimated gain with its 95% interval, time,
+    which one was selected, why one was skipped."""
+    lines = [f"  {'candidate':16s} {'est. gain':>10s} {'95% interval':>16s} {'seconds':>8s}"]
+    for c in candidates:
+        name = c.get("name") or c.get("method")
+        e = c.get("estimate") or {}
+        mark = "  <- selected" if c.get("selected") else ""
+        if c.get("skipped"):
+            lines.append(f"  {name:16s} skipped: {c['skipped']}")
+        elif name == "champion":
+            lines.append(f"  {name:16s} {'0.0 pts':>10s} {'(the baseline)':>16s} {'':>8s}")
+        else:
+            lines.append(f"  {name:16s} {100 * e.get('gain', 0):+7.1f} pts "
+                         f"[{100 * e.get('lower', 0):+5.1f}, {100 * e.get('upper', 0):+5.1f}] "
+                         f"{c.get('seconds', 0):8.1f}{mark}")
+    return "\n".join(lines)
+
+
 def approval_message(site: Site, version: str, champion: str | None, verdict: str,
                      gates: Mapping[str, Mapping[str, Any]] | None,
                      audit: Mapping[str, Any] | None, blessing: Any,
-                     reasons: Sequence[str] = ()) -> tuple[str, str]:
+                     reasons: Sequence[str] = (),
+                     candidates: Sequence[Mapping[str, Any]] | None = None) -> tuple[str, str]:
     """(subject, body) of the "approval needed" e-mail for a challenger; ``blessing`` is what
-    ``tasks.blessing.bless`` says of an approval now."""
+    ``tasks.blessing.bless`` says of an approval now; ``candidates`` the portfolio's table."""
     b = blessing
     if b.allowed and b.blessed:
         outcome = "Every gate passed."
@@ -104,6 +124,8 @@ def approval_message(site: Site, version: str, champion: str | None, verdict: st
         f"{site.model_name} version {version}; the champion is version {champion or 'none'}.\n"
         f"Site policy: {site.policy}. Validation verdict: {verdict}.\n{outcome}\n\n"
         f"Gates:\n{gates_table(gates)}\n{audit_line(audit)}\n\n"
+        + (f"Candidates (estimated on labelled proxies of the site):\n"
+           f"{candidates_table(candidates)}\n\n" if candidates else "") +
         f"To promote it to champion:\n{approve}\n"
         f"To reject it (the champion stays):\n"
         f"  emowatch reject {site.name} {version} --by NAME --reason TEXT\n"
@@ -111,4 +133,4 @@ def approval_message(site: Site, version: str, champion: str | None, verdict: st
     return subject, body
 
 
-__all__ = ["approval_message", "audit_line", "fmt", "gates_table", "promotion_message"]
+__all__ = ["approval_message", "audit_line", "candidates_table", "fmt", "gates_table", "promotion_message"]

@@ -387,6 +387,7 @@ def request_approval(
     audit: Mapping[str, Any] | None = None,
     deliver: bool = True,
     reasons: Sequence[str] = (),
+    candidates: Sequence[Mapping[str, Any]] | None = None,
 ) -> int | None:
     """Queue the "approval needed" e-mail for a challenger; returns the alert id (None when the
     site has no approvers or the outbox failed: logged, never raised)."""
@@ -397,7 +398,7 @@ def request_approval(
     b = bless(action="approve", policy=site.policy, verdict=verdict, gates=dict(gates or {}),
               audit=dict(audit) if audit else None)
     subject, body = approval_message(site, str(version), champion, verdict, gates, audit, b,
-                                     reasons=reasons)
+                                     reasons=reasons, candidates=candidates)
     return send_to_approvers(ctx, "approval", subject, body, attachments,
                              deliver=deliver)["alert_id"]
 
@@ -418,9 +419,10 @@ def request_approval_task(ctx: RunContext, version: str, verdict: str,
                           gates: dict[str, dict[str, Any]] | None,
                           attachments: Sequence[str] = (),
                           audit: dict[str, Any] | None = None,
-                          deliver: bool = False, reasons: Sequence[str] = ()) -> int | None:
+                          deliver: bool = False, reasons: Sequence[str] = (),
+                          candidates: Sequence[dict[str, Any]] | None = None) -> int | None:
     return request_approval(ctx, version, verdict, gates, attachments, audit=audit,
-                            deliver=deliver, reasons=list(reasons))
+                            deliver=deliver, reasons=list(reasons), candidates=candidates)
 
 
 __all__ = [

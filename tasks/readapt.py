@@ -49,6 +49,7 @@ class AdaptInputs:
     # (site option adapt.train_backbone); None on the cached path.
     src_train_images: torch.Tensor | None = None
     site_images: torch.Tensor | None = None
+    heldout_labels: list[int] | None = None  # of heldout_paths (the portfolio's proxies)
 
 
 class AdaptationLocked(RuntimeError):
@@ -117,15 +118,34 @@ def auto_adapt_blocker(ctx: RunContext) -> str | None:
     return None
 
 
-def needs_source(method: str) -> bool:
-    """Does ``method`` read the labelled training data (the adapter class says)?"""
+def needs_source(method: str, site: Site | None = None) -> bool:
+    """Does ``method`` read the labelled training data (the adapter class says; the portfolio
+    does unless the site is source-free)?"""
     from models.adapt import get_adapter
 
+    if method == "portfolio":
+        return site is None or not site.adapt.source_free
     return get_adapter(method).needs_source
 
 
+def portfolio_runs_backbone(site: Site) -> bool:
+    """Can the site's portfolio reach its whole-backbone member within its budget (then the
+    training images are decoded for it)?"""
+    from models.portfolio import members
+
+    for m in members(site.adapt.portfolio):
+        if m.kind == "mmd-backbone":
+            need = float(m.params.get("expected_s", 0.0)) * (1 + site.adapt.proxies)
+            return need <= site.adapt.portfolio_budget_s and not site.adapt.source_free
+    return False
+
+
 def resolve_method(site: Site, method: str | None) -> str:
+    """The method a run uses: ``method`` (forced: no portfolio) or the site's
+    ``adapt.method`` ("portfolio" or one method)."""
     m = method or site.adapt.method
+    if m == "portfolio":
+        return m
     if site.adapt.source_free and needs_source(m):
         raise ValueError(f"site {site.name} is source_free: method {m!r} needs the training data; "
                          "use shot-im, tent or adabn")
@@ -185,6 +205,7 @@ def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False
         ckpt=ckpt, profile=profile, base_key=f"{model_name}/{version}", src_train=src_train,
         src_val=(h_val, y_val), src_heldout=torch.cat([h_val, h_test]),
         heldout_paths=val_paths + test_paths, site_h=site_h,
+        heldout_labels=[r.label for r in val_recs] + [r.label for r in test_recs],
         site_paths=[p for _, p in site_items], source_paths_val=val_paths,
     )
     if train_backbone and src_train is None:

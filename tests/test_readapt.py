@@ -37,6 +37,10 @@ def test_methods_a_site_may_use(tmp_path):
     with pytest.raises(ValueError, match="source_free.*needs the training data"):
         readapt.resolve_method(free, "mmd")
     assert readapt.resolve_method(Site(name="x", inbox=tmp_path), None) == "mmd"  # the default
+    assert readapt.resolve_method(Site(name="x", inbox=tmp_path, adapt={"method": "portfolio"}),
+                                  None) == "portfolio"
+    assert readapt.needs_source("portfolio", Site(name="x", inbox=tmp_path))
+    assert not readapt.needs_source("portfolio", free)
     assert readapt.needs_source("coral") and not readapt.needs_source("adabn")
 
 

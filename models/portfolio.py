@@ -1,0 +1,356 @@
+"""The re-adaptation portfolio: several candidates, cheapest first, the champion itself as
+candidate zero, each judged label-free by what its recipe does on labelled proxies of the site;
+the one to propose is chosen on the lower bound of its estimated gain.
+
+**Proxies.** The site's images have no labels. The labelled held-out training-domain images do;
+under the shifts of the estimator's bank (:mod:`models.shifts`, never the benchmark's
+conditions) whose image statistics come closest to the site's (``models.proxies``) they
+are labelled stand-ins for the site. Each member's recipe is applied to the site and to every
+proxy exactly as to the site (it adapts on the proxy's images, then predicts them), so the
+paired accuracy change on a proxy is one measurement of what the recipe does to a shift like
+the site's:
+
+    g_j   = acc(recipe on proxy j) - acc(champion on proxy j)      (paired, same images)
+    gain  = mean_j g_j
+    se^2  = mean_j(var_j) / k + s_b^2 / k     (var_j: paired per-image variance / n_j;
+                                               s_b: spread of g_j between the k proxies)
+    lower = gain - z se                       (z = 1.645: one-sided 95 %)
+
+:func:`select` proposes the member with the highest lower bound if that bound is above
+``min_gain`` (0); otherwise nothing (the flow's verdict ``no_gain``).
+
+**Members** (``models.catalog.PORTFOLIO``, in order, cheapest first):
+
+    bn       top + bottleneck BN statistics re-estimated on the site, mixed with the
+             champion's at n/(n+N) (Schneider et al. 2020), from cached activations
+    bn-all   the same for every BN layer (the frozen part from the raw images)
+    tent     Tent (BN affine, entropy) on top of the best bn/bn-all member, a few steps
+    shot-im  SHOT-IM on top of the best bn/bn-all member
+    mmd      the paper's loss (source CE + MK-MMD), top layers, cached activations
+    mmd-backbone  mmd through the whole backbone (minutes: only when the budget allows)
+
+Pure torch/numpy: the flow's task (``tasks.portfolio``) decodes the images and builds the sets.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.adapt import AdaptResult, CachedSet, cached_outputs, get_adapter
+from models.bn import bn_modules, bn_stats
+from models.network import EmotionNet
+
+Z_ONE_SIDED_95 = 1.645
+Z_ONE_SIDED_90 = 1.282
+
+
+# --- members --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Member:
+    """One recipe of the portfolio: ``kind`` (see the module docstring) and its parameters."""
+
+    name: str
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_source(self) -> bool:
+        return self.kind in ("mmd", "mmd-backbone")
+
+    @property
+    def needs_images(self) -> bool:
+        return self.kind in ("bn-all", "mmd-backbone")
+
+    @property
+    def bn_kind(self) -> bool:
+        return self.kind in ("bn", "bn-all")
+
+
+KINDS = ("bn", "bn-all", "tent", "shot-im", "mmd", "mmd-backbone")
+
+
+def members(names: Sequence[str] | None = None) -> list[Member]:
+    """The members of ``models.catalog.PORTFOLIO`` named ``names`` (None: all), in the
+    catalog's order."""
+    from models.catalog import PORTFOLIO
+
+    table = {n: Member(n, kind, dict(params)) for n, kind, params in PORTFOLIO}
+    if names is None:
+        return list(table.values())
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown portfolio member(s) {unknown}; known: {', '.join(table)}")
+    return [m for m in table.values() if m.name in set(names)]
+
+
+# --- sets and records --------------------------------------------------------------------------
+@dataclass
+class SiteSet:
+    """What a recipe is applied to: the site (no labels) or a proxy (labels)."""
+
+    h: torch.Tensor  # (n, C, s, s) the champion's frozen activations
+    images: torch.Tensor | None = None  # (n, 3, S, S) normalised; bn-all / mmd-backbone need them
+    labels: np.ndarray | None = None  # proxies only
+    name: str = "site"
+
+    def __len__(self) -> int:
+        return int(self.h.shape[0])
+
+
+@dataclass
+class Applied:
+    """A recipe applied to one set: the adapted model and the set's activations under it."""
+
+    result: AdaptResult
+    h: torch.Tensor
+
+
+@dataclass
+class CandidateRecord:
+    member: Member
+    seconds: float = 0.0  # the recipe on the site and on every proxy
+    site_seconds: float = 0.0  # on the site alone
+    estimate: dict[str, Any] | None = None
+    selected: bool = False
+    skipped: str | None = None
+    applied: Applied | None = None  # on the site (None for the champion / skipped)
+    proxies: list[Applied] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.member.kind if self.member.kind != "champion" else "champion",
+                "name": self.member.name, "params": dict(self.member.params),
+                "estimate": self.estimate, "seconds": round(self.seconds, 2),
+                "site_seconds": round(self.site_seconds, 2), "selected": self.selected,
+                "skipped": self.skipped}
+
+
+@dataclass
+class PortfolioResult:
+    candidates: list[CandidateRecord]  # candidates[0] is the champion
+    selected: int | None  # index into candidates; None: no candidate's lower bound clears 0
+    reasons: list[str]
+    seconds: float
+    proxies: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> CandidateRecord | None:
+        return None if self.selected is None else self.candidates[self.selected]
+
+    def table(self) -> list[dict[str, Any]]:
+        return [c.to_dict() for c in self.candidates]
+
+
+# --- the estimate ----------------------------------------------------------------------------
+def gain_estimate(right_candidate: Sequence[np.ndarray], right_champion: Sequence[np.ndarray],
+                  z: float = Z_ONE_SIDED_95) -> dict[str, Any]:
+    """Estimated accuracy gain of a recipe from k proxies (module docstring): per proxy the
+    paired per-image correctness (bool arrays of the same images) of candidate and champion."""
+    if len(right_candidate) != len(right_champion) or not right_candidate:
+        raise ValueError("need the same number (>= 1) of candidate and champion proxies")
+    g, var = [], []
+    for rc, r0 in zip(right_candidate, right_champion, strict=True):
+        d = np.asarray(rc, np.float64) - np.asarray(r0, np.float64)
+        if d.ndim != 1 or len(d) < 2:
+            raise ValueError("each proxy needs at least 2 paired images")
+        g.append(float(d.mean()))
+        var.append(float(d.var(ddof=1)) / len(d))
+    k = len(g)
+    gain = float(np.mean(g))
+    between = float(np.var(g, ddof=1)) if k > 1 else 0.0
+    se = math.sqrt(float(np.mean(var)) / k + between / k)
+    return {"gain": gain, "lower": gain - z * se, "upper": gain + z * se, "se": se,
+            "per_proxy": [round(x, 4) for x in g], "k": k,
+            "acc": float(np.mean([np.mean(r) for r in right_candidate])),
+            "champion_acc": float(np.mean([np.mean(r) for r in right_champion]))}
+
+
+def select(estimates: Sequence[dict[str, Any] | None], min_gain: float = 0.0) -> int | None:
+    """Index of the estimate with the highest lower bound if above ``min_gain``; ties go to
+    the earlier (cheaper) one; None when none clears it."""
+    best, best_lb = None, min_gain
+    for i, e in enumerate(estimates):
+        if e is None or not math.isfinite(e.get("lower", math.nan)):
+            continue
+        if e["lower"] > best_lb + 1e-12:
+            best, best_lb = i, e["lower"]
+    return best
+
+
+# --- applying a member ---------------------------------------------------------------------------
+def _copy_top_stats(dst: EmotionNet, src: EmotionNet) -> None:
+    """dst's top and bottleneck BN running statistics := src's."""
+    bns_d = bn_modules(dst.top) + bn_modules(dst.bottleneck)
+    for b, (mu, var) in zip(bns_d, bn_stats(bn_modules(src.top) + bn_modules(src.bottleneck)),
+                            strict=True):
+        b.running_mean.copy_(mu)
+        b.running_var.copy_(var)
+
+
+def apply_member(member: Member, champion: EmotionNet, data: SiteSet, source: CachedSet | None,
+                 base: Applied | None, base_member: Member | None, seed: int,
+                 precision: str, time_budget_s: float) -> Applied:
+    """The recipe of ``member`` on one set. tent / shot-im start from ``base`` (the best BN
+    member's result on the same set; None: the champion)."""
+    kind, p = member.kind, member.params
+    if kind in ("bn", "bn-all"):
+        ad = get_adapter("adabn")
+        cfg = ad.default_config()
+        cfg.scope = "all" if kind == "bn-all" else "trainable"
+        cfg.prior_n = float(p.get("prior_n", 0.0))
+        cfg.precision = precision
+        target = CachedSet(h=data.h, images=data.images)
+        res = ad.adapt(champion, None, target, cfg)
+        return Applied(res, res.site_h if res.frozen_changed else data.h)
+    if kind in ("tent", "shot-im"):
+        ad = get_adapter(kind)
+        cfg = ad.default_config()
+        cfg.steps = int(p.get("steps", cfg.steps))
+        cfg.batch_size = int(p.get("batch_size", cfg.batch_size))
+        cfg.time_budget_s = time_budget_s
+        start, h = champion, data.h
+        if base is not None and base_member is not None:
+            cfg.prior_n = float(base_member.params.get("prior_n", 0.0))
+            if base.result.frozen_changed:
+                # the bn-all member's frozen part; the top's statistics start from the
+                # champion's so that the prior mixes with the training domain's, not twice
+                start = copy.deepcopy(base.result.model)
+                _copy_top_stats(start, champion)
+                h = base.h
+        res = ad.adapt(start, None, CachedSet(h=h), cfg)
+        res.frozen_changed = bool(base is not None and base.result.frozen_changed)
+        return Applied(res, h)
+    if kind in ("mmd", "mmd-backbone"):
+        from models.discrepancy import with_backbone
+
+        if source is None:
+            raise ValueError(f"{member.name} needs the labelled training data")
+        ad = get_adapter("mmd")
+        cfg = ad.default_config()
+        cfg.time_budget_s = time_budget_s
+        target = CachedSet(h=data.h, images=data.images)
+        if kind == "mmd-backbone":
+            cfg = with_backbone(cfg)
+        for k_, v in p.items():
+            if hasattr(cfg, k_):
+                setattr(cfg, k_, v)
+        cfg.seed = seed
+        res = ad.adapt(champion, source, target, cfg)
+        if res.frozen_changed:
+            from models.bn import frozen_outputs
+
+            h = frozen_outputs(res.model, data.images, 64, precision)
+            res.site_h = h
+            return Applied(res, h)
+        return Applied(res, data.h)
+    raise ValueError(f"unknown portfolio kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+def correct(model: EmotionNet, h: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    return cached_outputs(model, h)[1].argmax(1) == np.asarray(labels)
+
+
+# --- the portfolio ---------------------------------------------------------------------------------
+def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet],
+                  source: CachedSet | None, portfolio: Sequence[Member], budget_s: float,
+                  precision: str = "fp32", seed: int = 0, z: float = Z_ONE_SIDED_95,
+                  min_gain: float = 0.0, progress: Callable[[str], None] | None = None,
+                  ) -> PortfolioResult:
+    """Apply each member (in order) to the site and to every proxy while the time budget
+    lasts, estimate each one's gain on the proxies, and select (module docstring).
+
+    A member that needs the training data is skipped when ``source`` is None; one that needs
+    raw images when the sets carry none; a member not started before ``budget_s`` is skipped
+    (recorded with the reason); ``mmd-backbone`` starts only if its ``expected_s`` (per set)
+    fits into what is left."""
+    if not proxies:
+        raise ValueError("the portfolio needs at least one labelled proxy")
+    if any(p.labels is None for p in proxies):
+        raise ValueError("every proxy needs labels")
+    say = progress or (lambda _msg: None)
+    t_start = time.perf_counter()
+    right0 = [correct(champion, p.h, p.labels) for p in proxies]
+    champ = CandidateRecord(Member("champion", "champion"), selected=False)
+    champ.estimate = gain_estimate(right0, right0, z)
+    records = [champ]
+    best_bn: CandidateRecord | None = None
+    for member in portfolio:
+        rec = CandidateRecord(member)
+        records.append(rec)
+        elapsed = time.perf_counter() - t_start
+        left = budget_s - elapsed
+        need = float(member.params.get("expected_s", 0.0)) * (1 + len(proxies))
+        if member.needs_source and source is None:
+            rec.skipped = "needs the labelled training data (source-free site)"
+        elif member.needs_images and (site.images is None or any(p.images is None for p in proxies)):
+            rec.skipped = "needs the raw images"
+        elif left <= 0:
+            rec.skipped = f"time budget of {budget_s:.0f} s spent ({elapsed:.0f} s)"
+        elif need > left:
+            rec.skipped = f"needs ~{need:.0f} s, {left:.0f} s of the budget left"
+        if rec.skipped:
+            say(f"{member.name}: skipped ({rec.skipped})")
+            continue
+        base_rec = best_bn if member.kind in ("tent", "shot-im") else None
+        t0 = time.perf_counter()
+        try:
+            rec.applied = apply_member(member, champion, site, source,
+                                       base_rec.applied if base_rec else None,
+                                       base_rec.member if base_rec else None, seed, precision,
+                                       max(left, 1.0))
+            rec.site_seconds = time.perf_counter() - t0
+            rights = []
+            for j, px in enumerate(proxies):
+                a = apply_member(member, champion, px, source,
+                                 base_rec.proxies[j] if base_rec else None,
+                                 base_rec.member if base_rec else None, seed, precision,
+                                 max(left, 1.0))
+                rec.proxies.append(a)
+                rights.append(correct(a.result.model, a.h, px.labels))
+        except (ValueError, RuntimeError) as e:  # one recipe failing does not stop the rest
+            rec.skipped = f"failed: {e}"
+            rec.applied, rec.proxies = None, []
+            say(f"{member.name}: {rec.skipped}")
+            continue
+        rec.seconds = time.perf_counter() - t0
+        rec.estimate = gain_estimate(rights, right0, z)
+        say(f"{member.name}: gain {100 * rec.estimate['gain']:+.1f} pts "
+            f"(lower {100 * rec.estimate['lower']:+.1f}) in {rec.seconds:.1f} s")
+        if member.bn_kind and (best_bn is None or rec.estimate["lower"] > best_bn.estimate["lower"]):
+            best_bn = rec
+    # the bn members' proxy results are needed by tent/shot-im only; drop the others' models
+    for r in records:
+        if r is not best_bn:
+            r.proxies = []
+    idx = select([r.estimate if r.applied is not None else None for r in records], min_gain)
+    reasons = []
+    if idx is None:
+        tried = [r for r in records[1:] if r.estimate is not None]
+        if tried:
+            top = max(tried, key=lambda r: r.estimate["lower"])
+            reasons.append(
+                f"no_gain: no candidate's estimated gain is above 0 with 95% confidence (best "
+                f"{top.member.name}: {100 * top.estimate['gain']:+.1f} points, lower bound "
+                f"{100 * top.estimate['lower']:+.1f}, on {top.estimate['k']} labelled proxies "
+                "of the site)")
+        else:
+            reasons.append("no_gain: no candidate could be built")
+    else:
+        records[idx].selected = True
+        e = records[idx].estimate
+        reasons.append(f"selected {records[idx].member.name}: estimated gain "
+                       f"{100 * e['gain']:+.1f} points (95% lower bound {100 * e['lower']:+.1f}) on "
+                       f"{e['k']} labelled proxies of the site")
+    return PortfolioResult(records, idx, reasons, time.perf_counter() - t_start)
+
+
+__all__ = ["KINDS", "Applied", "CandidateRecord", "Member", "PortfolioResult",
+           "SiteSet", "apply_member", "correct", "gain_estimate", "members",
+           "run_portfolio", "select"]

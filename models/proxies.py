@@ -1,0 +1,124 @@
+"""Labelled proxies of a site for the re-adaptation portfolio (``models.portfolio``): the
+held-out training-domain images under the bank shifts (``models.shifts``) nearest the site,
+first by image statistics, then by the champion's bottleneck features. Pure numpy/torch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.adapt import cached_outputs
+from models.network import EmotionNet
+from models.portfolio import SiteSet
+
+
+# --- proxies -----------------------------------------------------------------------------------
+def stat_features(stats: np.ndarray) -> np.ndarray:
+    """(n, len(STAT_SCALE)) quality statistics -> the descriptors' units (log where the scale
+    says so)."""
+    from models.estimate_describe import STAT_SCALE
+
+    cols = []
+    for i, name in enumerate(STAT_SCALE):
+        v = np.asarray(stats[:, i], np.float64)
+        cols.append(np.log(np.maximum(v, 1e-4)) if STAT_SCALE[name] == "log" else v)
+    return np.stack(cols, 1)
+
+
+def proxy_distances(ref_stats: np.ndarray, site_stats: np.ndarray,
+                    shifted_stats: Sequence[np.ndarray]) -> np.ndarray:
+    """Distance between the site's mean image statistics and each shifted reference set's, in
+    units of the clean reference's per-image spread (floored: a grey training domain has no
+    colour spread)."""
+    from models.estimate_describe import STAT_SCALE, STAT_SD_FLOOR
+
+    ref = stat_features(ref_stats)
+    sd = ref.std(0)
+    floor = np.array([STAT_SD_FLOOR[n] if STAT_SCALE[n] == "lin" else 0.05 for n in STAT_SCALE])
+    sd = np.maximum(sd, floor)
+    mu_site = stat_features(site_stats).mean(0)
+    return np.array([float(np.linalg.norm((stat_features(s).mean(0) - mu_site) / sd))
+                     for s in shifted_stats])
+
+
+def choose_proxies(distances: np.ndarray, k: int) -> list[int]:
+    """The ``k`` nearest bank entries (ascending distance)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return [int(i) for i in np.argsort(np.asarray(distances), kind="stable")[:k]]
+
+
+def feature_distance(z_site: np.ndarray, z_proxy: np.ndarray) -> float:
+    """MK-MMD^2 between the champion's bottleneck features of the site and of a proxy (the
+    kernel adaptation aligns with, models.discrepancy.mk_mmd2)."""
+    from models.discrepancy import mk_mmd2
+
+    return float(mk_mmd2(torch.as_tensor(np.asarray(z_site), dtype=torch.float32),
+                         torch.as_tensor(np.asarray(z_proxy), dtype=torch.float32)))
+
+
+@dataclass
+class ProxyConfig:
+    """How the proxies are chosen: ``specs`` bank shifts (models.shifts.bank_specs, two thirds
+    mostly mild) ranked by image statistics on ``match_images`` held-out images; the
+    ``shortlist`` nearest ranked again by the champion's feature distance to the site on
+    ``feature_images``; the ``k`` nearest become proxies (on every held-out image)."""
+
+    k: int = 4
+    specs: int = 120
+    match_images: int = 8
+    shortlist: int = 10
+    feature_images: int = 48
+    seed: int = 0
+
+
+def build_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: np.ndarray,
+                  site_grids: np.ndarray, site_h: torch.Tensor, precision: str,
+                  config: ProxyConfig | None = None) -> tuple[list[SiteSet], list[dict[str, Any]]]:
+    """Labelled proxies of the site (module docstring): held-out training-domain images
+    (uint8 grids, labels) under the bank shifts nearest the site, first by image statistics,
+    then by the champion's features. Returns the sets and what they are (shift, distances)."""
+    from models.bn import frozen_outputs
+    from models.estimate_fit import stats_matrix
+    from models.shifts import apply_spec, bank_specs, spec_text
+
+    cfg = config or ProxyConfig()
+    if len(ref_grids) != len(labels) or len(ref_grids) < 2:
+        raise ValueError(f"need >= 2 labelled held-out images, got {len(ref_grids)} images and "
+                         f"{len(labels)} labels")
+    specs = bank_specs(cfg.specs * 2 // 3, cfg.specs - cfg.specs * 2 // 3)
+    rng = np.random.default_rng(cfg.seed)
+    n = len(ref_grids)
+    sub = np.sort(rng.choice(n, min(cfg.match_images, n), replace=False))
+    shifted = [stats_matrix([apply_spec(ref_grids[i], sp, np.random.default_rng([j, int(i)]))
+                             for i in sub]) for j, sp in enumerate(specs)]
+    d_stats = proxy_distances(stats_matrix(list(ref_grids)), stats_matrix(list(site_grids)), shifted)
+    short = choose_proxies(d_stats, min(cfg.shortlist, len(specs)))
+    z_site = cached_outputs(model, site_h)[0]
+    fsub = np.sort(rng.choice(n, min(cfg.feature_images, n), replace=False))
+
+    def shifted_h(j: int, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        g = np.stack([apply_spec(ref_grids[i], specs[j], np.random.default_rng([j, int(i)]))
+                      for i in idx])
+        x = prep.normalize(g)
+        return frozen_outputs(model, x, 8, precision), x
+
+    d_feat = {j: feature_distance(z_site, cached_outputs(model, shifted_h(j, fsub)[0])[0])
+              for j in short}
+    chosen = sorted(short, key=lambda j: d_feat[j])[:cfg.k]
+    out, info = [], []
+    for j in chosen:
+        h, x = shifted_h(j, np.arange(n))
+        out.append(SiteSet(h=h, images=x, labels=np.asarray(labels), name=f"shift {j}"))
+        info.append({"shift": spec_text(specs[j]), "stats_distance": round(float(d_stats[j]), 3),
+                     "feature_mmd2": round(d_feat[j], 5), "n": n})
+    return out, info
+
+
+
+__all__ = ["ProxyConfig", "build_proxies", "choose_proxies", "feature_distance", "proxy_distances",
+           "stat_features"]

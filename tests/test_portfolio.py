@@ -1,0 +1,175 @@
+"""The re-adaptation portfolio (models/portfolio.py): the gain estimate, the selection rule, the
+proxies' distance, the BN prior, and the whole portfolio on the toy night camera of
+tests/test_adapt.py (tiny backbone)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.adapt import CachedSet, get_adapter
+from models.bn import AdaBNConfig, bn_modules, prior_weight
+from models.network import EmotionNet, NetConfig
+from models.portfolio import (
+    Member,
+    SiteSet,
+    gain_estimate,
+    members,
+    run_portfolio,
+    select,
+)
+from models.proxies import ProxyConfig, build_proxies, choose_proxies, proxy_distances  # noqa: F401
+from tests.test_adapt import K, S, make_scenes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def net():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = EmotionNet(NetConfig(backbone="tiny", img_size=S, num_classes=K, pretrained=False))
+        xs, ys = make_scenes(384, 0)
+        opt = torch.optim.Adam(model.trainable_parameters(), 3e-3)
+        model.train()
+        for _ in range(120):
+            i = torch.randint(0, len(xs), (64,))
+            loss = F.cross_entropy(model(xs[i]), ys[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def sets(model, site: bool, seed: int, n: int = 160) -> SiteSet:
+    x, y = make_scenes(n, seed, site=site)
+    with torch.no_grad():
+        h = model.frozen_forward(x)
+    return SiteSet(h=h, images=x, labels=y.numpy(), name=f"{'site' if site else 'clean'}{seed}")
+
+
+# --- the estimate and the rule ------------------------------------------------------------------
+def test_gain_estimate_known_answer():
+    r0 = [np.array([1, 0, 0, 0] * 25, bool), np.array([1, 1, 0, 0] * 25, bool)]  # 25%, 50%
+    rc = [np.array([1, 1, 0, 0] * 25, bool), np.array([1, 1, 1, 0] * 25, bool)]  # +25 pts each
+    e = gain_estimate(rc, r0)
+    assert e["gain"] == pytest.approx(0.25)
+    assert e["per_proxy"] == [0.25, 0.25]
+    # paired differences are 0/1 with p = 0.25: var = 0.25 * 0.75 * 100 / 99, / n; no spread
+    within = 0.25 * 0.75 * 100 / 99 / 100
+    assert e["se"] == pytest.approx(math.sqrt(within / 2))
+    assert e["lower"] == pytest.approx(0.25 - 1.645 * e["se"])
+    assert e["acc"] == pytest.approx(0.625) and e["champion_acc"] == pytest.approx(0.375)
+
+
+def test_disagreeing_proxies_widen_the_interval():
+    r0 = [np.zeros(100, bool)] * 2
+    same = gain_estimate([np.r_[np.ones(10), np.zeros(90)].astype(bool)] * 2, r0)
+    split = gain_estimate([np.r_[np.ones(20), np.zeros(80)].astype(bool), np.zeros(100, bool)], r0)
+    assert same["gain"] == pytest.approx(split["gain"]) == pytest.approx(0.10)
+    assert split["se"] > same["se"]
+
+
+def test_select_takes_the_highest_lower_bound_above_zero():
+    est = [{"lower": 0.0}, {"lower": 0.02}, {"lower": 0.05}, {"lower": 0.05}, None,
+           {"lower": float("nan")}]
+    assert select(est) == 2  # ties: the earlier, cheaper one
+    assert select([{"lower": 0.0}, {"lower": -0.01}]) is None
+    assert select([{"lower": 0.03}], min_gain=0.05) is None
+
+
+def test_proxies_nearest_by_image_statistics():
+    rng = np.random.default_rng(0)
+    ref = np.abs(rng.normal(1.0, 0.1, (50, 9)))
+    site = ref * 0.5  # darker everything
+    shifted = [ref * 0.9, ref * 0.52, ref, ref * 0.3]
+    d = proxy_distances(ref, site, shifted)
+    assert choose_proxies(d, 2) == [1, 0] or choose_proxies(d, 2)[0] == 1
+    assert d[1] < d[0] < d[2]
+    with pytest.raises(ValueError):
+        choose_proxies(d, 0)
+
+
+def test_the_method_list_is_defined_once():
+    from emowatch.sites import AdaptOptions
+    from models.catalog import DEFAULT_PORTFOLIO, PORTFOLIO
+
+    assert [m.name for m in members()] == [n for n, _, _ in PORTFOLIO]
+    assert AdaptOptions().portfolio == list(DEFAULT_PORTFOLIO)
+    with pytest.raises(ValueError, match="unknown portfolio member"):
+        members(["bn(N=3)"])
+    with pytest.raises(ValueError, match="portfolio member"):
+        AdaptOptions(portfolio=["nope"])
+
+
+# --- the BN prior -------------------------------------------------------------------------------
+def test_prior_n_sets_the_site_weight_for_every_layer(net):
+    site = sets(net, True, 5, n=120)
+    cfg = AdaBNConfig(scope="all", prior_n=360)
+    assert cfg.weight(120) == pytest.approx(prior_weight(120, 360)) == pytest.approx(0.25)
+    pure = get_adapter("adabn").adapt(net, None, CachedSet(h=site.h, images=site.images),
+                                      AdaBNConfig(scope="all"))
+    mixed = get_adapter("adabn").adapt(net, None, CachedSet(h=site.h, images=site.images), cfg)
+    w = 0.25
+    # the top's statistics: the moments of the mixture of the champion's and the site's
+    for b0, b1, bm in zip(bn_modules(net.bottleneck), bn_modules(pure.model.bottleneck),
+                          bn_modules(mixed.model.bottleneck), strict=True):
+        mu0, mu1 = b0.running_mean, b1.running_mean
+        assert torch.allclose(bm.running_mean, w * mu1 + (1 - w) * mu0, atol=1e-4)
+    assert mixed.source_normalisation == "champion"
+
+
+# --- the whole portfolio on the toy ----------------------------------------------------------------
+FAST = [Member("bn(N=40)", "bn", {"prior_n": 40}), Member("bn(N=1000)", "bn", {"prior_n": 1000}),
+        Member("tent", "tent", {"steps": 5})]
+
+
+def test_portfolio_selects_a_candidate_that_helps_on_a_real_shift(net):
+    site = sets(net, True, 11)
+    proxies = [sets(net, True, 21), sets(net, True, 22)]
+    res = run_portfolio(net, SiteSet(h=site.h, images=site.images), proxies, None, FAST, 60.0)
+    assert res.candidates[0].member.name == "champion" and not res.candidates[0].selected
+    chosen = res.chosen
+    assert chosen is not None and chosen.estimate["lower"] > 0, res.reasons
+    # the estimate was right: on the site's labels the chosen candidate is better
+    acc0 = (net.eval()(site.images).argmax(1).numpy() == site.labels).mean()
+    model = chosen.applied.result.model
+    acc1 = (model.eval()(site.images).argmax(1).numpy() == site.labels).mean()
+    assert acc1 > acc0 + 0.1
+    table = res.table()
+    assert [c["selected"] for c in table].count(True) == 1
+    assert {"method", "params", "estimate", "seconds", "selected"} <= set(table[1])
+    assert "selected" in res.reasons[0]
+
+
+def test_portfolio_finds_no_gain_where_nothing_changed(net):
+    site = sets(net, False, 11)
+    proxies = [sets(net, False, 21), sets(net, False, 22)]
+    res = run_portfolio(net, SiteSet(h=site.h), proxies, None,
+                        [Member("bn(N=1000)", "bn", {"prior_n": 1000})], 60.0)
+    assert res.selected is None
+    assert res.reasons[0].startswith("no_gain")
+
+
+def test_members_are_skipped_with_reasons(net):
+    site = sets(net, True, 11)
+    proxies = [sets(net, True, 21)]
+    res = run_portfolio(net, SiteSet(h=site.h), proxies, None,
+                        [Member("mmd", "mmd", {}), Member("bn-all(N=40)", "bn-all", {"prior_n": 40}),
+                         Member("mmd-backbone", "mmd-backbone", {"expected_s": 1e6})], 60.0)
+    skipped = {c.member.name: c.skipped for c in res.candidates[1:]}
+    assert "source-free" in skipped["mmd"]
+    assert "raw images" in skipped["bn-all(N=40)"]
+    assert skipped["mmd-backbone"]
+    with pytest.raises(ValueError, match="proxy"):
+        run_portfolio(net, SiteSet(h=site.h), [], None, FAST, 60.0)
