@@ -36,6 +36,14 @@ def bn_stats(bns: list[BatchNorm]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(b.running_mean.clone(), b.running_var.clone()) for b in bns]
 
 
+@torch.no_grad()
+def load_bn_stats(bns: list[BatchNorm], stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Set each module's running (mean, var) to ``stats`` (``bn_stats`` of matching modules)."""
+    for b, (mu, var) in zip(bns, stats, strict=True):
+        b.running_mean.copy_(mu)
+        b.running_var.copy_(var)
+
+
 def prior_weight(n_site: int, prior_n: float) -> float:
     """Weight of the site's statistics when the training domain counts as ``prior_n`` images
     (Schneider et al. 2020): n / (n + N)."""
@@ -100,32 +108,47 @@ def check_prior(prior_n: float | None) -> None:
         raise ValueError(f"prior_n must be >= 0 (images), got {prior_n}")
 
 
-@torch.no_grad()
-def frozen_outputs(model: EmotionNet, images: torch.Tensor, batch_size: int | None = None,
-                   precision: str = "fp32", reestimate: bool = False,
-                   stats_batch: int = 32) -> torch.Tensor:
-    """The frozen part's outputs (float32) of normalised ``images``, in eval mode; with
-    ``reestimate`` first AdaBN on the frozen part's BN layers from the same images (one pass,
-    batch statistics over batches of ``stats_batch``; the running statistics are then the
-    site's). bf16 runs channels-last under autocast, as the version runs, in small batches
-    (``batch_size`` None: 8 in bf16, 32 in fp32; measured fastest, bench/throughput.py)."""
+def _frozen_forward_in(model: EmotionNet, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The frozen part's forward (float32 out) in ``precision``: bf16 runs channels-last
+    under autocast, as the version runs (the caller puts the weights in that format)."""
     from models.evaluate import inference_context
 
-    fbns = bn_modules(model.frozen)
     fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
-    model.frozen.to(memory_format=fmt)
-    model.eval()
 
     def fwd(x: torch.Tensor) -> torch.Tensor:
         with inference_context(precision):
             return model.frozen_forward(x.contiguous(memory_format=fmt)).float()
 
+    return fwd
+
+
+@torch.no_grad()
+def reestimate_frozen(model: EmotionNet, images: torch.Tensor, precision: str = "fp32",
+                      stats_batch: int = 32) -> None:
+    """AdaBN on the frozen part's BN layers from normalised ``images``: one train-mode pass in
+    batches of ``stats_batch``; the running statistics are then the images'."""
+    fbns = bn_modules(model.frozen)
+    model.frozen.to(memory_format=torch.channels_last if precision == "bf16"
+                    else torch.contiguous_format)
+    model.eval()
+    reestimate_bn(fbns, _frozen_forward_in(model, precision), batches(images, stats_batch))
+    for b in fbns:
+        b.eval()
+    model.frozen.to(memory_format=torch.contiguous_format)
+
+
+@torch.no_grad()
+def frozen_outputs(model: EmotionNet, images: torch.Tensor, batch_size: int | None = None,
+                   precision: str = "fp32") -> torch.Tensor:
+    """The frozen part's outputs (float32) of normalised ``images``, in eval mode, in small
+    batches (``batch_size`` None: 8 in bf16, 32 in fp32; measured fastest,
+    bench/throughput.py)."""
     if batch_size is None:
         batch_size = 8 if precision == "bf16" else 32
-    if reestimate:
-        reestimate_bn(fbns, fwd, batches(images, stats_batch))
-        for b in fbns:
-            b.eval()
+    model.frozen.to(memory_format=torch.channels_last if precision == "bf16"
+                    else torch.contiguous_format)
+    model.eval()
+    fwd = _frozen_forward_in(model, precision)
     out = torch.cat([fwd(b) for b in batches(images, batch_size)])
     model.frozen.to(memory_format=torch.contiguous_format)
     return out
@@ -189,17 +212,14 @@ class AdaBNAdapter(Adapter):
         h = tgt.h
         w = cfg.weight(len(tgt))
         if cfg.scope == "all":
+            # site statistics from one train-mode pass, mixed with the champion's; then the
+            # outputs under the final statistics (one eval-mode pass)
             fbns = bn_modules(model.frozen)
             before = bn_stats(fbns)
+            reestimate_frozen(model, tgt.images, cfg.precision)
             if w < 1.0:
-                # site statistics from one train-mode pass, mixed with the champion's; then the
-                # outputs under the mixed statistics (a second, eval-mode pass)
-                frozen_outputs(model, tgt.images, None, cfg.precision, reestimate=True)
                 mix_bn_stats(fbns, before, w)
-                h = frozen_outputs(model, tgt.images, None, cfg.precision)
-            else:
-                h = frozen_outputs(model, tgt.images, None, cfg.precision,
-                                   reestimate=True)
+            h = frozen_outputs(model, tgt.images, None, cfg.precision)
             frozen_changed = bool(fbns)
         adapt_top_bn(model, h, cfg.eval_batch_size, include_top=True, site_weight=w)
         report.step(1, 1, t0, site_weight=w, n_bn=float(len(bn_modules(model.top)) +
@@ -209,6 +229,6 @@ class AdaBNAdapter(Adapter):
 
 __all__ = [
     "AdaBNAdapter", "AdaBNConfig", "BatchNorm", "adapt_top_bn", "bn_modules", "bn_stats",
-    "check_prior", "check_site_weight", "frozen_outputs", "mix_bn_stats", "prior_weight",
-    "reestimate_bn",
+    "check_prior", "check_site_weight", "frozen_outputs", "load_bn_stats", "mix_bn_stats",
+    "prior_weight", "reestimate_bn", "reestimate_frozen",
 ]

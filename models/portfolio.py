@@ -45,11 +45,10 @@ import numpy as np
 import torch
 
 from models.adapt import AdaptResult, CachedSet, cached_outputs, get_adapter
-from models.bn import bn_modules, bn_stats
+from models.bn import bn_modules, bn_stats, load_bn_stats
 from models.network import EmotionNet
 
 Z_ONE_SIDED_95 = 1.645
-Z_ONE_SIDED_90 = 1.282
 
 
 # --- members --------------------------------------------------------------------------------
@@ -125,7 +124,7 @@ class CandidateRecord:
     proxies: list[Applied] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.member.kind if self.member.kind != "champion" else "champion",
+        return {"method": self.member.kind,
                 "name": self.member.name, "params": dict(self.member.params),
                 "estimate": self.estimate, "seconds": round(self.seconds, 2),
                 "site_seconds": round(self.site_seconds, 2), "selected": self.selected,
@@ -187,11 +186,8 @@ def select(estimates: Sequence[dict[str, Any] | None], min_gain: float = 0.0) ->
 # --- applying a member ---------------------------------------------------------------------------
 def _copy_top_stats(dst: EmotionNet, src: EmotionNet) -> None:
     """dst's top and bottleneck BN running statistics := src's."""
-    bns_d = bn_modules(dst.top) + bn_modules(dst.bottleneck)
-    for b, (mu, var) in zip(bns_d, bn_stats(bn_modules(src.top) + bn_modules(src.bottleneck)),
-                            strict=True):
-        b.running_mean.copy_(mu)
-        b.running_var.copy_(var)
+    load_bn_stats(bn_modules(dst.top) + bn_modules(dst.bottleneck),
+                  bn_stats(bn_modules(src.top) + bn_modules(src.bottleneck)))
 
 
 def apply_member(member: Member, champion: EmotionNet, data: SiteSet, source: CachedSet | None,
@@ -323,12 +319,14 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
         rec.estimate = gain_estimate(rights, right0, z)
         say(f"{member.name}: gain {100 * rec.estimate['gain']:+.1f} pts "
             f"(lower {100 * rec.estimate['lower']:+.1f}) in {rec.seconds:.1f} s")
+        # only the best bn member's proxy results are used again (by tent / shot-im): drop
+        # every other adapted proxy model as soon as it is scored
         if member.bn_kind and (best_bn is None or rec.estimate["lower"] > best_bn.estimate["lower"]):
+            if best_bn is not None:
+                best_bn.proxies = []
             best_bn = rec
-    # the bn members' proxy results are needed by tent/shot-im only; drop the others' models
-    for r in records:
-        if r is not best_bn:
-            r.proxies = []
+        else:
+            rec.proxies = []
     idx = select([r.estimate if r.applied is not None else None for r in records], min_gain)
     reasons = []
     if idx is None:

@@ -102,12 +102,10 @@ def source_model(inputs: AdaptInputs, result: Any) -> Any:
         return result.model
     import copy
 
-    from models.bn import bn_modules
+    from models.bn import bn_modules, bn_stats, load_bn_stats
 
     m = copy.deepcopy(result.model)
-    for b, b0 in zip(bn_modules(m), bn_modules(inputs.ckpt.model), strict=True):
-        b.running_mean.copy_(b0.running_mean)
-        b.running_var.copy_(b0.running_var)
+    load_bn_stats(bn_modules(m), bn_stats(bn_modules(inputs.ckpt.model)))
     return m.eval()
 
 

@@ -10,24 +10,14 @@ did there (``models.portfolio``).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from emowatch.sites import Site
-from tasks.readapt import AdaptInputs
-
-if TYPE_CHECKING:
-    pass
-
-def grids(inputs: AdaptInputs, paths: list[str]) -> np.ndarray:
-    """(N, S, S, 3) uint8 grids as the champion sees them (decoded, resized)."""
-    from models.data import load_rgb
-
-    prep = inputs.ckpt.preprocessing
-    return np.stack([prep.to_array(load_rgb(p)) for p in paths])
+from tasks.readapt import AdaptInputs, decode_grids
 
 
 @task(name="adaptation-portfolio", cache_policy=NO_CACHE)
@@ -40,11 +30,11 @@ def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
 
     log = get_run_logger()
     t0 = time.perf_counter()
-    site_g = grids(inputs, inputs.site_paths)
+    site_g = decode_grids(inputs, inputs.site_paths)
     x_site = inputs.ckpt.preprocessing.normalize(site_g)
     inputs.site_images = x_site
     proxies, info = build_proxies(inputs.ckpt.model, inputs.ckpt.preprocessing,
-                                  grids(inputs, inputs.heldout_paths),
+                                  decode_grids(inputs, inputs.heldout_paths),
                                   np.asarray(inputs.heldout_labels), site_g, inputs.site_h,
                                   inputs.ckpt.precision,
                                   ProxyConfig(k=site.adapt.proxies, seed=seed))
@@ -66,4 +56,4 @@ def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
     return res
 
 
-__all__ = ["grids", "run_portfolio_task"]
+__all__ = ["run_portfolio_task"]

@@ -256,9 +256,14 @@ def run_adaptation(inputs: AdaptInputs, method: str, site: Site, seed: int = 0) 
     return res
 
 
-def decode_images(inputs: AdaptInputs, paths: list[str]) -> torch.Tensor:
-    """Decoded, resized and normalised (N, 3, S, S) images, as the champion sees them."""
+def decode_grids(inputs: AdaptInputs, paths: list[str]) -> np.ndarray:
+    """(N, S, S, 3) uint8 grids as the champion sees them (decoded, resized)."""
     from models.data import load_rgb
 
     prep = inputs.ckpt.preprocessing
-    return prep.normalize(np.stack([prep.to_array(load_rgb(p)) for p in paths]))
+    return np.stack([prep.to_array(load_rgb(p)) for p in paths])
+
+
+def decode_images(inputs: AdaptInputs, paths: list[str]) -> torch.Tensor:
+    """Decoded, resized and normalised (N, 3, S, S) images, as the champion sees them."""
+    return inputs.ckpt.preprocessing.normalize(decode_grids(inputs, paths))

@@ -62,9 +62,8 @@ def make_scenes(n: int, seed: int, site: bool = False) -> tuple[torch.Tensor, to
     return x, y
 
 
-@pytest.fixture(scope="module")
-def toy():
-    """(model, source (h,y), source-val (h,y), site (h,y)); tiny backbone: h is the image."""
+def train_toy_model() -> tuple[EmotionNet, tuple[torch.Tensor, torch.Tensor]]:
+    """The tiny source model of the toy (seeded) and its source training scenes."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = EmotionNet(NetConfig(backbone="tiny", img_size=S, num_classes=K, pretrained=False))
@@ -77,8 +76,14 @@ def toy():
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
-    return model, (xs, ys), make_scenes(192, 1), make_scenes(192, 2, site=True)
+    return model.eval(), (xs, ys)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """(model, source (h,y), source-val (h,y), site (h,y)); tiny backbone: h is the image."""
+    model, src = train_toy_model()
+    return model, src, make_scenes(192, 1), make_scenes(192, 2, site=True)
 
 
 def acc(model, h, y) -> float:

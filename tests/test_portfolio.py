@@ -9,11 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models.adapt import CachedSet, get_adapter
 from models.bn import AdaBNConfig, bn_modules, prior_weight
-from models.network import EmotionNet, NetConfig
 from models.portfolio import (
     Member,
     SiteSet,
@@ -23,7 +21,7 @@ from models.portfolio import (
     select,
 )
 from models.proxies import ProxyConfig, build_proxies, choose_proxies, proxy_distances  # noqa: F401
-from tests.test_adapt import K, S, make_scenes
+from tests.test_adapt import make_scenes, train_toy_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,19 +34,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def net():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = EmotionNet(NetConfig(backbone="tiny", img_size=S, num_classes=K, pretrained=False))
-        xs, ys = make_scenes(384, 0)
-        opt = torch.optim.Adam(model.trainable_parameters(), 3e-3)
-        model.train()
-        for _ in range(120):
-            i = torch.randint(0, len(xs), (64,))
-            loss = F.cross_entropy(model(xs[i]), ys[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_toy_model()[0]
 
 
 def sets(model, site: bool, seed: int, n: int = 160) -> SiteSet:
