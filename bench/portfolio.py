@@ -47,6 +47,7 @@ from bench.common import (
     train_model,
     views_activations,
 )
+from emowatch.sites import AdaptOptions
 from models.adapt import CachedSet
 from models.bn import frozen_outputs
 from models.data import read_image_folder, stratified_split
@@ -203,9 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--harmless", nargs="*", default=list(HARMLESS))
     ap.add_argument("--no-faces", action="store_true")
     ap.add_argument("--n-site", type=int, default=240)
-    ap.add_argument("--members", nargs="*", default=None,
-                    help="portfolio members (default: the catalog's, without mmd-backbone)")
-    ap.add_argument("--budget", type=float, default=600.0, help="portfolio time budget per site")
+    defaults = AdaptOptions()
+    ap.add_argument("--members", nargs="*", default=list(defaults.portfolio),
+                    help="portfolio members (default: a site's default, adapt.portfolio)")
+    ap.add_argument("--budget", type=float, default=defaults.portfolio_budget_s,
+                    help="portfolio time budget per site (default: a site's, "
+                    "adapt.portfolio_budget_s; members not started within it are skipped)")
     ap.add_argument("--k", type=int, default=ProxyConfig.k, help="proxies per site")
     ap.add_argument("--z", type=float, default=Z_ONE_SIDED_95, help="one-sided z of the lower bound")
     ap.add_argument("--precision", default="auto")
@@ -213,8 +217,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
     args.precision = resolve_precision(args.precision)
-    if args.members is None:
-        args.members = [m.name for m in members() if m.kind != "mmd-backbone"]
     torch.set_num_threads(torch.get_num_threads())
     log(f"precision {args.precision}, members {args.members}")
     cache = args.cache_dir

@@ -71,6 +71,11 @@ class AdaptOptions(BaseModel):
         "a member not started by then is skipped and says so.")
     proxies: int = Field(4, ge=1, le=10, description="Labelled proxies of the site the "
                          "portfolio's estimates are measured on.")
+    min_gain: float = Field(
+        0.0, ge=-100, le=100,
+        description="Accuracy points the lower bound (one-sided 95%) of a candidate's estimated "
+        "gain over the champion must exceed for the portfolio to propose it (0: any gain it is "
+        "confident of; 2: only a gain of more than 2 points); otherwise verdict no_gain.")
     source_free: bool = Field(False, description="Training data may not be used at this site.")
     max_images: int = Field(500, ge=10, le=100_000)
     time_budget_s: float = Field(600.0, gt=0)

@@ -101,8 +101,10 @@ class AdaptConfig:
     time_budget_s: float = 600.0
     # history records every ``log_every`` steps (and the last one).
     log_every: int = 10
-    # Forward batch for no-grad passes (BN re-estimation, caching the top's output).
-    eval_batch_size: int = 128
+    # Forward batch for no-grad passes (BN re-estimation, caching the top's output): small
+    # batches stay in cache (measured here: the top at batch 32 channels-last 5x faster than
+    # at 256); BN statistics are cumulative averages over the batches either way.
+    eval_batch_size: int = 32
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -154,7 +156,7 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def cached_outputs(model: EmotionNet, h: torch.Tensor,
-                   batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Cached activations (N,...) -> (bottleneck features (N,D), softmax probabilities (N,K)),
     with the model in eval mode (its mode is restored)."""
     was = model.training

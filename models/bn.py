@@ -175,9 +175,16 @@ class AdaBNConfig(AdaptConfig):
     # Arithmetic of the frozen part's passes (scope "all"): "fp32" or "bf16" (autocast,
     # channels-last; what the version runs at, models.evaluate.inference_context).
     precision: str = "fp32"
+    # scope "all": the frozen part's site statistics from at most this many of the site's
+    # images (evenly spaced; each conv BN sees every pixel position of each, so 128 images
+    # are tens of thousands of samples per channel) -- the pass that collects them is the
+    # costly half of whole-network BN. The site weight still counts every site image.
+    stats_images: int = 128
 
     def validate(self) -> None:
         super().validate()
+        if self.stats_images < 2:
+            raise ValueError(f"stats_images must be >= 2, got {self.stats_images}")
         if self.scope not in ("trainable", "all"):
             raise ValueError(f"scope must be 'trainable' or 'all', got {self.scope!r}")
         check_site_weight(self.site_bn_weight)
@@ -216,7 +223,10 @@ class AdaBNAdapter(Adapter):
             # outputs under the final statistics (one eval-mode pass)
             fbns = bn_modules(model.frozen)
             before = bn_stats(fbns)
-            reestimate_frozen(model, tgt.images, cfg.precision)
+            n = len(tgt.images)
+            pick = (torch.linspace(0, n - 1, cfg.stats_images).round().long().unique()
+                    if n > cfg.stats_images else torch.arange(n))
+            reestimate_frozen(model, tgt.images[pick], cfg.precision)
             if w < 1.0:
                 mix_bn_stats(fbns, before, w)
             h = frozen_outputs(model, tgt.images, None, cfg.precision)

@@ -254,7 +254,13 @@ class EmotionNet(nn.Module):
         return self.frozen(x)
 
     def embed_cached(self, h: torch.Tensor) -> torch.Tensor:
-        """Cached activations -> bottleneck features z (B, D)."""
+        """Cached activations -> bottleneck features z (B, D).
+
+        Spatial activations run channels-last: measured here (2 cores, Lite0's last 4 blocks,
+        fp32) 5x faster in eval at batch 32 than contiguous at batch 256, 1.7x in training,
+        same outputs to 1e-6."""
+        if h.dim() == 4:
+            h = h.contiguous(memory_format=torch.channels_last)
         return self.bottleneck(self.top(h))
 
     def forward_cached(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

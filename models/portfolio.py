@@ -334,7 +334,8 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
         if tried:
             top = max(tried, key=lambda r: r.estimate["lower"])
             reasons.append(
-                f"no_gain: no candidate's estimated gain is above 0 with 95% confidence (best "
+                f"no_gain: no candidate's estimated gain is above {100 * min_gain:g} points "
+                f"with 95% confidence (best "
                 f"{top.member.name}: {100 * top.estimate['gain']:+.1f} points, lower bound "
                 f"{100 * top.estimate['lower']:+.1f}, on {top.estimate['k']} labelled proxies "
                 "of the site)")

@@ -61,14 +61,36 @@ def feature_distance(z_site: np.ndarray, z_proxy: np.ndarray) -> float:
                          torch.as_tensor(np.asarray(z_proxy), dtype=torch.float32)))
 
 
+def stratified_subsample(labels: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of ``m`` of ``labels``, each class kept in proportion (at least one
+    image of every class when m allows)."""
+    labels = np.asarray(labels)
+    if m >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.maximum(1, np.floor(counts * m / len(labels))).astype(int)
+    while quota.sum() > m:  # more classes than m: drop from the largest quotas
+        quota[np.argmax(quota)] -= 1
+    rest = m - quota.sum()  # rounding: the remainder to the largest fractional parts
+    frac = counts * m / len(labels) - np.floor(counts * m / len(labels))
+    for c in np.argsort(-frac, kind="stable")[:rest]:
+        quota[c] += 1
+    out = [rng.choice(np.flatnonzero(labels == c), min(q, n), replace=False)
+           for c, q, n in zip(classes, quota, counts, strict=True)]
+    return np.sort(np.concatenate(out))
+
+
 @dataclass
 class ProxyConfig:
     """How the proxies are chosen: ``specs`` bank shifts (models.shifts.bank_specs, two thirds
     mostly mild) ranked by image statistics on ``match_images`` held-out images; the
     ``shortlist`` nearest ranked again by the champion's feature distance to the site on
-    ``feature_images``; the ``k`` nearest become proxies (on every held-out image)."""
+    ``feature_images``; the ``k`` nearest become proxies, each on the held-out images (at most
+    ``max_images`` of them, a class-stratified sample: a larger training domain does not make
+    every member slower)."""
 
     k: int = 4
+    max_images: int = 300
     specs: int = 120
     match_images: int = 8
     shortlist: int = 10
@@ -82,6 +104,8 @@ def build_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: n
     """Labelled proxies of the site (module docstring): held-out training-domain images
     (uint8 grids, labels) under the bank shifts nearest the site, first by image statistics,
     then by the champion's features. Returns the sets and what they are (shift, distances)."""
+    from PIL import Image
+
     from models.bn import frozen_outputs
     from models.estimate_fit import stats_matrix
     from models.shifts import apply_spec, bank_specs, spec_text
@@ -92,18 +116,25 @@ def build_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: n
                          f"{len(labels)} labels")
     specs = bank_specs(cfg.specs * 2 // 3, cfg.specs - cfg.specs * 2 // 3)
     rng = np.random.default_rng(cfg.seed)
+    if len(ref_grids) > cfg.max_images:
+        keep = stratified_subsample(np.asarray(labels), cfg.max_images, rng)
+        ref_grids, labels = ref_grids[keep], np.asarray(labels)[keep]
     n = len(ref_grids)
     sub = np.sort(rng.choice(n, min(cfg.match_images, n), replace=False))
-    shifted = [stats_matrix([apply_spec(ref_grids[i], sp, np.random.default_rng([j, int(i)]))
-                             for i in sub]) for j, sp in enumerate(specs)]
+    def shift(i: int, j: int) -> np.ndarray:
+        """Held-out image i under bank shift j, back on the model's pixel grid as a site image
+        of that resolution would be (a rescale changes the size)."""
+        a = apply_spec(ref_grids[i], specs[j], np.random.default_rng([j, int(i)]))
+        return a if a.shape == ref_grids[i].shape else prep.to_array(Image.fromarray(a))
+
+    shifted = [stats_matrix([shift(i, j) for i in sub]) for j in range(len(specs))]
     d_stats = proxy_distances(stats_matrix(list(ref_grids)), stats_matrix(list(site_grids)), shifted)
     short = choose_proxies(d_stats, min(cfg.shortlist, len(specs)))
     z_site = cached_outputs(model, site_h)[0]
     fsub = np.sort(rng.choice(n, min(cfg.feature_images, n), replace=False))
 
     def shifted_h(j: int, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        g = np.stack([apply_spec(ref_grids[i], specs[j], np.random.default_rng([j, int(i)]))
-                      for i in idx])
+        g = np.stack([shift(int(i), j) for i in idx])
         x = prep.normalize(g)
         return frozen_outputs(model, x, 8, precision), x
 
@@ -121,4 +152,4 @@ def build_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: n
 
 
 __all__ = ["ProxyConfig", "build_proxies", "choose_proxies", "feature_distance", "proxy_distances",
-           "stat_features"]
+           "stat_features", "stratified_subsample"]

@@ -48,7 +48,8 @@ def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
     budget = max(1.0, site.adapt.portfolio_budget_s - (time.perf_counter() - t0))
     res = run_portfolio(inputs.ckpt.model, SiteSet(h=inputs.site_h, images=x_site), proxies,
                         source, members(site.adapt.portfolio), budget,
-                        precision=inputs.ckpt.precision, seed=seed, progress=log.info)
+                        precision=inputs.ckpt.precision, seed=seed,
+                        min_gain=site.adapt.min_gain / 100.0, progress=log.info)
     res.proxies = info
     res.seconds = time.perf_counter() - t0
     for r in res.reasons:

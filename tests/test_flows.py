@@ -36,6 +36,10 @@ SITES = (
     ("night-every", "night", "[sites.night-every.drift]\nalert_on = \"drift\"\n"),
     ("auto-audit", "night", 'policy = "auto"\n[sites.auto-audit.adapt]\ntime_budget_s = 30\n'
                             "train_backbone = false\n"),
+    # the portfolio with a bar no estimate can clear (a 100-point gain) and with none at all
+    ("pf-none", "night", '[sites.pf-none.adapt]\nmethod = "portfolio"\nmin_gain = 100.0\n'),
+    ("pf-any", "pf-any", '[sites.pf-any.adapt]\nmethod = "portfolio"\nmin_gain = -100.0\n'
+                         "[sites.pf-any.drift]\nwindow = 60\n"),
 )
 
 
@@ -69,13 +73,22 @@ def world(tmp_path_factory, data_dir, smtp, prefect_harness):
             (root / "source" / c).mkdir(parents=True, exist_ok=True)
             os.symlink(files[i], root / "source" / c / files[i].name)
         pool += [files[i] for i in idx[PER_CLASS_SOURCE:PER_CLASS_SOURCE + 20]]
-    pick = rng.choice(len(pool), SITE_IMAGES, replace=False)
+    order = rng.permutation(len(pool))
+    pick, later = order[:SITE_IMAGES], order[SITE_IMAGES:2 * SITE_IMAGES]
     for j, i in enumerate(pick):
         img = Image.open(pool[i]).convert("RGB")
-        for inbox, im in (("clean", img), ("night", apply_condition(img, "night", 2, rng))):
+        night = apply_condition(img, "night", 2, rng)
+        for inbox, im in (("clean", img), ("night", night), ("pf-any", night)):
             d = root / "inbox" / inbox
             d.mkdir(parents=True, exist_ok=True)
             im.save(d / f"{j:03d}.jpg", quality=90)
+    # other photos the same cameras take later (what a site sends after a promotion)
+    for j, i in enumerate(later):
+        img = Image.open(pool[i]).convert("RGB")
+        for kind, im in (("clean", img), ("night", apply_condition(img, "night", 2, rng))):
+            d = root / "later" / kind
+            d.mkdir(parents=True, exist_ok=True)
+            im.save(d / f"later-{j:03d}.jpg", quality=90)
     toml = "".join(f'[sites.{name}]\ninbox = "inbox/{inbox}"\napprovers = ["ops@example.org"]\n'
                    f"{extra}\n" for name, inbox, extra in SITES)
     (root / "sites.toml").write_text(toml, encoding="utf-8")
@@ -395,3 +408,120 @@ def test_readapt_default_through_the_backbone_and_the_cached_top(world):
     cfg = full.config["adaptation"]["config"]
     assert cfg["backbone_lr_mult"] == 1.0 and cfg["batch_size"] == 16
     assert full_profile.features.shape == cached_profile.features.shape
+
+
+CANDIDATE_FIELDS = {"method", "name", "params", "estimate", "seconds", "selected", "skipped"}
+
+
+def _check_candidates(out: dict) -> None:
+    """The JSON contract of a portfolio run's candidates (issue 16, item 4)."""
+    cands = out["candidates"]
+    assert cands[0]["name"] == "champion" and len(cands) >= 2
+    for c in cands:
+        assert CANDIDATE_FIELDS <= set(c)
+        assert not (c["skipped"] or "").startswith("failed"), c  # skipped by rule, never broken
+        if c["skipped"] is None:
+            assert {"gain", "lower", "upper", "se", "k"} <= set(c["estimate"])
+            assert c["estimate"]["lower"] <= c["estimate"]["gain"] <= c["estimate"]["upper"]
+    assert sum(c["selected"] for c in cands) == (0 if out["version"] is None else 1)
+    assert out["reasons"] and all(isinstance(r, str) for r in out["reasons"])
+
+
+def test_portfolio_no_gain_registers_nothing_and_mails_nobody(world, smtp):
+    """Issue 16: when no candidate's lower bound clears the site's bar, the run is recorded
+    with verdict no_gain and its candidates, no version is registered, no e-mail is sent; a
+    second adaptation of the same site waits for the lock."""
+    from db.adaptations import latest_run
+    from db.session import session_scope
+    from flows.ingest import ingest_site
+    from flows.readapt import readapt_site
+    from tasks import readapt
+    from tasks.context import Runtime
+
+    settings = world["settings"]
+    ingest_site(site="pf-none", settings=settings)
+    rt = Runtime.open(settings)
+    ctx = rt.site_context("pf-none").serving()
+    holder = readapt.owner_id()
+    readapt.acquire(ctx, holder)  # another worker is adapting this site
+    with pytest.raises(readapt.AdaptationLocked):
+        readapt_site(site="pf-none", settings=settings)
+    readapt.release(ctx, holder)
+
+    before = len(smtp[0].messages)
+    out = readapt_site(site="pf-none", settings=settings)
+    assert (out["method"], out["verdict"], out["version"]) == ("portfolio", "no_gain", None)
+    _check_candidates(out)
+    assert out["reasons"][0].startswith("no_gain: no candidate's estimated gain is above 100 points")
+    assert len(out["proxies"]) == 4
+    assert _mails(smtp, before) == []
+    assert rt.registry.get_alias_version("emowatch-pf-none", "challenger") is None
+    assert [str(v.version) for v in rt.registry.client().search_model_versions(
+        "name='emowatch-pf-none'")] == ["1"]
+    with session_scope(rt.engine) as s:
+        run = latest_run(s, ctx.site_id)
+        assert (run.status, run.verdict, run.candidate_version) == ("done", "no_gain", None)
+        assert run.candidates == out["candidates"] and run.reasons == out["reasons"]
+
+
+def test_portfolio_selects_registers_and_states_its_reasons_in_the_mail(world, smtp):
+    """With no bar, the portfolio proposes the candidate with the highest lower bound: it is
+    registered as the challenger with its candidates' table (MLflow tag, run record) and the
+    approval e-mail states why it was selected and the gates' verdict, with the table."""
+    from flows.ingest import ingest_site
+    from flows.readapt import readapt_site
+    from tasks.context import Runtime
+
+    settings = world["settings"]
+    ingest_site(site="pf-any", settings=settings)
+    before = len(smtp[0].messages)
+    out = readapt_site(site="pf-any", settings=settings)
+    assert out["method"] == "portfolio" and out["version"] is not None
+    assert out["verdict"] in ("pass", "fail", "unverifiable")
+    _check_candidates(out)
+    [chosen] = [c for c in out["candidates"] if c["selected"]]
+    assert out["selected"] == chosen["name"] != "champion"
+    tried = [c for c in out["candidates"][1:] if c["skipped"] is None]
+    assert chosen["estimate"]["lower"] == max(c["estimate"]["lower"] for c in tried)
+    assert out["reasons"][0].startswith(f"selected {chosen['name']}: estimated gain")
+    rt = Runtime.open(settings)
+    tags = rt.registry.get_version("emowatch-pf-any", out["version"]).tags
+    assert json.loads(tags["emowatch.candidates"]) == out["candidates"]
+    [msg] = _mails(smtp, before)
+    body = msg.get_body(("plain",)).get_content()
+    assert out["reasons"][0] in body
+    assert "95% interval" in body and f"{chosen['name']}" in body and "<- selected" in body
+
+
+def test_after_promotion_the_adapted_site_reads_no_drift_and_a_return_is_detected(world, smtp):
+    """Issue 16, item 3: a promoted portfolio candidate's reference profile is the site it was
+    adapted to. New photos from the same night camera then read no drift (or harmless), and
+    photos under the training domain's conditions again are drift. Runs after the test that
+    registers pf-any's challenger."""
+    import shutil
+
+    from flows.ingest import ingest_site
+    from flows.monitor import monitor_site
+    from flows.promote import promote
+    from tasks.context import Runtime
+
+    settings = world["settings"]
+    rt = Runtime.open(settings)
+    v = rt.registry.get_alias_version("emowatch-pf-any", "challenger")
+    assert v is not None, "run test_portfolio_selects_registers_and_states_its_reasons_in_the_mail first"
+    _, profile = rt.registry.load_model("emowatch-pf-any", v)
+    assert profile.info["reference"] == "site" and profile.info["site"] == "pf-any"
+    promote(site="pf-any", version=v, action="approve", actor="ops@example.org",
+            reason="e2e", force=True, settings=settings)
+    assert rt.registry.get_alias_version("emowatch-pf-any", "champion") == v
+    inbox = world["root"] / "inbox" / "pf-any"
+    for f in (world["root"] / "later" / "night").glob("*.jpg"):
+        shutil.copy(f, inbox / f.name)
+    same = monitor_site(site="pf-any", settings=settings)
+    assert same["model"] == f"emowatch-pf-any/{v}" and same["n_cur"] == SITE_IMAGES
+    assert same["decision"] == "no_drift" or same["impact"] == "harmless", same
+    for f in (world["root"] / "later" / "clean").glob("*.jpg"):
+        shutil.copy(f, inbox / f.name)
+    back = monitor_site(site="pf-any", settings=settings)
+    assert back["n_cur"] == SITE_IMAGES and back["decision"] == "drift", back
+    assert any("brighter" in q for q in back["quality_shift"]), back["quality_shift"]

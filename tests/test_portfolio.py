@@ -159,3 +159,15 @@ def test_members_are_skipped_with_reasons(net):
     assert skipped["mmd-backbone"]
     with pytest.raises(ValueError, match="proxy"):
         run_portfolio(net, SiteSet(h=site.h), [], None, FAST, 60.0)
+
+
+def test_stratified_subsample_keeps_class_proportions():
+    from models.proxies import stratified_subsample
+
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    idx = stratified_subsample(labels, 20, np.random.default_rng(0))
+    assert len(idx) == 20 and len(set(idx)) == 20 and list(idx) == sorted(idx)
+    assert np.bincount(labels[idx]).tolist() == [12, 6, 2]
+    assert len(stratified_subsample(labels, 500, np.random.default_rng(0))) == 100
+    rare = np.array([0] * 98 + [1, 2])  # every class kept while m allows
+    assert set(rare[stratified_subsample(rare, 10, np.random.default_rng(1))]) == {0, 1, 2}
