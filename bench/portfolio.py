@@ -109,8 +109,10 @@ def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
     h_site, x_site = frozen(model, prep, site_grids, args.precision)
     pxs, pinfo = proxies.for_site(site_grids, h_site)
     t_prep = time.perf_counter() - t0
+    # the flow's budget covers building the proxies too (tasks.portfolio)
     res = run_portfolio(model, SiteSet(h=h_site, images=x_site), pxs, source,
-                        members(args.members), args.budget, args.precision, seed, z=args.z)
+                        members(args.members), max(1.0, args.budget - t_prep), args.precision,
+                        seed, z=args.z)
     h_test, x_test = frozen(model, prep, test_grids, args.precision)
     champ_acc = float(correct(model, h_test, y_test).mean())
     cands = []

@@ -50,7 +50,8 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
         backbone = cfg.adapt.train_backbone if train_backbone is None else bool(train_backbone)
         if m == "portfolio":
             backbone = backbone and t.portfolio_runs_backbone(cfg)
-        inputs = t.load_inputs(ctx, source_free=not t.needs_source(m, cfg), train_backbone=backbone)
+        inputs = t.load_inputs(ctx, source_free=not t.needs_source(m, cfg), train_backbone=backbone,
+                               lazy_source=m == "portfolio")
         if m == "portfolio":
             portfolio = p.run_portfolio_task(inputs, cfg, seed)
             chosen = portfolio.chosen

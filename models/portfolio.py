@@ -255,7 +255,8 @@ def correct(model: EmotionNet, h: torch.Tensor, labels: np.ndarray) -> np.ndarra
 
 # --- the portfolio ---------------------------------------------------------------------------------
 def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet],
-                  source: CachedSet | None, portfolio: Sequence[Member], budget_s: float,
+                  source: CachedSet | Callable[[], CachedSet] | None,
+                  portfolio: Sequence[Member], budget_s: float,
                   precision: str = "fp32", seed: int = 0, z: float = Z_ONE_SIDED_95,
                   min_gain: float = 0.0, progress: Callable[[str], None] | None = None,
                   ) -> PortfolioResult:
@@ -264,8 +265,9 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
 
     A member that needs the training data is skipped when ``source`` is None; one that needs
     raw images when the sets carry none; a member not started before ``budget_s`` is skipped
-    (recorded with the reason); ``mmd-backbone`` starts only if its ``expected_s`` (per set)
-    fits into what is left."""
+    (recorded with the reason), and so is one whose ``expected_s`` (seconds per 240 images,
+    scaled to the site's and proxies' images) does not fit into what is left. ``source`` may be a function that returns the training data: it
+    is called when the first member that needs it starts (never, if none does)."""
     if not proxies:
         raise ValueError("the portfolio needs at least one labelled proxy")
     if any(p.labels is None for p in proxies):
@@ -276,13 +278,14 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
     champ = CandidateRecord(Member("champion", "champion"), selected=False)
     champ.estimate = gain_estimate(right0, right0, z)
     records = [champ]
+    n_images = len(site) + sum(len(p) for p in proxies)
     best_bn: CandidateRecord | None = None
     for member in portfolio:
         rec = CandidateRecord(member)
         records.append(rec)
         elapsed = time.perf_counter() - t_start
         left = budget_s - elapsed
-        need = float(member.params.get("expected_s", 0.0)) * (1 + len(proxies))
+        need = float(member.params.get("expected_s", 0.0)) * n_images / 240.0
         if member.needs_source and source is None:
             rec.skipped = "needs the labelled training data (source-free site)"
         elif member.needs_images and (site.images is None or any(p.images is None for p in proxies)):
@@ -297,6 +300,8 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
         base_rec = best_bn if member.kind in ("tent", "shot-im") else None
         t0 = time.perf_counter()
         try:
+            if member.needs_source and callable(source):
+                source = source()  # once: later members get the same set
             rec.applied = apply_member(member, champion, site, source,
                                        base_rec.applied if base_rec else None,
                                        base_rec.member if base_rec else None, seed, precision,

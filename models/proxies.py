@@ -90,7 +90,7 @@ class ProxyConfig:
     every member slower)."""
 
     k: int = 4
-    max_images: int = 300
+    max_images: int = 240
     specs: int = 120
     match_images: int = 8
     shortlist: int = 10

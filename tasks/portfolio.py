@@ -42,9 +42,10 @@ def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
              len(inputs.heldout_paths), time.perf_counter() - t0,
              "; ".join(f"{p['shift']} (feature MMD2 {p['feature_mmd2']})" for p in info))
     source = None
-    if inputs.src_train is not None:
-        h, y = inputs.src_train
-        source = CachedSet(h=h, labels=y, images=inputs.src_train_images)
+    if inputs.src_train is not None or inputs.src_train_loader is not None:
+        def source() -> CachedSet:  # computed only if a member that needs it starts
+            h, y = inputs.source_train()
+            return CachedSet(h=h, labels=y, images=inputs.src_train_images)
     budget = max(1.0, site.adapt.portfolio_budget_s - (time.perf_counter() - t0))
     res = run_portfolio(inputs.ckpt.model, SiteSet(h=inputs.site_h, images=x_site), proxies,
                         source, members(site.adapt.portfolio), budget,

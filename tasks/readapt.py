@@ -7,6 +7,7 @@ handful of labelled site images a team may keep) adds labelled evidence to the g
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,17 @@ class AdaptInputs:
     src_train_images: torch.Tensor | None = None
     site_images: torch.Tensor | None = None
     heldout_labels: list[int] | None = None  # of heldout_paths (the portfolio's proxies)
+    # load_inputs(lazy_source=True): computes src_train on first call (the portfolio's
+    # members that need the training data are often past its budget: their ~20 s of
+    # activations are then never spent)
+    src_train_loader: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def source_train(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """src_train, computed now if it was deferred (None: a source-free run)."""
+        if self.src_train is None and self.src_train_loader is not None:
+            self.src_train = self.src_train_loader()
+            self.src_train_loader = None
+        return self.src_train
 
 
 class AdaptationLocked(RuntimeError):
@@ -135,7 +147,7 @@ def portfolio_runs_backbone(site: Site) -> bool:
 
     for m in members(site.adapt.portfolio):
         if m.kind == "mmd-backbone":
-            need = float(m.params.get("expected_s", 0.0)) * (1 + site.adapt.proxies)
+            need = float(m.params.get("expected_s", 0.0)) * (1 + site.adapt.proxies)  # 240 each
             return need <= site.adapt.portfolio_budget_s and not site.adapt.source_free
     return False
 
@@ -153,9 +165,11 @@ def resolve_method(site: Site, method: str | None) -> str:
 
 
 @task(name="load-adaptation-data", cache_policy=NO_CACHE)
-def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False) -> AdaptInputs:
+def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False,
+                lazy_source: bool = False) -> AdaptInputs:
     """Champion, its training-domain split (cached activations) and the site's recent images;
-    with ``train_backbone`` also the decoded training and site images."""
+    with ``train_backbone`` also the decoded training and site images; with ``lazy_source``
+    the training images' activations only when ``AdaptInputs.source_train`` asks for them."""
     from db import inbox
     from db.session import session_scope
     from tasks.activations import cached_activations, record_items
@@ -192,11 +206,15 @@ def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False
     val_recs = [recs[i] for i in splits.val]
     h_val, val_paths = acts(val_recs, "source validation")
     y_val = torch.as_tensor([r.label for r in val_recs])
-    src_train = None
+    src_train = loader = None
     if not source_free:
         tr_recs = [recs[i] for i in splits.train]
-        h_tr, _ = acts(tr_recs, "source training")
-        src_train = (h_tr, torch.as_tensor([r.label for r in tr_recs]))
+
+        def loader() -> tuple[torch.Tensor, torch.Tensor]:
+            return acts(tr_recs, "source training")[0], torch.as_tensor([r.label for r in tr_recs])
+
+        if not lazy_source or train_backbone:
+            src_train, loader = loader(), None
     test_recs = [recs[i] for i in splits.test]
     h_test, test_paths = acts(test_recs, "source test")
     log.info("activations of %d site images", len(site_items))
@@ -207,6 +225,7 @@ def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False
         heldout_paths=val_paths + test_paths, site_h=site_h,
         heldout_labels=[r.label for r in val_recs] + [r.label for r in test_recs],
         site_paths=[p for _, p in site_items], source_paths_val=val_paths,
+        src_train_loader=loader,
     )
     if train_backbone and src_train is None:
         log.info("train_backbone applies to mmd and coral only (they use the training data); "

@@ -500,7 +500,6 @@ def test_after_promotion_the_adapted_site_reads_no_drift_and_a_return_is_detecte
     registers pf-any's challenger."""
     import shutil
 
-    from flows.ingest import ingest_site
     from flows.monitor import monitor_site
     from flows.promote import promote
     from tasks.context import Runtime
