@@ -102,9 +102,31 @@ class Proxies:
                              self.precision, self.cfg)
 
 
+def verdict_of(chosen, champion: EmotionNet, source_val: tuple[torch.Tensor, torch.Tensor],
+               site_h: torch.Tensor) -> tuple[str, list[str]]:
+    """The flow's verdict on the selected candidate (models.validate with the site's default
+    gates, as tasks.candidate.validate runs them; no explanation gate: no probe images)."""
+    import copy
+
+    from models.bn import bn_modules, bn_stats, load_bn_stats
+    from models.validate import validate_candidate
+
+    res = chosen.applied.result
+    src_model = None
+    if res.source_normalisation == "champion":  # tasks.candidate.source_model
+        src_model = copy.deepcopy(res.model)
+        load_bn_stats(bn_modules(src_model), bn_stats(bn_modules(champion)))
+        src_model.eval()
+    rep = validate_candidate(res.model, champion, source_val, site_h,
+                             site_candidate=chosen.applied.h if res.frozen_changed else None,
+                             candidate_source_model=src_model)
+    return rep.verdict, list(rep.reasons)
+
+
 def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
              site_grids: np.ndarray, test_grids: np.ndarray, y_test: np.ndarray,
-             clean_acc: float | None, source: CachedSet | None, args, rows: list[dict]) -> None:
+             clean_acc: float | None, source: CachedSet | None, args, rows: list[dict],
+             source_val: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     t0 = time.perf_counter()
     h_site, x_site = frozen(model, prep, site_grids, args.precision)
     pxs, pinfo = proxies.for_site(site_grids, h_site)
@@ -126,6 +148,9 @@ def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
             h = frozen_outputs(m, x_test, 32, args.precision) if c.applied.result.frozen_changed else h_test
             acc = float(correct(m, h, y_test).mean())
         cands.append({**c.to_dict(), "test_acc": acc})
+    verdict, why = "no_gain", list(res.reasons)
+    if res.chosen is not None and source_val is not None:
+        verdict, why = verdict_of(res.chosen, model, source_val, h_site)
     sel = next((c for c in cands if c["selected"]), None)
     sel_acc = sel["test_acc"] if sel else champ_acc
     oracle = max(cands, key=lambda c: c["test_acc"])
@@ -136,12 +161,13 @@ def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
            "gap": ((sel_acc - champ_acc) / (clean_acc - champ_acc)
                    if clean_acc is not None and clean_acc - champ_acc > 0.005 else None),
            "portfolio_s": res.seconds, "prep_s": t_prep, "proxies": pinfo, "candidates": cands,
-           "reasons": res.reasons}
+           "reasons": res.reasons + [r for r in why if r not in res.reasons], "verdict": verdict}
     rows.append(row)
     gap = "–" if row["gap"] is None else f"{row['gap']:+.2f}"
     row["proxy_champion_acc"] = res.candidates[0].estimate["champion_acc"]
     log(f"{setting} seed {seed}: champion {champ_acc:.3f} -> {row['selected']} {sel_acc:.3f} "
-        f"(oracle {oracle['name']} {oracle['test_acc']:.3f}; gap {gap}) in {res.seconds:.0f} s; "
+        f"(oracle {oracle['name']} {oracle['test_acc']:.3f}; gap {gap}; verdict {verdict}) "
+        f"in {res.seconds:.0f} s; "
         f"proxies {[p['shift'][:40] for p in pinfo]} (champion on proxies {row['proxy_champion_acc']:.3f}, prep {t_prep:.0f} s)")
     for c in cands:
         e = c["estimate"] or {}
@@ -155,15 +181,15 @@ def pct(x: float) -> str:
 
 def print_tables(rows: list[dict]) -> None:
     print("\n| site | seed | champion % | clean % | selected | selected % | oracle | oracle % | "
-          "gap recovered | regret pts | harm | portfolio s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "gap recovered | regret pts | harm | verdict | portfolio s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gap = "–" if r["gap"] is None else f"{r['gap']:+.2f}"
         print(f"| {r['setting']} | {r['seed']} | {pct(r['champion'])} | "
               f"{'–' if r['clean'] is None else pct(r['clean'])} | {r['selected']} | "
               f"{pct(r['selected_acc'])} | {r['oracle']} | {pct(r['oracle_acc'])} | "
               f"{gap} | {100 * r['regret']:.1f} | "
-              f"{'yes' if r['harm'] else 'no'} | {r['portfolio_s']:.0f} |")
+              f"{'yes' if r['harm'] else 'no'} | {r.get('verdict', '?')} | {r['portfolio_s']:.0f} |")
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["setting"], []).append(r)
@@ -231,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
                                                    ncfg=source_net())
         ad = ad[:args.n_site]
         source = CachedSet(h=views[tr][:, 0].float(), labels=torch.as_tensor(y6[tr]))
+        source_val = (views[va][:, 0].float(), torch.as_tensor(y6[va]))  # the gates' split
         pcfg = ProxyConfig(k=args.k)
         px = Proxies(model, prep, e6.records, sorted(va + es), args.precision, pcfg)
         log(f"seed {seed}: {len(px.labels)} held-out photos for proxies")
@@ -241,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             sg = np.stack([site_array(e6.records[i].path, prep, cond, i) for i in ad])
             tg = np.stack([site_array(e6.records[i].path, prep, cond, i) for i in te])
             run_site(f"photos→{cond}", seed, model, prep, px, sg, tg, y6[te], clean_acc,
-                     source, args, rows)
+                     source, args, rows, source_val)
             if args.json_out:
                 args.json_out.write_text(json.dumps(rows, indent=1, default=float))
         if not args.no_faces:
@@ -261,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
             tg = np.stack([site_array(e6.records[i].path, prep, "clean", i) for i in pte])
             run_site("faces→photos", seed, fm, prep, fpx, sg, tg, y6[pte], None,
                      CachedSet(h=ck_views[ftr][:, 0].float(), labels=torch.as_tensor(yc[ftr])),
-                     args, rows)
+                     args, rows, (ck_views[fva][:, 0].float(), torch.as_tensor(yc[fva])))
             if args.json_out:
                 args.json_out.write_text(json.dumps(rows, indent=1, default=float))
     print_tables(rows)

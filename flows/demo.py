@@ -88,15 +88,21 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0,
                "audit_acc_before": before["accuracy"], "method": None, "verdict": None,
                "gates": None, "challenger": None, "promoted": False}
         if mon["notified"]:  # what the drift event would start (alert_on rule)
-            _say(f"3/5 re-adapting {name} without labels (mmd)")
-            ad = readapt_site(site=name, method="mmd", seed=seed, settings=settings)
+            method = rt.site_context(name).site.adapt.method
+            _say(f"3/5 re-adapting {name} without labels ({method})")
+            ad = readapt_site(site=name, seed=seed, settings=settings)
             failed = [k for k, v in ad["gates"].items() if not v["passed"]]
             row.update(method=ad["method"], verdict=ad["verdict"], challenger=ad["version"],
                        gates=f"{len(ad['gates']) - len(failed)}/{len(ad['gates'])}",
                        failed_gates=failed, plots=ad["plots"])
-            _say(f"    {name}: challenger v{ad['version']} verdict {ad['verdict']}"
-                 + (f" (failed: {', '.join(failed)})" if failed else ""))
-            if ad.get("promotion"):
+            if ad["version"] is None:  # the portfolio found nothing better than the champion
+                _say(f"    {name}: {ad['reasons'][0]}")
+            else:
+                _say(f"    {name}: challenger v{ad['version']} ({ad.get('selected') or method}) "
+                     f"verdict {ad['verdict']}" + (f" (failed: {', '.join(failed)})" if failed else ""))
+            if ad["version"] is None:
+                row["gates"] = "-"
+            elif ad.get("promotion"):
                 row["promoted"] = True
                 _say(f"4/5 {name}: auto-promoted (policy auto, every gate passed)")
             elif s["policy"] == "manual" and ad["verdict"] in ("pass", "unverifiable"):

@@ -15,7 +15,9 @@ from models.bn import AdaBNConfig, bn_modules, prior_weight
 from models.portfolio import (
     Member,
     SiteSet,
+    apply_member,
     gain_estimate,
+    halves,
     members,
     run_portfolio,
     select,
@@ -113,6 +115,26 @@ def test_prior_n_sets_the_site_weight_for_every_layer(net):
         mu0, mu1 = b0.running_mean, b1.running_mean
         assert torch.allclose(bm.running_mean, w * mu1 + (1 - w) * mu0, atol=1e-4)
     assert mixed.source_normalisation == "champion"
+
+
+def test_a_proxy_half_keeps_the_site_weight_of_the_prior(net):
+    """A recipe applied to half a proxy adapts on n/2 images: the prior N is halved with it,
+    so its BN statistics mix at the site's weight n/(n+N), not (n/2)/(n/2+N)."""
+    proxy = sets(net, True, 31, n=120)
+    adapt_half, score_half = halves(proxy, seed=3)
+    assert len(adapt_half) == len(score_half) == 60
+    both = np.concatenate([adapt_half.labels, score_half.labels])
+    assert sorted(both.tolist()) == sorted(proxy.labels.tolist())  # a partition
+    again, _ = halves(proxy, seed=3)
+    assert torch.equal(again.h, adapt_half.h)  # seeded
+    bn = Member("bn(N=240)", "bn", {"prior_n": 240})
+    scaled = apply_member(bn, net, adapt_half, None, None, None, 0, "fp32", 60.0, n_site=120)
+    halved = apply_member(Member("bn(N=120)", "bn", {"prior_n": 120}), net, adapt_half, None,
+                          None, None, 0, "fp32", 60.0)
+    unscaled = apply_member(bn, net, adapt_half, None, None, None, 0, "fp32", 60.0)
+    m_scaled, m_halved, m_unscaled = (bn_modules(a.result.model.bottleneck)[0].running_mean
+                                      for a in (scaled, halved, unscaled))
+    assert torch.allclose(m_scaled, m_halved) and not torch.allclose(m_scaled, m_unscaled)
 
 
 # --- the whole portfolio on the toy ----------------------------------------------------------------
