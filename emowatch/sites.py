@@ -57,10 +57,12 @@ def _default_portfolio() -> tuple[str, ...]:
 class AdaptOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str = Field(
-        "mmd",
-        description="One method of models.catalog.ADAPTERS, or 'portfolio' (several candidates, "
-        "the one to propose chosen by its estimated gain on labelled proxies of the site: "
-        "models.portfolio; opt-in while its benchmark is incomplete, see the README).")
+        "portfolio",
+        description="'portfolio' (several candidates, cheapest first; the one to propose chosen "
+        "by the lower bound of its estimated gain on labelled proxies of the site, or none: "
+        "verdict no_gain; models.portfolio), or one method of models.catalog.ADAPTERS, which "
+        "then runs alone (mmd: the paper's loss, through the whole backbone with "
+        "train_backbone).")
     portfolio: list[str] = Field(
         default_factory=lambda: list(_default_portfolio()),
         description="The portfolio's members, by their names in models.catalog.PORTFOLIO "

@@ -36,7 +36,8 @@ def test_methods_a_site_may_use(tmp_path):
     assert readapt.resolve_method(free, "tent") == "tent"
     with pytest.raises(ValueError, match="source_free.*needs the training data"):
         readapt.resolve_method(free, "mmd")
-    assert readapt.resolve_method(Site(name="x", inbox=tmp_path), None) == "mmd"  # the default
+    assert readapt.resolve_method(Site(name="x", inbox=tmp_path), None) == "portfolio"  # the default
+    assert readapt.resolve_method(Site(name="x", inbox=tmp_path), "mmd") == "mmd"  # forced alone
     assert readapt.resolve_method(Site(name="x", inbox=tmp_path, adapt={"method": "portfolio"}),
                                   None) == "portfolio"
     assert readapt.needs_source("portfolio", Site(name="x", inbox=tmp_path))
