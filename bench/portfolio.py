@@ -106,17 +106,12 @@ def verdict_of(chosen, champion: EmotionNet, source_val: tuple[torch.Tensor, tor
                site_h: torch.Tensor) -> tuple[str, list[str]]:
     """The flow's verdict on the selected candidate (models.validate with the site's default
     gates, as tasks.candidate.validate runs them; no explanation gate: no probe images)."""
-    import copy
-
-    from models.bn import bn_modules, bn_stats, load_bn_stats
+    from models.bn import with_bn_stats_of
     from models.validate import validate_candidate
 
     res = chosen.applied.result
-    src_model = None
-    if res.source_normalisation == "champion":  # tasks.candidate.source_model
-        src_model = copy.deepcopy(res.model)
-        load_bn_stats(bn_modules(src_model), bn_stats(bn_modules(champion)))
-        src_model.eval()
+    src_model = (with_bn_stats_of(res.model, champion)  # as tasks.candidate.source_model
+                 if res.source_normalisation == "champion" else None)
     rep = validate_candidate(res.model, champion, source_val, site_h,
                              site_candidate=chosen.applied.h if res.frozen_changed else None,
                              candidate_source_model=src_model)

@@ -97,30 +97,29 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0,
                        failed_gates=failed, plots=ad["plots"])
             if ad["version"] is None:  # the portfolio found nothing better than the champion
                 _say(f"    {name}: {ad['reasons'][0]}")
+                row["gates"] = "-"
             else:
                 _say(f"    {name}: challenger v{ad['version']} ({ad.get('selected') or method}) "
                      f"verdict {ad['verdict']}" + (f" (failed: {', '.join(failed)})" if failed else ""))
-            if ad["version"] is None:
-                row["gates"] = "-"
-            elif ad.get("promotion"):
-                row["promoted"] = True
-                _say(f"4/5 {name}: auto-promoted (policy auto, every gate passed)")
-            elif s["policy"] == "manual" and ad["verdict"] in ("pass", "unverifiable"):
-                approver = rt.site_context(name).site.approvers[0]
-                refusal = _approval_refusal(rt, name, ad["version"], approver)
-                if refusal:  # e.g. the audit set says the challenger is worse: no --force here
-                    _say(f"4/5 {name}: challenger v{ad['version']} waits: {refusal}")
-                    row["waits_because"] = refusal
-                else:
-                    _say(f"4/5 {name}: the demo approves v{ad['version']} as its approver")
-                    promote(site=name, version=ad["version"], action="approve",
-                            actor=approver,
-                            reason=f"demo: verdict {ad['verdict']}, gates {row['gates']}",
-                            settings=settings)
+                if ad.get("promotion"):
                     row["promoted"] = True
-            else:
-                _say(f"4/5 {name}: challenger v{ad['version']} waits (verdict {ad['verdict']}; "
-                     f"policy {s['policy']})")
+                    _say(f"4/5 {name}: auto-promoted (policy auto, every gate passed)")
+                elif s["policy"] == "manual" and ad["verdict"] in ("pass", "unverifiable"):
+                    approver = rt.site_context(name).site.approvers[0]
+                    refusal = _approval_refusal(rt, name, ad["version"], approver)
+                    if refusal:  # e.g. the audit set says the challenger is worse: no --force here
+                        _say(f"4/5 {name}: challenger v{ad['version']} waits: {refusal}")
+                        row["waits_because"] = refusal
+                    else:
+                        _say(f"4/5 {name}: the demo approves v{ad['version']} as its approver")
+                        promote(site=name, version=ad["version"], action="approve",
+                                actor=approver,
+                                reason=f"demo: verdict {ad['verdict']}, gates {row['gates']}",
+                                settings=settings)
+                        row["promoted"] = True
+                else:
+                    _say(f"4/5 {name}: challenger v{ad['version']} waits (verdict {ad['verdict']}; "
+                         f"policy {s['policy']})")
         after = evaluate_folder(rt, name, s["audit"])
         row["audit_acc_after"] = after["accuracy"]
         row["champion"] = after["model"]

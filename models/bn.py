@@ -44,6 +44,17 @@ def load_bn_stats(bns: list[BatchNorm], stats: list[tuple[torch.Tensor, torch.Te
         b.running_var.copy_(var)
 
 
+def with_bn_stats_of(model: nn.Module, like: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose every BN layer's running statistics are those of
+    the matching layer of ``like``: the candidate's weights normalised as ``like`` (the
+    champion: the training domain's statistics) normalises."""
+    import copy
+
+    m = copy.deepcopy(model)
+    load_bn_stats(bn_modules(m), bn_stats(bn_modules(like)))
+    return m.eval()
+
+
 def prior_weight(n_site: int, prior_n: float) -> float:
     """Weight of the site's statistics when the training domain counts as ``prior_n`` images
     (Schneider et al. 2020): n / (n + N)."""

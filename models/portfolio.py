@@ -78,6 +78,13 @@ class Member:
 
 
 KINDS = ("bn", "bn-all", "tent", "shot-im", "mmd", "mmd-backbone")
+EXPECTED_PER = 240  # images that a member's ``expected_s`` is measured for (models.catalog)
+
+
+def expected_seconds(member: Member, n_images: int) -> float:
+    """Seconds ``member`` is expected to need for ``n_images`` (the site's and every
+    proxy's), from its catalog ``expected_s`` (0: always starts)."""
+    return float(member.params.get("expected_s", 0.0)) * n_images / EXPECTED_PER
 
 
 def members(names: Sequence[str] | None = None) -> list[Member]:
@@ -296,9 +303,10 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
 
     A member that needs the training data is skipped when ``source`` is None; one that needs
     raw images when the sets carry none; a member not started before ``budget_s`` is skipped
-    (recorded with the reason), and so is one whose ``expected_s`` (seconds per 240 images,
-    scaled to the site's and proxies' images) does not fit into what is left. ``source`` may be a function that returns the training data: it
-    is called when the first member that needs it starts (never, if none does)."""
+    (recorded with the reason), and so is one whose :func:`expected_seconds` for the site's
+    and proxies' images do not fit into what is left. ``source`` may be a function that
+    returns the training data: it is called when the first member that needs it starts
+    (never, if none does)."""
     if not proxies:
         raise ValueError("the portfolio needs at least one labelled proxy")
     if any(p.labels is None for p in proxies):
@@ -317,7 +325,7 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
         records.append(rec)
         elapsed = time.perf_counter() - t_start
         left = budget_s - elapsed
-        need = float(member.params.get("expected_s", 0.0)) * n_images / 240.0
+        need = expected_seconds(member, n_images)
         if member.needs_source and source is None:
             rec.skipped = "needs the labelled training data (source-free site)"
         elif member.needs_images and (site.images is None or any(p.images is None for p in proxies)):
@@ -387,6 +395,6 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
     return PortfolioResult(records, idx, reasons, time.perf_counter() - t_start)
 
 
-__all__ = ["KINDS", "Applied", "CandidateRecord", "Member", "PortfolioResult",
-           "SiteSet", "apply_member", "correct", "gain_estimate", "halves", "members",
+__all__ = ["EXPECTED_PER", "KINDS", "Applied", "CandidateRecord", "Member", "PortfolioResult",
+           "SiteSet", "apply_member", "correct", "expected_seconds", "gain_estimate", "halves", "members",
            "run_portfolio", "score_on", "select"]

@@ -100,13 +100,9 @@ def source_model(inputs: AdaptInputs, result: Any) -> Any:
     statistics set to the champion's."""
     if getattr(result, "source_normalisation", "own") != "champion":
         return result.model
-    import copy
+    from models.bn import with_bn_stats_of
 
-    from models.bn import bn_modules, bn_stats, load_bn_stats
-
-    m = copy.deepcopy(result.model)
-    load_bn_stats(bn_modules(m), bn_stats(bn_modules(inputs.ckpt.model)))
-    return m.eval()
+    return with_bn_stats_of(result.model, inputs.ckpt.model)
 
 
 def candidate_activations(inputs: AdaptInputs, result: Any) -> dict[str, torch.Tensor] | None:

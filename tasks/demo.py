@@ -62,7 +62,7 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _site_block(name: str, inbox: Path, audit: Path, policy: str, base: Path,
-                train_backbone: bool = True, portfolio: bool = False) -> str:
+                portfolio: bool) -> str:
     rel = lambda p: os.path.relpath(p, base)  # noqa: E731
     return (
         f"[sites.{name}]\n"
@@ -73,8 +73,7 @@ def _site_block(name: str, inbox: Path, audit: Path, policy: str, base: Path,
         f'audit = "{rel(audit)}"\n\n'
         f"[sites.{name}.drift]\nalpha = 0.05\nmin_samples = 30\nwindow = 500\n\n"
         + (f"[sites.{name}.adapt]\nmethod = \"portfolio\"\n\n" if portfolio else
-           f"[sites.{name}.adapt]\nmethod = \"mmd\"\ntime_budget_s = 600\n"
-           f"train_backbone = {'true' if train_backbone else 'false'}\n\n")
+           f"[sites.{name}.adapt]\nmethod = \"mmd\"\ntime_budget_s = 600\ntrain_backbone = false\n\n")
     )
 
 
@@ -122,8 +121,7 @@ def prepare_demo(workdir: Path, data_dir: Path | None, seed: int = 0,
         # Real photos: the re-adaptation portfolio (a site's default). The tiny CNN of the
         # generated-data demo has no pre-trained layers and its generated faces are not what
         # the portfolio's benchmark measured: it keeps the cached mmd the demo was built with.
-        blocks.append(_site_block(name, inbox, audit, policy, workdir,
-                                  train_backbone=False, portfolio=backbone != "tiny"))
+        blocks.append(_site_block(name, inbox, audit, policy, workdir, portfolio=backbone != "tiny"))
     sites_file = workdir / "sites.toml"
     sites_file.write_text("# written by `emowatch demo`\n\n" + "".join(blocks), encoding="utf-8")
     return DemoData(kind, workdir / "source", sites_file, sites, backbone, img_size, classes)

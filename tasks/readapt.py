@@ -143,11 +143,11 @@ def needs_source(method: str, site: Site | None = None) -> bool:
 def portfolio_runs_backbone(site: Site) -> bool:
     """Can the site's portfolio reach its whole-backbone member within its budget (then the
     training images are decoded for it)?"""
-    from models.portfolio import members
+    from models.portfolio import EXPECTED_PER, expected_seconds, members
 
     for m in members(site.adapt.portfolio):
-        if m.kind == "mmd-backbone":
-            need = float(m.params.get("expected_s", 0.0)) * (1 + site.adapt.proxies)  # 240 each
+        if m.kind == "mmd-backbone":  # sets of EXPECTED_PER images: the site and each proxy
+            need = expected_seconds(m, EXPECTED_PER * (1 + site.adapt.proxies))
             return need <= site.adapt.portfolio_budget_s and not site.adapt.source_free
     return False
 
