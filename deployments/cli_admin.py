@@ -224,6 +224,9 @@ def sync(
 @commands.command()
 def serve(
     dry_run: Annotated[bool, typer.Option(help="Print the deployments and exit.")] = False,
+    limit: Annotated[int | None, typer.Option(
+        min=1, max=1000, help="Most flow runs at once (each is a process of ~0.5 GB; default "
+        "EMOWATCH_SERVE_LIMIT). Runs beyond it wait their turn.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Serve one scheduled monitor deployment per site, the drift-triggered re-adaptation,
@@ -237,8 +240,8 @@ def serve(
 
         deps = build_deployments(load_sites(settings.sites_file))
         if dry_run:
-            return describe(deps)
-        serve_all(deps)
+            return {**describe(deps), "limit": limit or settings.serve_limit}
+        serve_all(deps, limit or settings.serve_limit)
         return describe(deps)
 
     run(go, as_json)

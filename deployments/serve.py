@@ -95,8 +95,9 @@ def describe(deps: list[Any]) -> dict[str, Any]:
     return {"deployments": out}
 
 
-def serve_all(deps: list[Any]) -> None:
-    """Serve the deployments until SIGINT or SIGTERM (what a service manager sends to stop a
+def serve_all(deps: list[Any], limit: int | None = None) -> None:
+    """Serve the deployments, at most ``limit`` flow runs at once (None: no limit; 100 sites
+    on one cron minute would start 100 processes), until SIGINT or SIGTERM (what a service manager sends to stop a
     service; systemd sends it to every process of the service at once); both shut the runner
     down and return.
 
@@ -116,6 +117,6 @@ def serve_all(deps: list[Any]) -> None:
     # Prefect's runner installs its own SIGTERM handler once started; this one covers startup.
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        serve(*deps, pause_on_shutdown=bool(PREFECT_API_URL.value()))
+        serve(*deps, pause_on_shutdown=bool(PREFECT_API_URL.value()), limit=limit)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -77,10 +77,21 @@ class Settings(BaseSettings):
         None, description="Scheduler address for the dask task runner; unset: local cluster."
     )
     featurize_batch: int = Field(64, ge=1, le=4096)
+    evidently_reports: Literal["always", "drift", "never"] = Field(
+        "always", description="When a check also writes the Evidently report (HTML, JSON, "
+        "workspace snapshot): every check, only checks that found drift, or never. Costs ~10 s "
+        "of a check on 2 cores (bench/scale.py).")
+    serve_limit: int = Field(
+        2, ge=1, le=1000, description="`emowatch serve`: most flow runs at once (each a "
+        "process; on 2 cores more only contend: bench/scale.py).")
     inference_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Arithmetic of a NEW model version's inference, stored with it "
         "(every later inference of that version uses the same): auto = bf16 where the CPU has "
         "it natively (AVX512-BF16/AMX: ~3x faster), else fp32.")
+    inference_engine: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="Where fp32 eval passes run (featurization, activation caches): "
+        "auto = ONNX Runtime when installed (same numbers to ~1e-5, ~2.4x faster on 2 AVX2 "
+        "cores), torch = PyTorch. bf16 versions always run on PyTorch.")
 
     @field_serializer("database_url", "mlflow_tracking_uri", when_used="json")
     def _hide_passwords(self, url: str | None) -> str | None:

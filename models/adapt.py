@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.engine import frozen_activations
 from models.network import Checkpoint, EmotionNet
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -145,7 +146,8 @@ class AdaptResult:
         cfg["adaptation"] = {"method": self.method, "config": self.config,
                              "steps_done": self.steps_done, "seconds": self.seconds}
         return Checkpoint(model=self.model, classes=list(base.classes),
-                          preprocessing=base.preprocessing, config=cfg)
+                          preprocessing=base.preprocessing, config=cfg, engine=base.engine,
+                          engine_cache=base.engine_cache)
 
 
 # --- helpers shared by the methods (also used by validation and the benchmarks) -------------------
@@ -172,11 +174,13 @@ def cached_outputs(model: EmotionNet, h: torch.Tensor,
 
 @torch.no_grad()
 def cache_activations(model: EmotionNet, images: torch.Tensor | np.ndarray,
-                      batch_size: int = 32, preprocessing: Any = None) -> torch.Tensor:
+                      batch_size: int = 32, preprocessing: Any = None, engine: str = "auto",
+                      cache_dir: Any = None) -> torch.Tensor:
     """Raw images -> cached frozen activations h (N, C, s, s), in batches.
 
     images: (N,3,S,S) normalised float, or (N,S,S,3) uint8 (then ``preprocessing.normalize``
-    is applied; a ``Preprocessing`` is required).
+    is applied; a ``Preprocessing`` is required). ``engine``/``cache_dir``: see
+    ``models.engine.frozen_activations``.
     """
     out = []
     for s in range(0, len(images), batch_size):
@@ -186,7 +190,7 @@ def cache_activations(model: EmotionNet, images: torch.Tensor | np.ndarray,
             if preprocessing is None:
                 raise ValueError("uint8 images need a Preprocessing to normalise them")
             x = preprocessing.normalize(x)
-        out.append(model.frozen_forward(torch.as_tensor(x).float()))
+        out.append(frozen_activations(model, x, engine, cache_dir, n_images=len(images)))
     return torch.cat(out)
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.engine import onnx_pass
+from models.engine import resolve as resolve_engine
 from models.network import Checkpoint, EmotionNet, Preprocessing
 
 
@@ -165,14 +167,26 @@ def extract_features(
     batch_size: int = 32,
     prep: Preprocessing | None = None,
     precision: str | None = None,
+    engine: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images -> (bottleneck features z (N, D) float32, softmax probs (N, K) float32).
 
     ``precision``: default the checkpoint's own (:attr:`Checkpoint.precision`; fp32 for a bare
-    network). bf16 runs channels-last under autocast in batches of at most BF16_BATCH."""
+    network). bf16 runs channels-last under autocast in batches of at most BF16_BATCH.
+    ``engine``: default the checkpoint's (:attr:`Checkpoint.engine`, "auto": fp32 runs in ONNX
+    Runtime where it is installed, ``models.engine``; "torch" for a bare network)."""
     model, prep = _model_and_prep(ckpt, prep)
     if precision is None:
         precision = ckpt.precision if isinstance(ckpt, Checkpoint) else "fp32"
+    if engine is None:
+        engine = ckpt.engine if isinstance(ckpt, Checkpoint) else "torch"
+    if resolve_engine(engine, precision) == "onnx":
+        n = images.shape[0] if isinstance(images, (np.ndarray, torch.Tensor)) else (
+            len(images) if hasattr(images, "__len__") else None)
+        ort_pass = onnx_pass(model, "full", prep.img_size, n,
+                             ckpt.engine_cache if isinstance(ckpt, Checkpoint) else None)
+        if ort_pass is not None:
+            return _run_onnx(ort_pass, images, prep, batch_size, model)
     bf16 = precision == "bf16"
     if bf16:
         batch_size = min(batch_size, BF16_BATCH)
@@ -196,6 +210,71 @@ def extract_features(
     if not zs:
         return np.zeros((0, d), np.float32), np.zeros((0, k), np.float32)
     return np.concatenate(zs), np.concatenate(ps)
+
+
+def _run_onnx(ort_pass: Any, images: Any, prep: Preprocessing, batch_size: int,
+              model: EmotionNet) -> tuple[np.ndarray, np.ndarray]:
+    zs, ps = [], []
+    for x in iter_input_batches(images, prep, batch_size):
+        z, logits = ort_pass(x)
+        zs.append(z)
+        ps.append(torch.softmax(torch.from_numpy(logits), 1).numpy())
+    if not zs:
+        d, k = model.config.bottleneck_dim, model.config.num_classes
+        return np.zeros((0, d), np.float32), np.zeros((0, k), np.float32)
+    return np.concatenate(zs), np.concatenate(ps)
+
+
+def extract_features_overlapped(
+    ckpt: Checkpoint,
+    items: Sequence[Any],
+    load: Callable[[Any], np.ndarray | None],
+    batch_size: int = 32,
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """:func:`extract_features` of ``load(item)`` (a uint8 (S,S,3) grid, or None to skip the
+    item) for every item, decoding in a background thread while the previous batch runs
+    through the network (decoding and both engines release the GIL). Returns the indices of
+    the items kept, z and probs aligned with them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, prep = ckpt.model, ckpt.preprocessing
+    engine = resolve_engine(ckpt.engine, ckpt.precision)
+    ort_pass = (onnx_pass(model, "full", prep.img_size, len(items), ckpt.engine_cache)
+                if engine == "onnx" else None)
+    kept: list[int] = []
+    zs, ps = [], []
+
+    def decode(start: int) -> tuple[list[int], list[np.ndarray]]:
+        idx, grids = [], []
+        for i in range(start, min(len(items), start + batch_size)):
+            g = load(items[i])
+            if g is not None:
+                idx.append(i)
+                grids.append(g)
+        return idx, grids
+
+    def forward(grids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.stack(grids)
+        if ort_pass is not None:
+            return _run_onnx(ort_pass, x, prep, len(x), model)
+        return extract_features(ckpt, x, batch_size=batch_size, engine="torch")
+
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(decode, 0) if items else None
+        for start in range(0, len(items), batch_size):
+            assert nxt is not None
+            idx, grids = nxt.result()
+            after = start + batch_size
+            nxt = pool.submit(decode, after) if after < len(items) else None
+            if grids:
+                z, p = forward(grids)
+                kept.extend(idx)
+                zs.append(z)
+                ps.append(p)
+    if not zs:
+        d, k = model.config.bottleneck_dim, model.config.num_classes
+        return [], np.zeros((0, d), np.float32), np.zeros((0, k), np.float32)
+    return kept, np.concatenate(zs), np.concatenate(ps)
 
 
 def predict_arrays(

@@ -287,6 +287,10 @@ class Checkpoint:
     classes: list[str]
     preprocessing: Preprocessing
     config: dict[str, Any] = field(default_factory=dict)  # resolved training config etc.
+    # Where this process runs its eval passes (``models.engine``; not saved: the numbers are
+    # the same to ~1e-5) and where exported graphs are kept (None: in memory only).
+    engine: str = "auto"
+    engine_cache: Path | None = None
 
     @property
     def net_config(self) -> NetConfig:

@@ -43,10 +43,16 @@ _LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
 SHADES_OF_GREY_P = 6.0
 
 
-def _illuminant(x: np.ndarray) -> tuple[float, float]:
-    """(log R/G, log B/G) of the shades-of-grey illuminant of an (H,W,3) 0..255 float image."""
-    v = (x.reshape(-1, 3) / 255.0).astype(np.float64)
-    e = np.mean(v ** SHADES_OF_GREY_P, axis=0) ** (1.0 / SHADES_OF_GREY_P) + 1e-3
+def _illuminant(rgb: np.ndarray) -> tuple[float, float]:
+    """(log R/G, log B/G) of the shades-of-grey illuminant of an (H,W,3) uint8 image.
+
+    The Minkowski mean through a 256-entry table of (v/255)^p and a histogram per channel:
+    the same sum as the power of every pixel, in ~0.2 ms instead of ~10 ms for a 320 px photo."""
+    table = (np.arange(256, dtype=np.float64) / 255.0) ** SHADES_OF_GREY_P
+    flat = rgb.reshape(-1, 3)
+    n = max(flat.shape[0], 1)
+    e = np.array([np.bincount(flat[:, c], minlength=256) @ table / n for c in range(3)])
+    e = e ** (1.0 / SHADES_OF_GREY_P) + 1e-3
     return float(np.log(e[0] / e[1])), float(np.log(e[2] / e[1]))
 
 
@@ -97,7 +103,7 @@ def image_stats(img: ImageLike) -> dict[str, float]:
     rg = x[..., 0] - x[..., 1]
     yb = 0.5 * (x[..., 0] + x[..., 1]) - x[..., 2]
     colourful = np.sqrt(rg.std() ** 2 + yb.std() ** 2) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
-    ill_rg, ill_bg = _illuminant(x)
+    ill_rg, ill_bg = _illuminant(rgb)
     return {
         "brightness": float(luma.mean() / 255.0),
         "contrast": float(luma.std() / 255.0),

@@ -47,7 +47,7 @@ def compute_chunk(settings: Settings, model_name: str, version: str,
     the content store was tampered with) and logged by the caller."""
     from db import features
     from db.session import session_scope
-    from models.evaluate import extract_features
+    from models.evaluate import extract_features_overlapped
     from models.images import load_rgb
     from models.quality import image_stats
     from tasks.context import Runtime
@@ -55,22 +55,23 @@ def compute_chunk(settings: Settings, model_name: str, version: str,
     rt = Runtime.open(settings)
     ckpt, _ = rt.registry.load_model(model_name, version)
     prep = ckpt.preprocessing
-    shas, grids, quals = [], [], []
-    for sha, path in items:
+    quals: dict[int, dict] = {}
+
+    def load(i: int) -> np.ndarray | None:
         try:
-            img = load_rgb(path)
+            img = load_rgb(items[i][1])
         except Exception:  # noqa: BLE001 - reported as missing by featurize_images
-            continue
-        quals.append(image_stats(img))
-        grids.append(prep.to_array(img))
-        shas.append(sha)
-    if not shas:
+            return None
+        quals[i] = image_stats(img)
+        return prep.to_array(img)
+
+    kept, z, p = extract_features_overlapped(ckpt, list(range(len(items))), load, batch_size)
+    if not kept:
         return 0
-    z, p = extract_features(ckpt, np.stack(grids), batch_size=batch_size)
     with session_scope(rt.engine) as s:
         return features.put_features(
-            s, f"{model_name}/{version}", list(zip(shas, z, p, quals, strict=True))
-        )
+            s, f"{model_name}/{version}",
+            [(items[i][0], z[j], p[j], quals[i]) for j, i in enumerate(kept)])
 
 
 @task(name="featurize-chunk", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)

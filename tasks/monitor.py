@@ -109,6 +109,12 @@ def evidently_report(ctx: RunContext, profile: Any, fs: FeatureSet,
     log = get_run_logger()
     if len(fs) < 2:
         return {"html": None, "json": None, "error": "fewer than 2 current images"}
+    wanted = settings.evidently_reports
+    if wanted == "never" or (wanted == "drift" and decision != "drift"):
+        # ~10 s a check alone on 2 cores (6.5 s importing Evidently, 4 s building): the scale
+        # knob (bench/scale.py); the check's own page and record are written regardless
+        return {"html": None, "json": None, "error": None,
+                "skipped": f"EMOWATCH_EVIDENTLY_REPORTS={wanted}, decision {decision}"}
     try:
         pca = report.PCAProjection.fit(profile.features)
         classes = list(profile.classes)

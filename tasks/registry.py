@@ -83,8 +83,10 @@ def _drop_pickle_warning(record: logging.LogRecord) -> bool:
 class Registry:
     """The model registry at one tracking URI (see the module docstring)."""
 
-    def __init__(self, tracking_uri: str, artifact_root: Path | None, cache_dir: Path) -> None:
+    def __init__(self, tracking_uri: str, artifact_root: Path | None, cache_dir: Path,
+                 engine: str = "auto") -> None:
         self.tracking_uri = tracking_uri
+        self.engine = engine  # the inference engine of every checkpoint loaded (models.engine)
         # None: the tracking server decides where artifacts go (http/databricks URIs)
         self.artifact_root = None if is_remote(tracking_uri) else Path(artifact_root or ".").resolve()
         self.cache_dir = Path(cache_dir).resolve()
@@ -94,7 +96,8 @@ class Registry:
     def from_settings(cls, settings: Settings) -> Registry:
         """The registry of ``settings`` (creates the SQLite store's folder and the artifact
         root: call it where work starts, not at import)."""
-        reg = cls(settings.tracking_uri, settings.artifact_root, settings.cache_dir / "registry")
+        reg = cls(settings.tracking_uri, settings.artifact_root, settings.cache_dir / "registry",
+                  settings.inference_engine)
         uri = reg.tracking_uri
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +355,9 @@ class Registry:
 
     def load_by_version(self, name: str, version: str | int) -> tuple[Checkpoint, VersionInfo]:
         info = self.get_version(name, version)
-        return load_checkpoint(self._verified(info, _CHECKPOINT_FILE)), info
+        ckpt = load_checkpoint(self._verified(info, _CHECKPOINT_FILE))
+        ckpt.engine, ckpt.engine_cache = self.engine, self.cache_dir.parent / "onnx"
+        return ckpt, info
 
     def load_checkpoint_by_alias(self, name: str, alias: str = CHAMPION
                                  ) -> tuple[Checkpoint, VersionInfo]:

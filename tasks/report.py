@@ -269,13 +269,21 @@ def add_to_workspace(
     ``evidently ui --workspace <workspace_dir>`` then shows each site's reports over time.
     Returns the snapshot id.
     """
+    import fcntl
+
     from evidently.ui.workspace import Workspace
 
     Path(workspace_dir).mkdir(parents=True, exist_ok=True)
-    ws = Workspace(str(workspace_dir))
-    found = ws.search_project(project_name)
-    project = found[0] if found else ws.create_project(
-        project_name, description=description or f"emowatch drift reports for site {project_name}"
-    )
-    ref = ws.add_run(project.id, snapshot)
+    # One writer at a time: the workspace reads every project's JSON when it opens, and two
+    # checks of different sites finishing together (emowatch serve runs several) would read a
+    # file the other is writing, or both create the same site's project (measured: the
+    # bench/scale.py runs lost snapshots to "Expecting value" before this lock).
+    with open(Path(workspace_dir) / ".emowatch-write.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ws = Workspace(str(workspace_dir))
+        found = ws.search_project(project_name)
+        project = found[0] if found else ws.create_project(
+            project_name,
+            description=description or f"emowatch drift reports for site {project_name}")
+        ref = ws.add_run(project.id, snapshot)
     return str(ref.id)
