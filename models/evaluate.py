@@ -181,6 +181,7 @@ def extract_features(
     if engine is None:
         engine = ckpt.engine if isinstance(ckpt, Checkpoint) else "torch"
     if resolve_engine(engine, precision) == "onnx":
+        model.to(memory_format=torch.contiguous_format)  # as the torch fp32 path leaves them
         n = images.shape[0] if isinstance(images, (np.ndarray, torch.Tensor)) else (
             len(images) if hasattr(images, "__len__") else None)
         ort_pass = onnx_pass(model, "full", prep.img_size, n,
