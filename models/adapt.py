@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.engine import frozen_activations
+from models.engine import frozen_runner
 from models.network import Checkpoint, EmotionNet
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -180,9 +180,10 @@ def cache_activations(model: EmotionNet, images: torch.Tensor | np.ndarray,
 
     images: (N,3,S,S) normalised float, or (N,S,S,3) uint8 (then ``preprocessing.normalize``
     is applied; a ``Preprocessing`` is required). ``engine``/``cache_dir``: see
-    ``models.engine.frozen_activations``.
+    ``models.engine.frozen_runner``.
     """
     out = []
+    run = frozen_runner(model, model.config.img_size, engine, cache_dir, n_images=len(images))
     for s in range(0, len(images), batch_size):
         x = images[s:s + batch_size]
         if (isinstance(x, np.ndarray) and x.dtype == np.uint8) or (
@@ -190,7 +191,7 @@ def cache_activations(model: EmotionNet, images: torch.Tensor | np.ndarray,
             if preprocessing is None:
                 raise ValueError("uint8 images need a Preprocessing to normalise them")
             x = preprocessing.normalize(x)
-        out.append(frozen_activations(model, x, engine, cache_dir, n_images=len(images)))
+        out.append(run(x))
     return torch.cat(out)
 
 

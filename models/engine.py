@@ -22,7 +22,7 @@ import importlib.util
 import io
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -196,19 +196,29 @@ def onnx_pass(net: nn.Module, part: str, img_size: int, n_images: int | None = N
     return ort_pass
 
 
-def frozen_activations(net: nn.Module, x: np.ndarray | torch.Tensor, engine: str = "auto",
-                       cache_dir: str | Path | None = None, n_images: int | None = None
-                       ) -> torch.Tensor:
-    """``net.frozen_forward(x)`` (eval, no gradient) in the engine ``engine`` resolves to;
-    ``n_images``: how many images the caller will pass in all (for the export decision)."""
-    x_t = torch.as_tensor(x).float()
-    if resolve(engine) == "onnx":
-        ort_pass = onnx_pass(net, "frozen", int(x_t.shape[-1]),
-                             n_images if n_images is not None else int(x_t.shape[0]), cache_dir)
+def frozen_runner(net: nn.Module, img_size: int, engine: str = "auto",
+                  cache_dir: str | Path | None = None, n_images: int | None = None
+                  ) -> Callable[[np.ndarray | torch.Tensor], torch.Tensor]:
+    """``x -> net.frozen_forward(x)`` (eval, no gradient) in the engine ``engine`` resolves to,
+    decided once for a loop over batches (the weights' digest is not recomputed per batch);
+    ``n_images``: how many images the loop passes in all (for the export decision)."""
+    ort_pass = (onnx_pass(net, "frozen", img_size, n_images, cache_dir)
+                if resolve(engine) == "onnx" else None)
+
+    def run(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x_t = torch.as_tensor(x).float()
         if ort_pass is not None:
             return torch.from_numpy(ort_pass(x_t)[0])
-    with torch.no_grad():
-        return net.frozen_forward(x_t)
+        with torch.no_grad():
+            return net.frozen_forward(x_t)
+
+    return run
+
+
+def frozen_activations(net: nn.Module, x: np.ndarray | torch.Tensor, engine: str = "auto",
+                       cache_dir: str | Path | None = None) -> torch.Tensor:
+    """One batch through :func:`frozen_runner`."""
+    return frozen_runner(net, int(x.shape[-1]), engine, cache_dir, int(x.shape[0]))(x)
 
 
 def clear_memo() -> None:
@@ -218,4 +228,5 @@ def clear_memo() -> None:
 
 
 __all__: Sequence[str] = ["ENGINES", "MIN_IMAGES_TO_EXPORT", "OnnxPass", "available",
-                          "clear_memo", "digest", "frozen_activations", "onnx_pass", "resolve"]
+                          "clear_memo", "digest", "frozen_activations", "frozen_runner", "onnx_pass",
+                          "resolve"]

@@ -207,8 +207,14 @@ def extract_features(
                 ps.append(torch.softmax(logits.float(), 1).numpy())
     finally:
         model.train(was_training)
-    d, k = model.config.bottleneck_dim, model.config.num_classes
+    return _joined(model, zs, ps)
+
+
+def _joined(model: EmotionNet, zs: list[np.ndarray], ps: list[np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Batches of (z, probs) -> arrays; (0, D) and (0, K) when there were none."""
     if not zs:
+        d, k = model.config.bottleneck_dim, model.config.num_classes
         return np.zeros((0, d), np.float32), np.zeros((0, k), np.float32)
     return np.concatenate(zs), np.concatenate(ps)
 
@@ -220,10 +226,7 @@ def _run_onnx(ort_pass: Any, images: Any, prep: Preprocessing, batch_size: int,
         z, logits = ort_pass(x)
         zs.append(z)
         ps.append(torch.softmax(torch.from_numpy(logits), 1).numpy())
-    if not zs:
-        d, k = model.config.bottleneck_dim, model.config.num_classes
-        return np.zeros((0, d), np.float32), np.zeros((0, k), np.float32)
-    return np.concatenate(zs), np.concatenate(ps)
+    return _joined(model, zs, ps)
 
 
 def extract_features_overlapped(
@@ -272,10 +275,7 @@ def extract_features_overlapped(
                 kept.extend(idx)
                 zs.append(z)
                 ps.append(p)
-    if not zs:
-        d, k = model.config.bottleneck_dim, model.config.num_classes
-        return [], np.zeros((0, d), np.float32), np.zeros((0, k), np.float32)
-    return kept, np.concatenate(zs), np.concatenate(ps)
+    return (kept, *_joined(model, zs, ps))
 
 
 def predict_arrays(

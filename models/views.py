@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from models.data import ImageRecord, LabelledSet
-from models.engine import frozen_activations
+from models.engine import frozen_runner
 from models.images import load_rgb
 from models.network import EmotionNet, Preprocessing
 from models.progress import Progress
@@ -135,19 +135,19 @@ def cache_activations(
     engine_cache: Any = None,
 ) -> torch.Tensor:
     """Frozen activations of every view: (N, V, C, h, w) float16 (V = 1 without augment), in
-    the engine ``models.engine.frozen_activations`` picks (ONNX Runtime for fp32 where it is
+    the engine ``models.engine.frozen_runner`` picks (ONNX Runtime for fp32 where it is
     installed)."""
     rng = np.random.default_rng(seed)
     v = n_views(cfg) if augment else 1
     model.eval()
     out: torch.Tensor | None = None
     n = len(src)
+    run = frozen_runner(model, prep.img_size, engine, engine_cache, n_images=n * v)
     for s in range(0, n, cfg.cache_batch):
         arrs = []
         for i in range(s, min(n, s + cfg.cache_batch)):
             arrs.extend(image_views(src.pil(i), prep, cfg, rng, augment))
-        h = frozen_activations(model, prep.normalize(np.ascontiguousarray(np.stack(arrs))),
-                               engine, engine_cache, n_images=n * v)
+        h = run(prep.normalize(np.ascontiguousarray(np.stack(arrs))))
         h = h.to(torch.float16).view(-1, v, *h.shape[1:])
         if out is None:
             out = torch.empty((n, v, *h.shape[2:]), dtype=torch.float16)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.engine import frozen_activations
+from models.engine import frozen_runner
 from tasks.storage import file_sha256
 
 
@@ -69,12 +69,12 @@ def cached_activations(ckpt: Any, items: Sequence[tuple[str, str | Path]], cache
     model, prep = ckpt.model, ckpt.preprocessing
     model.eval()
     done = 0
+    run = frozen_runner(model, prep.img_size, ckpt.engine, Path(cache_dir) / "onnx",
+                        n_images=len(missing))
     for s in range(0, len(missing), batch_size):
         idx = missing[s:s + batch_size]
         grid = np.stack([prep.to_array(load_rgb(items[i][1])) for i in idx])
-        h = frozen_activations(model, prep.normalize(grid), ckpt.engine,
-                               Path(cache_dir) / "onnx", n_images=len(missing)
-                               ).numpy().astype(np.float16)
+        h = run(prep.normalize(grid)).numpy().astype(np.float16)
         for j, i in enumerate(idx):
             out[i] = h[j]
             _atomic_save(paths[i], h[j])
