@@ -8,8 +8,6 @@ resolve the site, then run a Prefect flow or a plain function with them.
 
 from __future__ import annotations
 
-import os
-
 import typer
 
 from deployments import cli_admin, cli_models, cli_promote
@@ -26,9 +24,10 @@ app.add_typer(cli_admin.site_commands, name="site")
 
 
 def main() -> None:
-    # Prefect's ephemeral server sends telemetry by default; keep runs quiet and local.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Before anything imports Prefect: its temporary server's start-up allowance, no telemetry.
+    from emowatch.prefect_env import apply_defaults
+
+    apply_defaults()
     app()
 
 

@@ -61,12 +61,13 @@ def run(fn: Callable[[], dict[str, Any] | list[Any]], as_json: bool,
 
 
 def fail(as_json: bool, e: BaseException, code: int) -> None:
+    from emowatch.prefect_env import explain_startup_timeout
     from emowatch.redact import redact
 
     msg = str(e) or e.__class__.__name__
     if isinstance(e, FileNotFoundError) and e.filename:
         msg = f"not found: {e.filename}"
-    msg = redact(msg)
+    msg = redact(explain_startup_timeout(msg))
     typer.echo(f"emowatch: error: {msg}", err=True)
     if as_json:
         sys.stdout.write(json.dumps({"error": msg, "exit_code": code}) + "\n")

@@ -12,9 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    # Quiet, local, deterministic runs: no telemetry from Prefect's temporary server or MLflow.
-    for k, v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"),
-                 ("MLFLOW_DISABLE_TELEMETRY", "true"), ("PREFECT_TASKS_DEFAULT_NO_CACHE", "true")):
+    # Quiet, local, deterministic runs: no telemetry from Prefect's temporary server or MLflow;
+    # the temporary server's start-up allowance of the emowatch command (before Prefect loads).
+    from emowatch.prefect_env import apply_defaults
+
+    apply_defaults()
+    for k, v in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("PREFECT_TASKS_DEFAULT_NO_CACHE", "true")):
         os.environ.setdefault(k, v)
 
 
@@ -96,8 +99,10 @@ def runtime(settings):
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API + database for the tests that run a flow (~10-15 s to start,
-    once per session)."""
+    once per session; allowed as long as the emowatch command allows its temporary server)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    from emowatch.prefect_env import startup_timeout_s
+
+    with prefect_test_harness(server_startup_timeout=startup_timeout_s()):
         yield

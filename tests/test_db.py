@@ -177,7 +177,7 @@ def test_concurrent_init_db_postgres_takes_turns(pg_schema_url):
         )
         for _ in range(2)
     ]
-    outs = [p.communicate(timeout=120) for p in procs]
+    outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert migrate.current(pg_schema_url) == migrate.head()
 
@@ -241,7 +241,7 @@ def test_datetimes_are_aware_utc(engine):
 def test_importing_db_has_no_side_effects(tmp_path):
     code = ("import db.models, db.session, db.migrate, db.sites, db.inbox, db.features, "
             "db.locks, db.status, db.outbox, tasks.ingest, flows.ingest")
-    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=600)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -156,7 +156,7 @@ def test_kill_9_mid_ingest_loses_nothing_and_leaves_no_temp_files(settings, tmp_
             "ingest_inbox(site, s, make_engine(s.db_url), workers=1, chunk_files=8)")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     eng = make_engine(settings.db_url)
-    deadline = time.time() + 60
+    deadline = time.time() + 600
     while time.time() < deadline:  # wait until it has committed something, then kill it
         time.sleep(0.2)
         try:
@@ -418,13 +418,19 @@ def test_two_processes_migrating_a_fresh_sqlite_home_at_once(tmp_path):
     url = f"sqlite:///{tmp_path / 'fresh' / 'emowatch.db'}"
     go = tmp_path / "go"
     code = ("import time, sys; from pathlib import Path\n"
+            "from db.migrate import init_db\n"
+            f"Path({str(tmp_path)!r}, 'ready-' + sys.argv[1]).touch()\n"
             f"while not Path({str(go)!r}).exists(): time.sleep(0.005)\n"
-            f"from db.migrate import init_db; print(init_db({url!r}))")
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
-    time.sleep(4)  # all imported and waiting
+            f"print(init_db({url!r}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(8)]
+    deadline = time.monotonic() + 600  # all imported and waiting (the event, not a fixed sleep)
+    while len(list(tmp_path.glob("ready-*"))) < 8 and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.stderr.read()[-500:] for p in procs if p.poll() is not None]
+        time.sleep(0.05)
     go.touch()
-    results = [p.communicate(timeout=120) for p in procs]
+    results = [p.communicate(timeout=600) for p in procs]
     from db.migrate import head
 
     for p, (out, err) in zip(procs, results, strict=True):

@@ -371,7 +371,7 @@ def _child_ingest(
             os._exit(3)  # a crash: no cleanup, no 'failed' status
 
     if barrier is not None:
-        barrier.wait(timeout=60)
+        barrier.wait(timeout=600)
     out = ingest_inbox(site, settings, eng, workers=1, chunk_files=2, on_chunk=on_chunk)
     if results is not None:
         results.put(out)
@@ -426,7 +426,7 @@ def test_two_processes_ingesting_at_once(backend, settings, tmp_path, request):
     ]
     for p in procs:
         p.start()
-    outs = [results.get(timeout=120) for _ in procs]
+    outs = [results.get(timeout=600) for _ in procs]
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]

@@ -124,11 +124,11 @@ def browse(page: Path, shot: Path, tmp_path: Path) -> str:
             "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'chrome'}",
             "--window-size=1200,1600"]
     r = subprocess.run([*args, "--dump-dom", page.as_uri()], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=600)
     console = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
     assert console == [], console
     subprocess.run([*args, f"--screenshot={shot}", page.as_uri()], capture_output=True,
-                   timeout=120, check=True)
+                   timeout=600, check=True)
     assert shot.is_file() and shot.stat().st_size > 10_000
     return r.stdout
 

@@ -440,7 +440,7 @@ from tasks.promote import promote_version
 promote_version(ctx, {v!r}, "approve", "lead@example.org", deliver=False)
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == -9, r.stderr
     assert _aliases(site)[0] == v and not _agree(site)  # moved, nothing recorded
     assert len(_history(site)) == 1

@@ -168,7 +168,7 @@ def test_pyfunc_loads_in_a_fresh_process(reg, source_v1):
     env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri,
            "MLFLOW_REGISTRY_URI": settings.tracking_uri, "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, "-c", code], input=png, capture_output=True,
-                         env=env, timeout=120, check=False)
+                         env=env, timeout=600, check=False)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     got = np.array(json.loads(res.stdout.decode().strip().splitlines()[-1]))
     np.testing.assert_allclose(got, _torch_probs(ckpt, [png]), rtol=1e-5, atol=1e-6)
