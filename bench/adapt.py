@@ -54,12 +54,12 @@ from bench.common import (
     train_model,
     views_activations,
 )
-from models.adapt import CachedSet, available_adapters, cache_activations, get_adapter
+from models.adapt.base import CachedSet, available_adapters, cache_activations, get_adapter
+from models.adapt.discrepancy import DiscrepancyConfig, with_backbone
 from models.data import read_image_folder, stratified_split
-from models.discrepancy import DiscrepancyConfig, with_backbone
 from models.network import EmotionNet, NetConfig, preprocessing_for
 from models.train import TrainConfig
-from models.validate import ValidationConfig, validate_candidate
+from models.validate.candidate import ValidationConfig, validate_candidate
 
 
 # --- one setting, one seed ----------------------------------------------------------------------

@@ -29,8 +29,8 @@ from bench.common import (
     photos_model,
     source_net,
 )
-from models.adapt import batches, cache_activations
-from models.bn import adapt_top_bn, bn_modules, bn_stats, mix_bn_stats, reestimate_bn
+from models.adapt.base import batches, cache_activations
+from models.adapt.bn import adapt_top_bn, bn_modules, bn_stats, mix_bn_stats, reestimate_bn
 from models.network import EmotionNet
 
 

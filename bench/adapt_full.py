@@ -10,7 +10,7 @@ what it costs. Same splits, source models and site photos as bench/adapt.py (pho
     mmd-full     source CE + lam(t) * MK-MMD(source, site bottleneck features): the paper's
                  method with nothing frozen
 
-Both use ``models.adapt.with_backbone`` (``BACKBONE_STEPS`` Adam steps of ``BACKBONE_BATCH``
+Both use ``models.adapt.base.with_backbone`` (``BACKBONE_STEPS`` Adam steps of ``BACKBONE_BATCH``
 source + site photos, the backbone at ``lr * --backbone-lr-mult``); the BN statistics of the
 stem and blocks stay the champion's. mmd-full IS the shipped adapter (``backbone_lr_mult``), and
 its candidate goes through ``validate_candidate`` on its own activations.
@@ -44,12 +44,12 @@ from bench.common import (
     train_model,
     views_activations,
 )
-from models.adapt import CachedSet, cache_activations, get_adapter
+from models.adapt.base import CachedSet, cache_activations, get_adapter
+from models.adapt.discrepancy import DiscrepancyConfig, with_backbone
 from models.data import read_image_folder, stratified_split
-from models.discrepancy import DiscrepancyConfig, with_backbone
 from models.network import EmotionNet, NetConfig
 from models.train import TrainConfig
-from models.validate import ValidationConfig, validate_candidate
+from models.validate.candidate import ValidationConfig, validate_candidate
 
 
 def oracle_full(model: EmotionNet, src: CachedSet, site_x: torch.Tensor, site_y: torch.Tensor,
@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["oracle-full", "mmd-full"],
                     choices=["oracle-full", "mmd-full"])
     ap.add_argument("--severity", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=None, help="default: models.adapt.BACKBONE_STEPS")
+    ap.add_argument("--steps", type=int, default=None, help="default: models.adapt.base.BACKBONE_STEPS")
     ap.add_argument("--mmd-weight", type=float, default=None)
     ap.add_argument("--backbone-lr-mult", type=float, default=1.0)
     ap.add_argument("--faces", action="store_true",

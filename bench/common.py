@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.adapt import cached_outputs
-from models.conditions import apply_condition
+from models.adapt.base import cached_outputs
+from models.adapt.discrepancy import DiscrepancyConfig, frozen_top_outputs
 from models.data import read_image_folder, split_records, stratified_split
-from models.discrepancy import DiscrepancyConfig, frozen_top_outputs
 from models.images import load_rgb
 from models.network import EmotionNet, NetConfig, preprocessing_for
+from models.sim.conditions import apply_condition
 from models.train import TrainConfig, fit_cached
 from models.views import ImageSource, cache_activations
 

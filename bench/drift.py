@@ -8,9 +8,9 @@ Setup (printed at the top of the output):
   224 px). The *reference profile* is the model's features on the reference part -- images the
   model never trained on; the "reference = training images" row shows why that matters.
 * Current batches are drawn from the test part: clean (no shift), with a site condition
-  (models.conditions) applied to the whole batch or to 30% of it, with a class-prior shift
+  (models.sim.conditions) applied to the whole batch or to 30% of it, with a class-prior shift
   (70% of the batch from two classes), or CK+48 faces instead of photos.
-* Methods (all at alpha=0.05): models.drift.CombinedDrift on (features, softmax, quality
+* Methods (all at alpha=0.05): models.drift.base.CombinedDrift on (features, softmax, quality
   statistics) = MMD + BBSD + quality AD with Bonferroni x3; MMD + BBSD (Bonferroni x2, from
   the same p-values); each sub-test alone (MMD on pooled-PCA-whitened features = the default);
   MMD on raw features with the median-heuristic bandwidth and with a 3-bandwidth mixture;
@@ -53,11 +53,11 @@ from bench.drift_data import (
     concat,
     log,
 )
-from models.conditions import CONDITIONS
-from models.drift import CombinedDrift, DriftConfig
-from models.drift_univariate import BBSDDrift
-from models.mmd import MMDDrift
+from models.drift.base import CombinedDrift, DriftConfig
+from models.drift.mmd import MMDDrift
+from models.drift.univariate import BBSDDrift
 from models.quality import describe_shift
+from models.sim.conditions import CONDITIONS
 
 
 # --- statistics helpers ------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.conditions import CONDITIONS, apply_condition
 from models.quality import STAT_NAMES, image_stats
+from models.sim.conditions import CONDITIONS, apply_condition
 
 ALPHA = 0.05
 SIZES = (20, 50, 100, 200)

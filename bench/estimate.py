@@ -4,12 +4,12 @@
     python -m bench.estimate --seeds 0 --trials 3 --no-faces    # quicker look
     python -m bench.estimate_stable            # then: the 30-day stable-site e-mail simulation
 
-Protocol (every step uses the product's code: models.estimate_fit, models.estimate*):
+Protocol (every step uses the product's code: models.estimate.fit, models.estimate.base*):
 * Emotion6 is split once into 4 stratified folds of 330 photos. Seed s: calibration (the
   held-out labelled set the estimator is fitted on) = fold s; site pool = fold s+1 (never
   seen by the estimator); the model is trained on the two other folds (product defaults,
   bf16 inference where the CPU has it).
-* Sites: the pool under each ``models.conditions`` condition at severities 1 and 2, harmless
+* Sites: the pool under each ``models.sim.conditions`` condition at severities 1 and 2, harmless
   changes (JPEG re-encode q95/q90/q75, 2x down-and-up resize, brightness x0.9), clean, and
   class-prior shifts (one class x3; Dirichlet(2)); n in {50, 100, 240} images per site, drawn
   at random, ``--trials`` per condition and n. Truth = accuracy on the whole 330-photo pool
@@ -62,12 +62,12 @@ def photo_folds(labels: np.ndarray, n_folds: int = 4, seed: int = 12345) -> list
 
 
 def transform(name: str, img: np.ndarray, i: int) -> np.ndarray:
-    """A benchmark site condition (never used to fit: the bank is models.shifts)."""
+    """A benchmark site condition (never used to fit: the bank is models.sim.shifts)."""
     import io
 
     from PIL import Image
 
-    from models.conditions import apply_condition
+    from models.sim.conditions import apply_condition
 
     if name == "clean" or name.startswith("prior"):
         return img
@@ -119,10 +119,10 @@ def train_model(name: str, records: list[Any], classes: list[str], seed: int) ->
 def meta_for(name: str, ckpt: Any, images: list[np.ndarray], labels: np.ndarray, cfg: Any
              ) -> tuple[Any, dict[str, Any]]:
     """The MetaBank of a model's calibration images (the bank's outputs cached)."""
-    from models.estimate_bank import MetaBank
-    from models.estimate_describe import Batch
-    from models.estimate_fit import shifted_batches
-    from models.shifts import bank_specs, primitives_of
+    from models.estimate.bank import MetaBank
+    from models.estimate.describe import Batch
+    from models.estimate.fit import shifted_batches
+    from models.sim.shifts import bank_specs, primitives_of
 
     specs = bank_specs(cfg.specs_mild, cfg.specs_severe, cfg.spec_seed)
     path = CACHE / f"{name}-bank-{cfg.specs_mild}-{cfg.specs_severe}.npz"
@@ -147,8 +147,8 @@ def meta_for(name: str, ckpt: Any, images: list[np.ndarray], labels: np.ndarray,
 
 
 def outputs(name: str, ckpt: Any, images: list[np.ndarray], cond: str) -> Any:
-    from models.estimate_describe import Batch
-    from models.estimate_fit import stats_matrix
+    from models.estimate.describe import Batch
+    from models.estimate.fit import stats_matrix
     from models.evaluate import extract_features
 
     path = CACHE / f"{name}-{cond}.npz"
@@ -276,7 +276,7 @@ def _mean(xs: list[float]) -> float:
 
 
 def tables(rows: list[dict[str, Any]]) -> str:
-    from models.estimate import impact
+    from models.estimate.base import impact
 
     sites = [r for r in rows if r.get("kind") == "site"]
     photos = [r for r in sites if r["setting"] == "photos"]
@@ -338,7 +338,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.estimate_fit import EstimatorConfig
+    from models.estimate.fit import EstimatorConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")

@@ -24,7 +24,7 @@ def simulate(seed: int, cfg: Any, days: int = 30, per_hour: int = 24, window: in
              cooldown_h: float = 1.0) -> str:
     from emowatch.sites import Site
     from models.catalog import DEFAULT_ESTIMATOR, load
-    from models.estimate_describe import STAT_SCALE
+    from models.estimate.describe import STAT_SCALE
     from models.images import load_rgb
     from models.profile import ReferenceProfile
     from tasks.featurize import FeatureSet
@@ -81,7 +81,7 @@ def simulate(seed: int, cfg: Any, days: int = 30, per_hour: int = 24, window: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.estimate_fit import EstimatorConfig
+    from models.estimate.fit import EstimatorConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,7 @@
 Sections (each prints a markdown table):
 
 * ``synthetic``: a model trained (models.train.train_source) on synthetic faces whose class is
-  carried only by the brows and mouth (models.synthetic); pointing game, mask energy,
+  carried only by the brows and mouth (models.sim.synthetic); pointing game, mask energy,
   deletion/insertion AUC, model calls and seconds per image.
 * ``photos``: an EfficientNet-Lite0 model trained on the Emotion6 train split (or
   ``--checkpoint``); deletion/insertion AUC on held-out photos (regions: the same granularity
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import REPO
-from models.explain import DnCShap, Explainer, IntegratedGradients, Occlusion
-from models.explain_metrics import (
+from models.explain.base import DnCShap, Explainer, IntegratedGradients, Occlusion
+from models.explain.metrics import (
     cosine_similarity,
     deletion_insertion,
     mask_energy,
@@ -41,7 +41,7 @@ from models.explain_metrics import (
     rank_correlation,
 )
 from models.network import NetConfig, Preprocessing, load_checkpoint, save_checkpoint
-from models.synthetic import make_faces
+from models.sim.synthetic import make_faces
 
 E6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
 

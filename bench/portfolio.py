@@ -1,8 +1,8 @@
-"""Benchmark of the re-adaptation portfolio (models.portfolio): does the label-free selection
+"""Benchmark of the re-adaptation portfolio (models.adapt.portfolio): does the label-free selection
 pick a candidate that helps, and never one that hurts?
 
 Sites (n = 240 unlabelled site photos each, adaptation only):
-* photos -> photos under each ``models.conditions`` condition (night, blur, colour_cast,
+* photos -> photos under each ``models.sim.conditions`` condition (night, blur, colour_cast,
   greyscale; severities 1 and 2), and harmless changes (JPEG re-encodes, a 2x down/up resize);
 * faces -> photos (the paper's setting: a CK+48 model on Emotion6 photos).
 
@@ -48,19 +48,19 @@ from bench.common import (
     views_activations,
 )
 from emowatch.sites import AdaptOptions
-from models.adapt import CachedSet
-from models.bn import frozen_outputs
-from models.data import read_image_folder, stratified_split
-from models.images import load_rgb
-from models.network import EmotionNet, NetConfig
-from models.portfolio import (
+from models.adapt.base import CachedSet
+from models.adapt.bn import frozen_outputs
+from models.adapt.portfolio import (
     Z_ONE_SIDED_95,
     SiteSet,
     correct,
     members,
     run_portfolio,
 )
-from models.proxies import ProxyConfig, build_proxies, choose_proxies, proxy_distances  # noqa: F401
+from models.adapt.proxies import ProxyConfig, build_proxies, choose_proxies, proxy_distances  # noqa: F401
+from models.data import read_image_folder, stratified_split
+from models.images import load_rgb
+from models.network import EmotionNet, NetConfig
 from models.train import TrainConfig
 
 HARMLESS = ("jpeg_q90", "jpeg_q75", "resize_2x")
@@ -104,10 +104,10 @@ class Proxies:
 
 def verdict_of(chosen, champion: EmotionNet, source_val: tuple[torch.Tensor, torch.Tensor],
                site_h: torch.Tensor) -> tuple[str, list[str]]:
-    """The flow's verdict on the selected candidate (models.validate with the site's default
+    """The flow's verdict on the selected candidate (models.validate.candidate with the site's default
     gates, as tasks.candidate.validate runs them; no explanation gate: no probe images)."""
-    from models.bn import with_bn_stats_of
-    from models.validate import validate_candidate
+    from models.adapt.bn import with_bn_stats_of
+    from models.validate.candidate import validate_candidate
 
     res = chosen.applied.result
     src_model = (with_bn_stats_of(res.model, champion)  # as tasks.candidate.source_model

@@ -202,9 +202,9 @@ def _drift_decisions(ckpt, x: np.ndarray, others: list[str], n_perm: int) -> Non
     version always is)."""
     from PIL import Image
 
-    from models.conditions import apply_condition
-    from models.drift import CombinedDrift, DriftConfig
+    from models.drift.base import CombinedDrift, DriftConfig
     from models.evaluate import extract_features
+    from models.sim.conditions import apply_condition
 
     if len(x) < 740:
         print("\n(drift decision check skipped: needs --n >= 740)")

@@ -203,7 +203,7 @@ class DriftCheck(Timestamped, Base):
     report_json: Mapped[str | None] = mapped_column(Text)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id", ondelete="SET NULL"))
-    # the label-free accuracy estimate of the window (models.estimate.Estimate as a dict) and
+    # the label-free accuracy estimate of the window (models.estimate.base.Estimate as a dict) and
     # what it means for the site: harmful | harmless | unknown (NULL: checks before 0003)
     estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     impact: Mapped[str | None] = mapped_column(String(16), index=True)

@@ -155,7 +155,7 @@ def adapt(
     site: Annotated[str, typer.Argument()],
     method: Annotated[str | None, typer.Option(
         help="An adaptation method: mmd, coral, adabn, shot-im or tent (models.catalog.ADAPTERS; "
-             "forces it alone), or 'portfolio' (models.portfolio). Default: the site's "
+             "forces it alone), or 'portfolio' (models.adapt.portfolio). Default: the site's "
              "adapt.method.")] = None,
     train_backbone: Annotated[bool | None, typer.Option(
         "--train-backbone/--cached-top",

@@ -60,7 +60,7 @@ class AdaptOptions(BaseModel):
         "portfolio",
         description="'portfolio' (several candidates, cheapest first; the one to propose chosen "
         "by the lower bound of its estimated gain on labelled proxies of the site, or none: "
-        "verdict no_gain; models.portfolio), or one method of models.catalog.ADAPTERS, which "
+        "verdict no_gain; models.adapt.portfolio), or one method of models.catalog.ADAPTERS, which "
         "then runs alone (mmd: the paper's loss, through the whole backbone with "
         "train_backbone).")
     portfolio: list[str] = Field(
@@ -89,7 +89,7 @@ class AdaptOptions(BaseModel):
     train_backbone: bool = Field(
         True,
         description="mmd/coral: adapt every layer from the raw images (backprop through the whole "
-        "backbone, models.adapt.with_backbone). False: only the bottleneck and head, on cached "
+        "backbone, models.adapt.base.with_backbone). False: only the bottleneck and head, on cached "
         "activations (seconds instead of ~6 min per 500-image site on 2 cores, ~1 GB less memory), "
         "which recovered none of the blur gap and lost more source accuracy (bench/adapt_full.py).")
     auto: bool = Field(True, description="Re-adapt automatically when drift is detected.")
@@ -121,7 +121,7 @@ class AdaptOptions(BaseModel):
 class GateTolerances(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_source_acc_drop: float = Field(0.03, ge=0, le=1)
-    # Explanation-stability defaults follow models.explain_metrics.GateTolerances (measured in
+    # Explanation-stability defaults follow models.explain.metrics.GateTolerances (measured in
     # tests/test_explain.py: a retrained model on the same cue scores ~0.4-0.95 rank correlation,
     # one that reads another image region ~0.1-0.2).
     min_explanation_rank_corr: float = Field(0.3, ge=-1, le=1)

@@ -14,39 +14,39 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Drift detectors (protocol: models.drift.DriftDetector). Each reads one view of a batch
-# (``input_kind``: "features", "probs" or "quality"); models.drift.CombinedDrift runs the
+# Drift detectors (protocol: models.drift.base.DriftDetector). Each reads one view of a batch
+# (``input_kind``: "features", "probs" or "quality"); models.drift.base.CombinedDrift runs the
 # site's list of them with a Bonferroni correction.
 DETECTORS: dict[str, str] = {
-    "mmd": "models.mmd:MMDDrift",
-    "bbsd": "models.drift_univariate:BBSDDrift",
-    "quality": "models.drift_univariate:QualityDrift",
+    "mmd": "models.drift.mmd:MMDDrift",
+    "bbsd": "models.drift.univariate:BBSDDrift",
+    "quality": "models.drift.univariate:QualityDrift",
 }
 DEFAULT_DETECTORS: tuple[str, ...] = ("mmd", "bbsd", "quality")
 
-# Label-free accuracy estimators (protocol: models.estimate.Estimator). The default is the one
+# Label-free accuracy estimators (protocol: models.estimate.base.Estimator). The default is the one
 # the benchmark (python -m bench.estimate) chose on conditions held out of its fitting; the
 # others are the published baselines it is compared with.
 ESTIMATORS: dict[str, str] = {
-    "meta-gbm": "models.estimate_meta:MetaGBM",
-    "no-change": "models.estimate:NoChange",
-    "avg-conf": "models.estimate:AvgConf",
-    "doc": "models.estimate:DoC",
-    "atc-mc": "models.estimate:ATCMaxConf",
-    "atc-ne": "models.estimate:ATCNegEntropy",
+    "meta-gbm": "models.estimate.meta:MetaGBM",
+    "no-change": "models.estimate.base:NoChange",
+    "avg-conf": "models.estimate.base:AvgConf",
+    "doc": "models.estimate.base:DoC",
+    "atc-mc": "models.estimate.base:ATCMaxConf",
+    "atc-ne": "models.estimate.base:ATCNegEntropy",
 }
 DEFAULT_ESTIMATOR = "meta-gbm"
 
-# Unsupervised adaptation methods (protocol: models.adapt.Adapter).
+# Unsupervised adaptation methods (protocol: models.adapt.base.Adapter).
 ADAPTERS: dict[str, str] = {
-    "mmd": "models.discrepancy:MMDAdapter",
-    "coral": "models.discrepancy:CoralAdapter",
-    "adabn": "models.bn:AdaBNAdapter",
-    "shot-im": "models.entropy:ShotIMAdapter",
-    "tent": "models.entropy:TentAdapter",
+    "mmd": "models.adapt.discrepancy:MMDAdapter",
+    "coral": "models.adapt.discrepancy:CoralAdapter",
+    "adabn": "models.adapt.bn:AdaBNAdapter",
+    "shot-im": "models.adapt.entropy:ShotIMAdapter",
+    "tent": "models.adapt.entropy:TentAdapter",
 }
 
-# The re-adaptation portfolio (models.portfolio): (name, kind, params), cheapest first. The
+# The re-adaptation portfolio (models.adapt.portfolio): (name, kind, params), cheapest first. The
 # flow tries them in this order within the site's adapt.portfolio_budget_s; the sites file's
 # adapt.portfolio names a subset. prior_n: the training domain counted as N images in the BN
 # statistics (site weight n / (n + N)); expected_s: seconds per 240 images of each set (the
@@ -64,13 +64,13 @@ PORTFOLIO: tuple[tuple[str, str, dict[str, float]], ...] = (
 )
 DEFAULT_PORTFOLIO: tuple[str, ...] = tuple(n for n, _, _ in PORTFOLIO)
 
-# Promotion gates (protocol: models.gates.Gate), in the order they are reported.
+# Promotion gates (protocol: models.validate.gates.Gate), in the order they are reported.
 GATES: dict[str, str] = {
-    "source_accuracy": "models.gates:SourceAccuracyGate",
-    "dev_risk": "models.gates:DEVRiskGate",
-    "residual_drift": "models.gates:ResidualDriftGate",
-    "prediction_sanity": "models.gates:PredictionSanityGate",
-    "explanation": "models.gates:ExplanationGate",
+    "source_accuracy": "models.validate.gates:SourceAccuracyGate",
+    "dev_risk": "models.validate.gates:DEVRiskGate",
+    "residual_drift": "models.validate.gates:ResidualDriftGate",
+    "prediction_sanity": "models.validate.gates:PredictionSanityGate",
+    "explanation": "models.validate.gates:ExplanationGate",
 }
 
 _TABLES = {"detector": DETECTORS, "estimator": ESTIMATORS, "adapter": ADAPTERS, "gate": GATES}

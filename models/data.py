@@ -77,7 +77,8 @@ def read_image_folder(
     aliases: folder name -> class name (e.g. ``{"happy": "joy"}`` to put CK+48 on the
         Emotion6 vocabulary); applied before ``classes`` is matched.
     classes: keep only these classes, labelled in this order; default: every class folder
-        (after aliases), sorted.
+        (after aliases), sorted. A folder name that has an alias means its alias (``happy``
+        with ``{"happy": "joy"}`` is ``joy``): the README's and users' scripts name either.
     check_images: decode every file and move unreadable ones to ``skipped`` instead of
         failing later in training (slow on big trees: one full decode per file).
     """
@@ -99,7 +100,7 @@ def read_image_folder(
     if classes is None:
         names = sorted(found)
     else:
-        names = list(classes)
+        names = [c if c in found else aliases.get(c, c) for c in classes]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate class names in {names}")
         unknown = [c for c in names if c not in found]

@@ -25,7 +25,7 @@ class ReferenceProfile:
     classes: list[str]
     quality: dict[str, np.ndarray] | None = None  # stat name -> (n,) float64
     info: dict[str, Any] = field(default_factory=dict)  # model key, sample description, ...
-    # the fitted accuracy estimator as plain arrays (models.estimate.Estimator.state());
+    # the fitted accuracy estimator as plain arrays (models.estimate.base.Estimator.state());
     # None for profiles saved before estimators existed (checks then say "no estimate")
     estimator: dict[str, np.ndarray] | None = None
     # (k, T, T, 3) uint8 thumbnails of typical training-domain images (reports show them beside
@@ -51,12 +51,12 @@ class ReferenceProfile:
         return len(self.features)
 
     def accuracy_estimator(self) -> Any:
-        """The fitted ``models.estimate.Estimator`` (built once), or None."""
+        """The fitted ``models.estimate.base.Estimator`` (built once), or None."""
         if self.estimator is None:
             return None
         cached = self.__dict__.get("_estimator")
         if cached is None:
-            from models.estimate import estimator_from_state
+            from models.estimate.base import estimator_from_state
 
             cached = self.__dict__["_estimator"] = estimator_from_state(self.estimator)
         return cached

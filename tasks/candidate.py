@@ -39,10 +39,10 @@ def site_probe_images(inputs: AdaptInputs, n: int = PROBE_IMAGES, seed: int = 0)
 
 
 def validation_config(site: Site) -> Any:
-    """The site's gate tolerances as ``models.validate.ValidationConfig``."""
-    from models.dev import DEVConfig
-    from models.explain_metrics import GateTolerances
-    from models.validate import ValidationConfig
+    """The site's gate tolerances as ``models.validate.candidate.ValidationConfig``."""
+    from models.explain.metrics import GateTolerances
+    from models.validate.candidate import ValidationConfig
+    from models.validate.dev import DEVConfig
 
     g = site.gates
     return ValidationConfig(
@@ -56,7 +56,7 @@ def validation_config(site: Site) -> Any:
 
 @task(name="validate-candidate", cache_policy=NO_CACHE)
 def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
-    """The gates of ``models.validate`` (source accuracy, DEV, residual drift, prediction
+    """The gates of ``models.validate.candidate`` (source accuracy, DEV, residual drift, prediction
     sanity, explanation stability on probe images), and the audit set when the site has one.
 
     The candidate is judged on the site as it runs (its own activations when its frozen part
@@ -65,7 +65,7 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
     re-normalised or tuned itself for the site (adabn, tent, shot-im) -- its weights with the
     champion's BN statistics, the training domain's: scoring it on training-domain images
     normalised with the site's statistics would ask a question no site image ever poses."""
-    from models.validate import validate_candidate
+    from models.validate.candidate import validate_candidate
 
     log = get_run_logger()
     own = candidate_activations(inputs, result)
@@ -100,7 +100,7 @@ def source_model(inputs: AdaptInputs, result: Any) -> Any:
     statistics set to the champion's."""
     if getattr(result, "source_normalisation", "own") != "champion":
         return result.model
-    from models.bn import with_bn_stats_of
+    from models.adapt.bn import with_bn_stats_of
 
     return with_bn_stats_of(result.model, inputs.ckpt.model)
 
@@ -113,7 +113,7 @@ def candidate_activations(inputs: AdaptInputs, result: Any) -> dict[str, torch.T
     through the champion's frozen part."""
     if not result.frozen_changed:
         return None
-    from models.adapt import cache_activations
+    from models.adapt.base import cache_activations
 
     site_h = getattr(result, "site_h", None)
     if site_h is None:
@@ -213,8 +213,8 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
         candidate_profile(inputs, cand).to_npz(prof_path)
         artifacts: dict[str, Path] = {}
         try:
-            from models.adapt import cached_outputs
-            from models.explain_plots import gallery_figure
+            from models.adapt.base import cached_outputs
+            from models.explain.plots import gallery_figure
             from models.plots import adaptation_curves_figure, embedding_figure
 
             z0s, _ = cached_outputs(inputs.ckpt.model, inputs.src_val[0])

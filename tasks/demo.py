@@ -80,7 +80,7 @@ def _site_block(name: str, inbox: Path, audit: Path, policy: str, base: Path,
 def prepare_demo(workdir: Path, data_dir: Path | None, seed: int = 0,
                  site_images: int = SITE_IMAGES, audit_images: int = AUDIT_IMAGES) -> DemoData:
     """Build the training folder, three site inboxes with audit sets, and a sites file."""
-    from models.conditions import apply_condition
+    from models.sim.conditions import apply_condition
 
     workdir = Path(workdir).resolve()
     if workdir.exists() and any(workdir.iterdir()):
@@ -143,7 +143,7 @@ def _real_split(images: Path, source: Path, rng: np.random.Generator) -> dict[st
 
 def _generated(source: Path, rng: np.random.Generator) -> tuple[list[tuple[Any, str]], list[str]]:
     """Generated faces (no data set needed): 600 to train, the rest for the sites."""
-    from models.synthetic import make_faces
+    from models.sim.synthetic import make_faces
 
     f = make_faces(1200, size=64, seed=int(rng.integers(1 << 30)))
     for i in range(600):

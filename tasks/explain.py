@@ -29,8 +29,8 @@ def explain_image(rt: Runtime, site: str, image: str, output: str,
 
     Region values are in probability units and sum to p(image) - p(baseline)
     (``efficiency_gap`` is the float error of that sum)."""
-    from models.explain import DnCShap
-    from models.explain_plots import overlay_figure
+    from models.explain.base import DnCShap
+    from models.explain.plots import overlay_figure
     from models.images import load_rgb
     from tasks.predict import site_checkpoint
 

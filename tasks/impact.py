@@ -1,6 +1,6 @@
 """Does a site's drift matter? The accuracy estimate of a check, its impact, and who hears.
 
-    estimate = estimate_accuracy(profile, features)     # models.estimate record (dict)
+    estimate = estimate_accuracy(profile, features)     # models.estimate.base record (dict)
     impact = impact_of(site, estimate)                  # harmful | harmless | unknown
     notify = should_notify(site, decision, impact)       # e-mail + drift event (re-adaptation)
 
@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from emowatch.sites import Site
-from models.estimate import impact, unavailable
+from models.estimate.base import impact, unavailable
 from tasks.featurize import FeatureSet
 
 NO_ESTIMATOR = ("this model version has no accuracy estimator (trained before emowatch "
@@ -25,11 +25,11 @@ NO_ESTIMATOR = ("this model version has no accuracy estimator (trained before em
 
 
 def estimate_accuracy(profile: Any, fs: FeatureSet) -> dict[str, Any]:
-    """The estimate of the window's accuracy (``models.estimate.Estimate`` as a dict, plus
+    """The estimate of the window's accuracy (``models.estimate.base.Estimate`` as a dict, plus
     ``ms``); an ``unavailable`` record with the reason when there is none."""
     from threadpoolctl import threadpool_limits
 
-    from models.estimate_describe import Batch
+    from models.estimate.describe import Batch
 
     est = profile.accuracy_estimator() if hasattr(profile, "accuracy_estimator") else None
     n = len(fs)

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from emowatch.jsonable import plain
 from emowatch.sites import Site
-from models.drift import CombinedDrift, DriftConfig, DriftResult
+from models.drift.base import CombinedDrift, DriftConfig, DriftResult
 from models.quality import describe_shift
 from tasks.featurize import FeatureSet
 

@@ -109,7 +109,7 @@ def test_rows(details: Mapping[str, Any] | None) -> list[dict[str, Any]]:
 def examples(ref_z: np.ndarray, cur_z: np.ndarray, probs: np.ndarray, classes: Sequence[str],
              paths: Sequence[str], n: int = N_EXAMPLES) -> tuple[list[dict], list[dict]]:
     """(most unlike, most like) the training domain by the MMD witness on the features."""
-    from models.mmd import witness
+    from models.drift.mmd import witness
 
     if len(cur_z) < 2 or len(ref_z) < 2:
         return [], []

@@ -1,10 +1,10 @@
 """Task of the readapt flow's portfolio path: the site's and the proxies' sets, then
-``models.portfolio.run_portfolio``.
+``models.adapt.portfolio.run_portfolio``.
 
 The proxies are the champion's labelled held-out training-domain images (validation + test)
-under the shifts of a seeded bank (``models.shifts``) whose image statistics come closest to
+under the shifts of a seeded bank (``models.sim.shifts``) whose image statistics come closest to
 the site's; every member is applied to them as to the site, and its estimated gain is what it
-did there (``models.portfolio``).
+did there (``models.adapt.portfolio``).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from tasks.readapt import AdaptInputs, decode_grids
 @task(name="adaptation-portfolio", cache_policy=NO_CACHE)
 def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
     """Build the portfolio's candidates within ``adapt.portfolio_budget_s`` and select one
-    (``models.portfolio``). The selected candidate's AdaptResult is ``result.chosen.applied``."""
-    from models.adapt import CachedSet
-    from models.portfolio import SiteSet, members, run_portfolio
-    from models.proxies import ProxyConfig, build_proxies
+    (``models.adapt.portfolio``). The selected candidate's AdaptResult is ``result.chosen.applied``."""
+    from models.adapt.base import CachedSet
+    from models.adapt.portfolio import SiteSet, members, run_portfolio
+    from models.adapt.proxies import ProxyConfig, build_proxies
 
     log = get_run_logger()
     t0 = time.perf_counter()

@@ -133,7 +133,7 @@ def auto_adapt_blocker(ctx: RunContext) -> str | None:
 def needs_source(method: str, site: Site | None = None) -> bool:
     """Does ``method`` read the labelled training data (the adapter class says; the portfolio
     does unless the site is source-free)?"""
-    from models.adapt import get_adapter
+    from models.adapt.base import get_adapter
 
     if method == "portfolio":
         return site is None or not site.adapt.source_free
@@ -143,7 +143,7 @@ def needs_source(method: str, site: Site | None = None) -> bool:
 def portfolio_runs_backbone(site: Site) -> bool:
     """Can the site's portfolio reach its whole-backbone member within its budget (then the
     training images are decoded for it)?"""
-    from models.portfolio import EXPECTED_PER, expected_seconds, members
+    from models.adapt.portfolio import EXPECTED_PER, expected_seconds, members
 
     for m in members(site.adapt.portfolio):
         if m.kind == "mmd-backbone":  # sets of EXPECTED_PER images: the site and each proxy
@@ -248,8 +248,8 @@ def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False
 
 @task(name="adapt", cache_policy=NO_CACHE)
 def run_adaptation(inputs: AdaptInputs, method: str, site: Site, seed: int = 0) -> Any:
-    from models.adapt import CachedSet, get_adapter
-    from models.discrepancy import with_backbone
+    from models.adapt.base import CachedSet, get_adapter
+    from models.adapt.discrepancy import with_backbone
 
     adapter = get_adapter(method)
     cfg = adapter.default_config()

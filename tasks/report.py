@@ -10,7 +10,7 @@ shows a *compact view* of each image:
                         site operator understands;
 * ``z_0..z_{D-1}``    optionally the raw features, for Evidently's own embeddings-drift metric.
 
-The decision emowatch acts on is models.drift (MMD + BBSD); this report is what a person reads,
+The decision emowatch acts on is models.drift.base (MMD + BBSD); this report is what a person reads,
 and bench/drift.py measures how Evidently's own decisions on the same data compare.
 
 Functions here are pure (DataFrames/arrays in, Evidently objects out) except ``save_report``

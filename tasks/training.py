@@ -230,7 +230,7 @@ def attach_config(result: Any, spec: SourceSpec, train_config: Any,
 def estimator_config(specs: int | None, seed: int) -> Any:
     """The estimator's config for ``specs`` bank specs (None: the default 60; two thirds
     mostly mild, one third mostly strong); None when ``specs`` is 0 (no estimator)."""
-    from models.estimate_fit import EstimatorConfig
+    from models.estimate.fit import EstimatorConfig
 
     cfg = EstimatorConfig(seed=seed)
     if specs is None:
@@ -249,7 +249,7 @@ def fit_accuracy_estimator(ckpt: Any, splits: SourceSplits, profile: Any, config
                            ) -> dict[str, Any] | None:
     """Fit the label-free accuracy estimator on the held-out labelled images (validation and
     test) and store it in the reference profile (saved with the model). None: not fitted."""
-    from models.estimate_fit import fit_estimator
+    from models.estimate.fit import fit_estimator
     from models.images import load_rgb
 
     log = get_run_logger()

@@ -1,4 +1,4 @@
-"""Unsupervised re-adaptation (models/adapt.py) on a tiny backbone and a synthetic site shift.
+"""Unsupervised re-adaptation (models/adapt/base.py) on a tiny backbone and a synthetic site shift.
 
 The toy: 4 classes, each a bright square in one quadrant of a noisy 32 px image; the site
 sees the same scenes darker, lower-contrast, noisier and with a red cast (a "night camera").
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.adapt import (
+from models.adapt.base import (
     AdaptConfig,
     Adapter,
     CachedSet,
@@ -23,8 +23,8 @@ from models.adapt import (
     cached_outputs,
     get_adapter,
 )
-from models.bn import AdaBNConfig, mix_bn_stats, prior_weight
-from models.discrepancy import (
+from models.adapt.bn import AdaBNConfig, mix_bn_stats, prior_weight
+from models.adapt.discrepancy import (
     BACKBONE_BATCH,
     BACKBONE_STEPS,
     DiscrepancyConfig,
@@ -33,7 +33,7 @@ from models.discrepancy import (
     rampup,
     with_backbone,
 )
-from models.entropy import EntropyConfig
+from models.adapt.entropy import EntropyConfig
 from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
 
 K, S = 4, 16

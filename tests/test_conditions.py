@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.conditions import CONDITIONS, apply_condition, apply_to_fraction
+from models.sim.conditions import CONDITIONS, apply_condition, apply_to_fraction
 
 
 def _photo(seed: int = 0, h: int = 48, w: int = 64) -> np.ndarray:

@@ -58,6 +58,20 @@ def test_aliases_and_class_subset_keep_requested_order(tree: Path) -> None:
     assert {r.path.parent.name for r in ls.records if r.label == 1} == {"happy"}
 
 
+def test_classes_name_folders_or_their_aliases_alike(tree: Path) -> None:
+    """The README's form: ``--classes ...,happy --aliases happy=joy`` (folder names), as well
+    as the aliased names; naming a class twice either way is an error."""
+    by_folder = read_image_folder(tree, classes=["anger", "happy"], aliases={"happy": "joy"})
+    by_alias = read_image_folder(tree, classes=["anger", "joy"], aliases={"happy": "joy"})
+    assert by_folder.classes == by_alias.classes == ["anger", "joy"]
+    assert by_folder.class_counts() == {"anger": 2, "joy": 3}
+    assert [r.path for r in by_folder.records] == [r.path for r in by_alias.records]
+    with pytest.raises(ValueError, match="duplicate class names"):
+        read_image_folder(tree, classes=["happy", "joy"], aliases={"happy": "joy"})
+    with pytest.raises(ValueError, match="unknown class name"):
+        read_image_folder(tree, classes=["anger", "fear"], aliases={"happy": "joy"})
+
+
 def test_emotion6_layout_is_found_under_images(tmp_path: Path) -> None:
     for cls in ("joy", "fear"):
         _png(tmp_path / "e6" / "images" / cls / "1.jpg")

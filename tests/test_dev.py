@@ -1,4 +1,4 @@
-"""Deep Embedded Validation (models/dev.py) on problems with a known answer."""
+"""Deep Embedded Validation (models/validate/dev.py) on problems with a known answer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from models.dev import (
+from models.validate.dev import (
     DEVConfig,
     DEVResult,
     deep_embedded_validation,

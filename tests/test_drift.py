@@ -6,9 +6,22 @@ import math
 import numpy as np
 import pytest
 
-from models.drift import CombinedDrift, Detector, DriftConfig, DriftDetector, DriftResult, decide
-from models.drift_univariate import BBSDDrift, QualityDrift
-from models.mmd import MMDDrift, gaussian_kernel, mmd2_permutations, permutation_masks, sq_dists
+from models.drift.base import (
+    CombinedDrift,
+    Detector,
+    DriftConfig,
+    DriftDetector,
+    DriftResult,
+    decide,
+)
+from models.drift.mmd import (
+    MMDDrift,
+    gaussian_kernel,
+    mmd2_permutations,
+    permutation_masks,
+    sq_dists,
+)
+from models.drift.univariate import BBSDDrift, QualityDrift
 
 
 def _gauss(rng, n, d=8, shift=0.0):

@@ -9,9 +9,9 @@ import io
 import numpy as np
 import pytest
 
-from models.estimate import Estimate, estimator_from_state, impact, unavailable
-from models.estimate_bank import MetaBank
-from models.estimate_describe import STAT_SCALE, Batch, RefView, describe, pca_basis
+from models.estimate.bank import MetaBank
+from models.estimate.base import Estimate, estimator_from_state, impact, unavailable
+from models.estimate.describe import STAT_SCALE, Batch, RefView, describe, pca_basis
 
 K = 3
 S = len(STAT_SCALE)
@@ -110,7 +110,7 @@ def test_meta_set_targets_are_the_paired_population_drop():
 
 @pytest.fixture(scope="module")
 def fitted():
-    from models.estimate_meta import MetaGBM
+    from models.estimate.meta import MetaGBM
 
     ref, y, shifted = _world()
     rng = np.random.default_rng(5)
@@ -137,7 +137,7 @@ def test_the_regression_learns_a_drop_it_was_not_fitted_on(fitted):
 
 
 def test_the_state_is_plain_arrays_and_gives_the_same_estimates(fitted):
-    from models.estimate_meta import gbm_predict_arrays
+    from models.estimate.meta import gbm_predict_arrays
 
     est, shifted, _, _ = fitted
     buf = io.BytesIO()
@@ -240,9 +240,9 @@ def test_a_profile_keeps_its_estimator(fitted, tmp_path):
 def test_fit_estimator_runs_the_bank_through_the_model():
     import torch
 
-    from models.estimate_fit import EstimatorConfig, fit_estimator, shifted_batches
+    from models.estimate.fit import EstimatorConfig, fit_estimator, shifted_batches
     from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
-    from models.shifts import bank_specs
+    from models.sim.shifts import bank_specs
 
     torch.manual_seed(0)
     cfg = NetConfig(backbone="tiny", img_size=32, pretrained=False, num_classes=3)

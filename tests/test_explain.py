@@ -1,5 +1,5 @@
-"""models/explain.py: DnCShap, occlusion and integrated gradients on images behind one verb;
-bf16 forwards; and the explanation figures (models/explain_plots.py)."""
+"""models/explain/base.py: DnCShap, occlusion and integrated gradients on images behind one verb;
+bf16 forwards; and the explanation figures (models/explain/plots.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.explain import (
+from models.explain.base import (
     DnCShap,
     IntegratedGradients,
     Occlusion,
@@ -17,12 +17,12 @@ from models.explain import (
     make_baseline,
     make_explainer,
 )
-from models.explain_metrics import (
+from models.explain.metrics import (
     rank_correlation,
 )
-from models.explain_plots import gallery_figure, overlay_figure
-from models.shapley import PartitionTree, dnc_coalitions
-from models.synthetic import make_faces
+from models.explain.plots import gallery_figure, overlay_figure
+from models.explain.shapley import PartitionTree, dnc_coalitions
+from models.sim.synthetic import make_faces
 from tests.explain_helpers import tiny_net
 
 

@@ -1,4 +1,4 @@
-"""models/explain_metrics.py: rank/top-k/cosine agreement, pointing game, deletion/insertion,
+"""models/explain/metrics.py: rank/top-k/cosine agreement, pointing game, deletion/insertion,
 stability, and the explanation gate on learnt synthetic faces."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.explain import (
+from models.explain.base import (
     DnCShap,
     Occlusion,
 )
-from models.explain_metrics import (
+from models.explain.metrics import (
     cosine_similarity,
     deletion_insertion,
     explanation_gate,
@@ -26,7 +26,7 @@ from models.explain_metrics import (
     topk_overlap,
 )
 from models.network import EmotionNet, NetConfig, Preprocessing
-from models.synthetic import make_faces
+from models.sim.synthetic import make_faces
 from tests.explain_helpers import tiny_net
 
 

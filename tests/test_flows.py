@@ -60,7 +60,7 @@ def world(tmp_path_factory, data_dir, smtp, prefect_harness):
     """A trained source model, two inboxes (clean photos, night camera) and the sites above."""
     from emowatch.settings import Settings
     from flows.train import train_source
-    from models.conditions import apply_condition
+    from models.sim.conditions import apply_condition
 
     root = tmp_path_factory.mktemp("flows")
     images = data_dir / "emotion6" / "images"

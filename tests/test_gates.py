@@ -1,4 +1,4 @@
-"""The promotion gates (models/gates.py): values, thresholds, and one new gate added the way
+"""The promotion gates (models/validate/gates.py): values, thresholds, and one new gate added the way
 the README says (one class + one catalog line)."""
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.gates import (
+from models.network import EmotionNet, NetConfig
+from models.validate.candidate import ValidationConfig, validate_candidate
+from models.validate.gates import (
     Gate,
     gate_dev_risk,
     gate_prediction_sanity,
@@ -17,8 +19,6 @@ from models.gates import (
     gate_result,
     gate_source_accuracy,
 )
-from models.network import EmotionNet, NetConfig
-from models.validate import ValidationConfig, validate_candidate
 
 
 # --- gates and verdict ----------------------------------------------------------------------------
@@ -55,7 +55,7 @@ class MaxConfidenceGate(Gate):
 
 def test_a_new_gate_is_one_class_and_one_catalog_line(monkeypatch):
     from models import catalog
-    from models.validate import DEFAULT_GATES
+    from models.validate.candidate import DEFAULT_GATES
 
     monkeypatch.setitem(catalog.GATES, "max_confidence", "tests.test_gates:MaxConfidenceGate")
     torch.manual_seed(0)

@@ -105,9 +105,9 @@ def test_no_source_file_is_a_god_module():
 
 
 @pytest.mark.parametrize(("table", "kind", "protocol"), [
-    ("DETECTORS", "detector", "models.drift:Detector"),
-    ("ADAPTERS", "adapter", "models.adapt:Adapter"),
-    ("GATES", "gate", "models.gates:Gate"),
+    ("DETECTORS", "detector", "models.drift.base:Detector"),
+    ("ADAPTERS", "adapter", "models.adapt.base:Adapter"),
+    ("GATES", "gate", "models.validate.gates:Gate"),
 ])
 def test_every_catalog_entry_is_a_class_of_its_protocol(table, kind, protocol):
     import importlib

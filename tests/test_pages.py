@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from emowatch.sites import Site
-from models.drift import DriftResult
-from models.mmd import witness
+from models.drift.base import DriftResult
+from models.drift.mmd import witness
 
 CLASSES = ["anger", "joy", "sadness"]
 
@@ -183,7 +183,7 @@ def test_the_status_page_in_a_browser(tmp_path):
 
 
 def test_the_gallery_names_classes_and_has_one_colour_scale(tmp_path):
-    from models.explain_plots import gallery_figure
+    from models.explain.plots import gallery_figure
 
     rng = np.random.default_rng(0)
     imgs = (rng.random((2, 32, 32, 3)) * 255).astype(np.uint8)

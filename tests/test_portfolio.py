@@ -1,4 +1,4 @@
-"""The re-adaptation portfolio (models/portfolio.py): the gain estimate, the selection rule, the
+"""The re-adaptation portfolio (models/adapt/portfolio.py): the gain estimate, the selection rule, the
 proxies' distance, the BN prior, and the whole portfolio on the toy night camera of
 tests/test_adapt.py (tiny backbone)."""
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.adapt import CachedSet, get_adapter
-from models.bn import AdaBNConfig, bn_modules, prior_weight
-from models.portfolio import (
+from models.adapt.base import CachedSet, get_adapter
+from models.adapt.bn import AdaBNConfig, bn_modules, prior_weight
+from models.adapt.portfolio import (
     Member,
     SiteSet,
     apply_member,
@@ -22,7 +22,7 @@ from models.portfolio import (
     run_portfolio,
     select,
 )
-from models.proxies import ProxyConfig, build_proxies, choose_proxies, proxy_distances  # noqa: F401
+from models.adapt.proxies import ProxyConfig, build_proxies, choose_proxies, proxy_distances  # noqa: F401
 from tests.test_adapt import make_scenes, train_toy_model
 
 
@@ -184,7 +184,7 @@ def test_members_are_skipped_with_reasons(net):
 
 
 def test_stratified_subsample_keeps_class_proportions():
-    from models.proxies import stratified_subsample
+    from models.adapt.proxies import stratified_subsample
 
     labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
     idx = stratified_subsample(labels, 20, np.random.default_rng(0))

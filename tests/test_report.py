@@ -108,7 +108,7 @@ def test_mismatched_frames_are_rejected(frames):
 
 # --- quality statistics (models/quality.py) ----------------------------------------------------
 def test_quality_stats_react_to_conditions():
-    from models.conditions import apply_condition
+    from models.sim.conditions import apply_condition
 
     rng = np.random.default_rng(2)
     yy, xx = np.mgrid[0:96, 0:128] / 128

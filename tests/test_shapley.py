@@ -1,4 +1,4 @@
-"""models/shapley.py: the hierarchical Shapley core of DnCShap on abstract games with known
+"""models/explain/shapley.py: the hierarchical Shapley core of DnCShap on abstract games with known
 values (efficiency, symmetry, null player, exact Shapley / Owen where proven, cost)."""
 
 from __future__ import annotations
@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.shapley import PartitionTree, dnc_coalitions, dnc_shapley, exact_owen, exact_shapley
+from models.explain.shapley import (
+    PartitionTree,
+    dnc_coalitions,
+    dnc_shapley,
+    exact_owen,
+    exact_shapley,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.synthetic import DEFAULT_CLASSES, make_faces
+from models.sim.synthetic import DEFAULT_CLASSES, make_faces
 
 
 def test_shapes_and_determinism():

@@ -14,7 +14,7 @@ from models.evaluate import evaluate, extract_features, metrics_from_predictions
 from models.network import NetConfig, load_checkpoint, save_checkpoint
 from models.plots import confusion_matrix_figure, training_curves_figure
 from models.profile import ReferenceProfile, build_reference_profile
-from models.synthetic import make_faces
+from models.sim.synthetic import make_faces
 from models.train import TrainConfig, train_source
 
 TINY = NetConfig(backbone="tiny", img_size=64, bottleneck_dim=64, dropout=0.0)

@@ -1,4 +1,4 @@
-"""Label-free validation (models/validate.py): the verdict, and the gates and DEV end to end
+"""Label-free validation (models/validate/candidate.py): the verdict, and the gates and DEV end to end
 on a tiny model."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models.network import EmotionNet, NetConfig
-from models.validate import ValidationConfig, validate_candidate, verdict
+from models.validate.candidate import ValidationConfig, validate_candidate, verdict
 
 
 def test_verdict_logic():

@@ -1,5 +1,5 @@
 """A broad, seeded, parametric family of image shifts: what the accuracy estimators are
-fitted on (``models.estimate``), never what they are benchmarked on (``models.conditions``).
+fitted on (``models.estimate.base``), never what they are benchmarked on (``models.sim.conditions``).
 
 Pure numpy + PIL. A *spec* is a JSON-able list of ``(primitive, params)`` steps; the
 parameters are drawn once per spec (a site's camera is the same for every image), the
@@ -11,7 +11,7 @@ per-image randomness (sensor noise) comes from the ``rng`` passed to :func:`appl
 
 Design rules:
 * continuous parameters, each primitive with a severity u in [0, 1] mapped from imperceptible
-  to far beyond ``models.conditions`` severity 3; u = U(0,1)**1.5 puts more mass on mild
+  to far beyond ``models.sim.conditions`` severity 3; u = U(0,1)**1.5 puts more mass on mild
   shifts (where the harmless/harmful decision is made), u = U(0,1)**0.6 on strong ones;
 * 1-3 primitives per spec (plus a few identity specs), applied in a fixed camera-pipeline
   order (optics -> sensor -> ISP -> resampling -> compression);

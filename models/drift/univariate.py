@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from models.drift import Detector, DriftConfig, as_matrix
+from models.drift.base import Detector, DriftConfig, as_matrix
 
 
 class BBSDDrift(Detector):

@@ -8,12 +8,12 @@ One small protocol (alibi-detect style) for every detector:
 
 The detectors (registered in ``models.catalog.DETECTORS``):
 
-* ``mmd``      (models.mmd)              kernel two-sample test on the bottleneck features z,
+* ``mmd``      (models.drift.mmd)              kernel two-sample test on the bottleneck features z,
                                           permutation p-value, all permutations in a few matrix
                                           products.
-* ``bbsd``     (models.drift_univariate) black-box shift detection (Lipton et al. 2018;
+* ``bbsd``     (models.drift.univariate) black-box shift detection (Lipton et al. 2018;
                                           Rabanser et al. 2019): per-class KS tests on softmax.
-* ``quality``  (models.drift_univariate) Anderson-Darling tests on image-quality statistics.
+* ``quality``  (models.drift.univariate) Anderson-Darling tests on image-quality statistics.
 
 ``CombinedDrift`` runs a list of them (default ``models.catalog.DEFAULT_DETECTORS``) on the views
 of a batch, Bonferroni for testing T times; ``decide(...)`` is the one-call form.

@@ -1,5 +1,5 @@
 """Dataset-level descriptors of a batch of site images relative to a labelled reference,
-for the accuracy estimators (``models.estimate``). Pure numpy, label-free at check time.
+for the accuracy estimators (``models.estimate.base``). Pure numpy, label-free at check time.
 
 A :class:`RefView` holds what the descriptors need from one clean labelled reference set
 (accuracy, confidence and ATC thresholds, soft confusion for BBSE, quality-statistic

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from models.estimate_describe import group_names, n_bucket, sqdist
+from models.estimate.describe import group_names, n_bucket, sqdist
 
 EXPLAINED = ("f_mean2", "f_mmd2", "f_frechet", "f_nn_ratio", "o_dconf", "o_dent")
 RIDGE_ALPHA = 10.0

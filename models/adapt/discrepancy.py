@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from models.adapt import AdaptConfig, Adapter, batches, cache_activations, sampler
-from models.bn import adapt_top_bn, bn_modules, reestimate_bn
+from models.adapt.base import AdaptConfig, Adapter, batches, cache_activations, sampler
+from models.adapt.bn import adapt_top_bn, bn_modules, reestimate_bn
 from models.network import EmotionNet
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.adapt import AdaptConfig, Adapter, entropy, sampler, set_dropout
-from models.bn import (
+from models.adapt.base import AdaptConfig, Adapter, entropy, sampler, set_dropout
+from models.adapt.bn import (
     adapt_top_bn,
     bn_modules,
     bn_stats,
@@ -39,9 +39,9 @@ class EntropyConfig(AdaptConfig):
     # shot-im also adapts the top's BN affine parameters (SHOT adapts the whole extractor;
     # the BN affine is the cheap part of that).
     shot_top_bn: bool = True
-    # Weight of the site in the final BN statistics (models.bn): 1 = pure site statistics.
+    # Weight of the site in the final BN statistics (models.adapt.bn): 1 = pure site statistics.
     site_bn_weight: float = 1.0
-    # A source prior of N images (models.bn.AdaBNConfig.prior_n): the site weight is then
+    # A source prior of N images (models.adapt.bn.AdaBNConfig.prior_n): the site weight is then
     # n / (n + N), and ``site_bn_weight`` is ignored.
     prior_n: float | None = None
 

@@ -3,8 +3,8 @@ candidate zero, each judged label-free by what its recipe does on labelled proxi
 the one to propose is chosen on the lower bound of its estimated gain.
 
 **Proxies.** The site's images have no labels. The labelled held-out training-domain images do;
-under the shifts of the estimator's bank (:mod:`models.shifts`, never the benchmark's
-conditions) whose image statistics come closest to the site's (``models.proxies``) they
+under the shifts of the estimator's bank (:mod:`models.sim.shifts`, never the benchmark's
+conditions) whose image statistics come closest to the site's (``models.adapt.proxies``) they
 are labelled stand-ins for the site. Each member's recipe is applied to the site and to every
 proxy as to the site, and scored the way the site will use it: it adapts on one half of the
 proxy's images (the prior's weight kept at the site's, n/(n+N) with the site's n) and predicts
@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.adapt import AdaptResult, CachedSet, cached_outputs, get_adapter
-from models.bn import bn_modules, bn_stats, load_bn_stats
+from models.adapt.base import AdaptResult, CachedSet, cached_outputs, get_adapter
+from models.adapt.bn import bn_modules, bn_stats, load_bn_stats
 from models.network import EmotionNet
 
 Z_ONE_SIDED_95 = 1.645
@@ -238,7 +238,7 @@ def apply_member(member: Member, champion: EmotionNet, data: SiteSet, source: Ca
         res.frozen_changed = bool(base is not None and base.result.frozen_changed)
         return Applied(res, h)
     if kind in ("mmd", "mmd-backbone"):
-        from models.discrepancy import with_backbone
+        from models.adapt.discrepancy import with_backbone
 
         if source is None:
             raise ValueError(f"{member.name} needs the labelled training data")
@@ -254,7 +254,7 @@ def apply_member(member: Member, champion: EmotionNet, data: SiteSet, source: Ca
         cfg.seed = seed
         res = ad.adapt(champion, source, target, cfg)
         if res.frozen_changed:
-            from models.bn import frozen_outputs
+            from models.adapt.bn import frozen_outputs
 
             h = frozen_outputs(res.model, data.images, 64, precision)
             res.site_h = h
@@ -284,7 +284,7 @@ def halves(proxy: SiteSet, seed: int) -> tuple[SiteSet, SiteSet]:
 def score_on(applied: Applied, data: SiteSet, precision: str) -> np.ndarray:
     """Per-image correctness of an applied recipe's model on images it did not adapt on (its
     own frozen outputs of them when its frozen part changed)."""
-    from models.bn import frozen_outputs
+    from models.adapt.bn import frozen_outputs
 
     m = applied.result.model
     h = frozen_outputs(m, data.images, None, precision) if applied.result.frozen_changed else data.h

@@ -3,7 +3,7 @@
 * Faithfulness -- deletion / insertion AUC: remove (insert) regions or pixels in decreasing
   order of attribution and record the target probability; the area under that curve (x in
   [0, 1]) should be low for deletion and high for insertion when the map is faithful.
-* Localisation on images with a ground-truth mask (``models.synthetic``): pointing game and
+* Localisation on images with a ground-truth mask (``models.sim.synthetic``): pointing game and
   mask energy (share of the positive attribution inside the mask).
 * Stability: Spearman rank correlation and top-k overlap between two maps / region vectors,
   under input perturbations (``perturbation_stability``) or across models (``model_agreement``).
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from models.explain import (
+from models.explain.base import (
     Attribution,
     BaselineSpec,
     Explainer,

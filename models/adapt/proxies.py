@@ -1,5 +1,5 @@
-"""Labelled proxies of a site for the re-adaptation portfolio (``models.portfolio``): the
-held-out training-domain images under the bank shifts (``models.shifts``) nearest the site,
+"""Labelled proxies of a site for the re-adaptation portfolio (``models.adapt.portfolio``): the
+held-out training-domain images under the bank shifts (``models.sim.shifts``) nearest the site,
 first by image statistics, then by the champion's bottleneck features. Pure numpy/torch."""
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.adapt import cached_outputs
+from models.adapt.base import cached_outputs
+from models.adapt.portfolio import SiteSet
 from models.network import EmotionNet
-from models.portfolio import SiteSet
 
 
 # --- proxies -----------------------------------------------------------------------------------
 def stat_features(stats: np.ndarray) -> np.ndarray:
     """(n, len(STAT_SCALE)) quality statistics -> the descriptors' units (log where the scale
     says so)."""
-    from models.estimate_describe import STAT_SCALE
+    from models.estimate.describe import STAT_SCALE
 
     cols = []
     for i, name in enumerate(STAT_SCALE):
@@ -34,7 +34,7 @@ def proxy_distances(ref_stats: np.ndarray, site_stats: np.ndarray,
     """Distance between the site's mean image statistics and each shifted reference set's, in
     units of the clean reference's per-image spread (floored: a grey training domain has no
     colour spread)."""
-    from models.estimate_describe import STAT_SCALE, STAT_SD_FLOOR
+    from models.estimate.describe import STAT_SCALE, STAT_SD_FLOOR
 
     ref = stat_features(ref_stats)
     sd = ref.std(0)
@@ -54,8 +54,8 @@ def choose_proxies(distances: np.ndarray, k: int) -> list[int]:
 
 def feature_distance(z_site: np.ndarray, z_proxy: np.ndarray) -> float:
     """MK-MMD^2 between the champion's bottleneck features of the site and of a proxy (the
-    kernel adaptation aligns with, models.discrepancy.mk_mmd2)."""
-    from models.discrepancy import mk_mmd2
+    kernel adaptation aligns with, models.adapt.discrepancy.mk_mmd2)."""
+    from models.adapt.discrepancy import mk_mmd2
 
     return float(mk_mmd2(torch.as_tensor(np.asarray(z_site), dtype=torch.float32),
                          torch.as_tensor(np.asarray(z_proxy), dtype=torch.float32)))
@@ -82,7 +82,7 @@ def stratified_subsample(labels: np.ndarray, m: int, rng: np.random.Generator) -
 
 @dataclass
 class ProxyConfig:
-    """How the proxies are chosen: ``specs`` bank shifts (models.shifts.bank_specs, two thirds
+    """How the proxies are chosen: ``specs`` bank shifts (models.sim.shifts.bank_specs, two thirds
     mostly mild) ranked by image statistics on ``match_images`` held-out images; the
     ``shortlist`` nearest ranked again by the champion's feature distance to the site on
     ``feature_images``; the ``k`` nearest become proxies, each on the held-out images (at most
@@ -106,9 +106,9 @@ def build_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: n
     then by the champion's features. Returns the sets and what they are (shift, distances)."""
     from PIL import Image
 
-    from models.bn import frozen_outputs
-    from models.estimate_fit import stats_matrix
-    from models.shifts import apply_spec, bank_specs, spec_text
+    from models.adapt.bn import frozen_outputs
+    from models.estimate.fit import stats_matrix
+    from models.sim.shifts import apply_spec, bank_specs, spec_text
 
     cfg = config or ProxyConfig()
     if len(ref_grids) != len(labels) or len(ref_grids) < 2:

@@ -1,6 +1,6 @@
 """The meta-sets an accuracy estimator is fitted on: the labelled held-out set under many
-random shifts (``models.shifts``), cut into site-sized samples and described label-free
-(``models.estimate_describe``), each with its target: the spec's paired population drop.
+random shifts (``models.sim.shifts``), cut into site-sized samples and described label-free
+(``models.estimate.describe``), each with its target: the spec's paired population drop.
 
 The held-out set is split into two stratified halves A/B; a meta-set drawn from the shifted
 images of half A is described against the clean half B and vice versa (never against its own
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from models.estimate_describe import Batch, RefView, describe, pca_basis
+from models.estimate.describe import Batch, RefView, describe, pca_basis
 
 
 @dataclass

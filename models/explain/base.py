@@ -10,7 +10,7 @@ DnCShap -- divide-and-conquer hierarchical Shapley
 The image is cut recursively into a tree of regions (``partition="binary"``: halve the longer
 side at each level, depth 6 = 64 regions; ``"quad"``: quarter at each level, depth 3 = 64); the
 regions are the players of ``v(S) = p_target(image with the regions in S kept, the rest at the
-baseline)``, and their values come from the hierarchical Shapley core in :mod:`models.shapley`
+baseline)``, and their values come from the hierarchical Shapley core in :mod:`models.explain.shapley`
 (its docstring holds the algorithm and the proofs of its properties). Every masked image is
 known in advance and evaluated in batches: ``4 * 2^D - 4`` model calls for a binary tree of
 depth D (252 for 64 regions).
@@ -37,7 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.shapley import Contexts, PartitionTree, check_contexts, dnc_coalitions, dnc_shapley
+from models.explain.shapley import (
+    Contexts,
+    PartitionTree,
+    check_contexts,
+    dnc_coalitions,
+    dnc_shapley,
+)
 
 BaselineSpec = str | torch.Tensor | np.ndarray
 

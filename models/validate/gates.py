@@ -2,7 +2,7 @@
 
 One protocol: a gate is a class with a ``name`` and ``evaluate(evidence) -> {result name:
 {"passed", "value", "threshold"}}`` (usually one result; the explanation gate reports four).
-Its registration is one line in ``models.catalog.GATES``; ``models.validate.validate_candidate``
+Its registration is one line in ``models.catalog.GATES``; ``models.validate.candidate.validate_candidate``
 runs the configured list and derives the verdict.
 
 :class:`Evidence` holds what any gate may look at -- both models, the labelled source
@@ -30,11 +30,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from models.adapt import CachedSet, cached_outputs
-from models.dev import DEVConfig, DEVResult, deep_embedded_validation, per_sample_ce
-from models.discrepancy import mk_mmd2
-from models.explain_metrics import GateTolerances as ExplanationTolerances
+from models.adapt.base import CachedSet, cached_outputs
+from models.adapt.discrepancy import mk_mmd2
+from models.explain.metrics import GateTolerances as ExplanationTolerances
 from models.network import EmotionNet
+from models.validate.dev import DEVConfig, DEVResult, deep_embedded_validation, per_sample_ce
 
 GateResult = dict[str, Any]  # {"passed": bool, "value": float, "threshold": float}
 
@@ -243,14 +243,14 @@ class PredictionSanityGate(Gate):
 
 class ExplanationGate(Gate):
     """DnCShap agreement and faithfulness of champion vs candidate on the probe images
-    (``models.explain_metrics.explanation_gate``); nothing to report without probes."""
+    (``models.explain.metrics.explanation_gate``); nothing to report without probes."""
 
     name = "explanation"
 
     def evaluate(self, ev):
         if ev.probe is None:
             return {}
-        from models.explain_metrics import explanation_gate
+        from models.explain.metrics import explanation_gate
 
         res = explanation_gate(ev.champion, ev.candidate, ev.probe, ev.config.explanation,
                                attributions=ev.attributions)

@@ -4,12 +4,12 @@ One protocol, several methods, selected by name (``get_adapter("mmd")``; the nam
 ``ADAPTERS`` table of :mod:`models.catalog`):
 
     method    module              needs source?  updates                          loss
-    mmd       models.discrepancy  yes (labels)   bottleneck + head (+ top blocks,   CE_src + lam(t)*(MK-MMD [+ CORAL])
+    mmd       models.adapt.discrepancy  yes (labels)   bottleneck + head (+ top blocks,   CE_src + lam(t)*(MK-MMD [+ CORAL])
                                                  + every layer with backbone_lr_mult)
-    coral     models.discrepancy  yes (labels)   as mmd                             CE_src + lam(t)*CORAL
-    adabn     models.bn           no             BN running statistics only         (none: re-estimation)
-    shot-im   models.entropy      no             bottleneck (+ BN affine of top)    mean entropy - diversity
-    tent      models.entropy      no             BN affine of top + bottleneck      mean entropy
+    coral     models.adapt.discrepancy  yes (labels)   as mmd                             CE_src + lam(t)*CORAL
+    adabn     models.adapt.bn           no             BN running statistics only         (none: re-estimation)
+    shot-im   models.adapt.entropy      no             bottleneck (+ BN affine of top)    mean entropy - diversity
+    tent      models.adapt.entropy      no             BN affine of top + bottleneck      mean entropy
 
 ``mmd`` is the paper's approach (source cross-entropy plus a discrepancy between source and
 site bottleneck features, DAN-style multi-kernel MMD). The methods work from CACHED frozen

@@ -1,10 +1,10 @@
 """Label-free validation of an adapted model (a "candidate") before it may replace the champion.
 
 Site images have no labels, so nothing here measures site accuracy. What we can check are the
-gates of :mod:`models.gates` (source accuracy kept, DEV risk not worse than the champion's,
+gates of :mod:`models.validate.gates` (source accuracy kept, DEV risk not worse than the champion's,
 residual drift reduced, site predictions not collapsed, explanations stable), run from the
 configured list, and Deep Embedded Validation's flag that the site is unlike anything the
-source validation set can describe (:mod:`models.dev`).
+source validation set can describe (:mod:`models.validate.dev`).
 
 ``verdict``: "fail" if any gate failed, else "unverifiable" if DEV says so, else "pass"; the
 report carries the reasons in words.
@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from models.adapt import as_cached_set
-from models.dev import DEVResult
-from models.gates import DEFAULT_GATES, Evidence, GateResult, ValidationConfig, run_gates
+from models.adapt.base import as_cached_set
 from models.network import EmotionNet
+from models.validate.dev import DEVResult
+from models.validate.gates import DEFAULT_GATES, Evidence, GateResult, ValidationConfig, run_gates
 
 
 @dataclass
@@ -119,4 +119,4 @@ def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: 
 
 
 __all__ = ["DEFAULT_GATES", "ValidationConfig", "ValidationReport", "reasons_for",
-           "validate_candidate", "verdict"]  # the first two are models.gates'
+           "validate_candidate", "verdict"]  # the first two are models.validate.gates'

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from models.drift import Detector, as_matrix
+from models.drift.base import Detector, as_matrix
 
 
 def sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:

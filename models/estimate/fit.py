@@ -1,9 +1,9 @@
 """Fitting an accuracy estimator for one model version (at training time).
 
 The labelled held-out images are passed through the model clean and under every spec of a
-seeded random shift bank (``models.shifts``): per spec, the images' quality statistics,
+seeded random shift bank (``models.sim.shifts``): per spec, the images' quality statistics,
 features and softmax outputs, paired image by image with the clean set. Those become the
-meta-sets (``models.estimate_bank``) the estimator is fitted on.
+meta-sets (``models.estimate.bank``) the estimator is fitted on.
 
 Cost: specs x images x (transform + statistics + one forward pass), about 15 ms per image in
 bf16 on 2 cores with Lite0 at 224 px; 60 specs x 330 images ~ 5 minutes. Pure: images come
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from models.estimate_describe import STAT_SCALE, Batch
+from models.estimate.describe import STAT_SCALE, Batch
 from models.progress import Progress, progress_fn
 
 
@@ -68,7 +68,7 @@ def shifted_batches(ckpt: Any, images: Sequence[np.ndarray], specs: Sequence[Any
                     ) -> tuple[Batch, list[Batch]]:
     """(clean batch, one batch per spec) of ``images`` under the model (its own precision)."""
     from models.evaluate import extract_features
-    from models.shifts import apply_spec
+    from models.sim.shifts import apply_spec
 
     report = progress_fn(progress)
 
@@ -92,8 +92,8 @@ def build_meta(ckpt: Any, images: Sequence[np.ndarray], labels: Sequence[int],
                ) -> tuple[Any, dict[str, Any]]:
     """The meta-sets (``MetaBank``) of ``images`` under the config's shift bank, and what
     building them took."""
-    from models.estimate_bank import MetaBank
-    from models.shifts import bank_specs, primitives_of
+    from models.estimate.bank import MetaBank
+    from models.sim.shifts import bank_specs, primitives_of
 
     cfg = config or EstimatorConfig()
     cfg.validate()

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from models.adapt import AdaptConfig, Adapter, batches
+from models.adapt.base import AdaptConfig, Adapter, batches
 from models.network import EmotionNet
 
 BatchNorm = nn.modules.batchnorm._BatchNorm  # the base of BatchNorm1d/2d/3d
@@ -181,7 +181,7 @@ class AdaBNConfig(AdaptConfig):
     site_bn_weight: float = 1.0
     # A source prior of N images (Schneider et al. 2020): when set, the site weight is
     # n / (n + N) for n site images and ``site_bn_weight`` is ignored. The portfolio
-    # (models.portfolio) tries several N.
+    # (models.adapt.portfolio) tries several N.
     prior_n: float | None = None
     # Arithmetic of the frozen part's passes (scope "all"): "fp32" or "bf16" (autocast,
     # channels-last; what the version runs at, models.evaluate.inference_context).

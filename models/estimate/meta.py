@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from models.estimate import Estimator, robust_scale
-from models.estimate_describe import group_names
+from models.estimate.base import Estimator, robust_scale
+from models.estimate.describe import group_names
 
 
 class MetaGBM(Estimator):

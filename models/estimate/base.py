@@ -2,7 +2,7 @@
 
 One protocol for every estimator (registered in ``models.catalog.ESTIMATORS``):
 
-    est = load("estimator", "meta-gbm")().fit(meta)   # meta: models.estimate_bank.MetaBank
+    est = load("estimator", "meta-gbm")().fit(meta)   # meta: models.estimate.bank.MetaBank
     e = est.estimate(Batch(z, probs, stats))           # -> Estimate (fixed record)
     state = est.state()                                # plain arrays, saved with the model
     est = estimator_from_state(state)                  # back, at check time (no pickle)
@@ -13,7 +13,7 @@ residuals of cross-fitted (grouped by bank entry) predictions on the meta-sets, 
 (site size, predicted drop) bin ("bins", Mondrian) or among the K_LOCAL nearest meta-sets in
 descriptor space ("knn"). The accuracy interval adds the held-out set's own binomial error.
 ``verifiable`` is false (and the decision ``unknown``) when the site is unlike anything the
-estimator was fitted on (``models.estimate_novelty``).
+estimator was fitted on (``models.estimate.novelty``).
 
 Baselines (no regression; published point estimates, intervals calibrated the same way):
 no change, average confidence, DoC, ATC with max-confidence / negative-entropy scores.
@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from models.estimate_bank import MetaBank
-from models.estimate_describe import (
+from models.estimate.bank import MetaBank
+from models.estimate.describe import (
     NBUCKETS,
     Batch,
     RefView,
@@ -123,7 +123,7 @@ class Estimator:
         self._fit_bins(self._oof_cache, res, b)
         self._fit_local(meta, res, b)
         if self.uses_novelty:
-            from models.estimate_novelty import Novelty
+            from models.estimate.novelty import Novelty
 
             self.novelty: Any = Novelty().fit(meta)
         return self
@@ -256,7 +256,7 @@ class Estimator:
         e.loc_cols, e.loc_mu, e.loc_sd = (np.asarray(s[k]) for k in ("loc_cols", "loc_mu", "loc_sd"))
         e.loc_Z, e.loc_res, e.loc_b = (np.asarray(s[k]) for k in ("loc_Z", "loc_res", "loc_b"))
         if cls.uses_novelty:
-            from models.estimate_novelty import Novelty
+            from models.estimate.novelty import Novelty
 
             e.novelty = Novelty.from_state(_sub(s, "nov."))
         e._load_point(_sub(s, "point."))
