@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--conditions", nargs="+", default=["night", "blur"],
                     choices=[c for c in CONDITION_IDS if c != "clean"])
     ap.add_argument("--severity", type=int, default=2)
-    ap.add_argument("--methods", nargs="+", default=["mmd", "coral", "adabn", "shot-im", "tent"],
+    ap.add_argument("--methods", nargs="+", default=available_adapters(),
                     choices=available_adapters())
     ap.add_argument("--settings", nargs="+", default=["photos", "faces"], choices=["photos", "faces"])
     ap.add_argument("--steps", type=int, default=None, help="override the methods' steps")

@@ -4,9 +4,10 @@ Each table maps a name (what the sites file, the CLI, the flows and the benchmar
 class that implements it, as ``"module:Class"``, imported on first use: reading this module
 costs nothing (no torch), so the sites-file schema and the CLI can check a name against it.
 
-To add a drift detector, an accuracy estimator, an adaptation method or a promotion gate: write
+To add a drift detector, an accuracy estimator, an adaptation method, a portfolio recipe, a
+promotion gate or an explainer: write
 its class (a subclass of the protocol named beside each table) in a module of its own, then add
-one line to its table. Nothing else needs to change: see the README's Layout section.
+one line to its table. Nothing else needs to change: see docs/extending.md.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ PORTFOLIO: tuple[tuple[str, str, dict[str, float]], ...] = (
 )
 DEFAULT_PORTFOLIO: tuple[str, ...] = tuple(n for n, _, _ in PORTFOLIO)
 
+# Portfolio recipes (protocol: models.adapt.recipes.Recipe): what a member's kind does.
+RECIPES: dict[str, str] = {
+    "bn": "models.adapt.recipes:TopBN",
+    "bn-all": "models.adapt.recipes:AllBN",
+    "tent": "models.adapt.recipes:Tent",
+    "shot-im": "models.adapt.recipes:ShotIM",
+    "mmd": "models.adapt.recipes:MMDTop",
+    "mmd-backbone": "models.adapt.recipes:MMDBackbone",
+}
+
 # Promotion gates (protocol: models.validate.gates.Gate), in the order they are reported.
 GATES: dict[str, str] = {
     "source_accuracy": "models.validate.gates:SourceAccuracyGate",
@@ -73,12 +84,20 @@ GATES: dict[str, str] = {
     "explanation": "models.validate.gates:ExplanationGate",
 }
 
-_TABLES = {"detector": DETECTORS, "estimator": ESTIMATORS, "adapter": ADAPTERS, "gate": GATES}
+# Explainers (protocol: models.explain.base.Explainer): attribution maps of one image batch.
+EXPLAINERS: dict[str, str] = {
+    "dncshap": "models.explain.base:DnCShap",
+    "occlusion": "models.explain.base:Occlusion",
+    "integrated_gradients": "models.explain.base:IntegratedGradients",
+}
+
+_TABLES = {"detector": DETECTORS, "estimator": ESTIMATORS, "adapter": ADAPTERS, "gate": GATES,
+           "recipe": RECIPES, "explainer": EXPLAINERS}
 
 
 def load(kind: str, name: str) -> Any:
     """The class registered as ``name`` in the ``kind`` table ("detector", "estimator",
-    "adapter", "gate")."""
+    "adapter", "gate", "recipe", "explainer")."""
     table = _TABLES[kind]
     if name not in table:
         raise ValueError(f"unknown {'adaptation method' if kind == 'adapter' else kind} "
@@ -88,4 +107,4 @@ def load(kind: str, name: str) -> Any:
 
 
 __all__ = ["ADAPTERS", "DEFAULT_DETECTORS", "DEFAULT_ESTIMATOR", "DEFAULT_PORTFOLIO", "DETECTORS",
-           "ESTIMATORS", "GATES", "PORTFOLIO", "load"]
+           "ESTIMATORS", "EXPLAINERS", "GATES", "PORTFOLIO", "RECIPES", "load"]

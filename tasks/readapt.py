@@ -146,7 +146,7 @@ def portfolio_runs_backbone(site: Site) -> bool:
     from models.adapt.portfolio import EXPECTED_PER, expected_seconds, members
 
     for m in members(site.adapt.portfolio):
-        if m.kind == "mmd-backbone":  # sets of EXPECTED_PER images: the site and each proxy
+        if m.recipe.whole_backbone:  # sets of EXPECTED_PER images: the site and each proxy
             need = expected_seconds(m, EXPECTED_PER * (1 + site.adapt.proxies))
             return need <= site.adapt.portfolio_budget_s and not site.adapt.source_free
     return False

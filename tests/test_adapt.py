@@ -349,7 +349,7 @@ def test_backbone_mode_changes_the_frozen_part_and_nothing_else():
     assert not any(p.requires_grad for p in model.frozen.parameters())
 
 
-# --- adding a method, as the README's Layout section says: one class + one catalog line --------
+# --- adding a method, as docs/extending.md says: one class + one catalog line --------
 @dataclasses.dataclass
 class ShrinkConfig(AdaptConfig):
     factor: float = 0.5

@@ -269,7 +269,7 @@ def test_combined_with_quality_uses_three_way_bonferroni():
     assert r2.details["correction"] == "bonferroni x3"
 
 
-# --- adding a detector, as the README's Layout section says: one class + one catalog line ------
+# --- adding a detector, as docs/extending.md says: one class + one catalog line ------
 class ConfidenceDrift(Detector):
     """A new detector: has the mean top-class confidence moved? (Welch's t-test)."""
 

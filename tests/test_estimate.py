@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from models.estimate.bank import MetaBank
-from models.estimate.base import Estimate, estimator_from_state, impact, unavailable
+from models.estimate.base import Estimate, Estimator, estimator_from_state, impact, unavailable
 from models.estimate.describe import STAT_SCALE, Batch, RefView, describe, pca_basis
 
 K = 3
@@ -178,6 +178,31 @@ def test_every_baseline_fits_and_estimates(fitted):
         e = load("estimator", name)().fit(meta)
         out = estimator_from_state(e.state()).estimate(site)
         assert isinstance(out, Estimate) and out.method == name and out.verifiable
+
+
+class HalfConf(Estimator):
+    """A new (toy) estimator: half of the drop in average confidence."""
+
+    name = "half-conf"
+
+    def _point(self, X):
+        return -0.5 * X[:, self.names.index("o_dconf")]
+
+
+def test_a_new_estimator_is_one_class_and_one_catalog_line(fitted, monkeypatch):
+    from models import catalog
+
+    monkeypatch.setitem(catalog.ESTIMATORS, "half-conf", "tests.test_estimate:HalfConf")
+    est, shifted, _, _ = fitted
+    ref, y, _ = _world()
+    rng = np.random.default_rng(9)
+    meta = MetaBank.build(ref, y, [shifted(s, rng) for s in (0.0, 0.3, 0.6)],
+                          [frozenset({"a"}), frozenset({"b"}), frozenset({"c"})], seed=0)
+    e = catalog.load("estimator", "half-conf")().fit(meta)
+    back = estimator_from_state(e.state())  # saved with a model version, found by name
+    out = back.estimate(shifted(0.3, rng))
+    assert isinstance(back, HalfConf) and out.method == "half-conf"
+    assert out.to_dict()["method"] == "half-conf"
 
 
 # --- impact and who hears about it ----------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 
 from models.explain.base import (
     DnCShap,
+    Explainer,
     IntegratedGradients,
     Occlusion,
     image_partition,
@@ -123,6 +124,30 @@ def test_baselines_and_validation():
         make_explainer("lime", tiny_net())
     with pytest.raises(ValueError, match="partition"):
         DnCShap(tiny_net(), partition="hex")
+
+
+class UniformExplainer(Explainer):
+    """A new (toy) explainer: the change from baseline to image shared equally by the
+    regions (efficiency holds by construction)."""
+
+    name = "uniform"
+
+    def _attribute(self, x, targets, base, parts, p_img):
+        n, r = x.shape[0], parts.boxes.shape[0]
+        f_base = np.array([self._probs(base[i:i + 1], int(targets[i]))[0] for i in range(n)])
+        regions = np.repeat(((p_img - f_base) / r)[:, None], r, axis=1)
+        maps = regions[:, parts.leaf_map]  # (n, H, W)
+        return self._record(maps, regions, parts, targets, p_img, f_base, np.full(n, 2))
+
+
+def test_a_new_explainer_is_one_class_and_one_catalog_line(monkeypatch):
+    from models import catalog
+
+    monkeypatch.setitem(catalog.EXPLAINERS, "uniform", "tests.test_explain:UniformExplainer")
+    e = make_explainer("uniform", tiny_net(), depth=2)
+    att = e.attribute(torch.randn(2, 3, 32, 32))
+    assert isinstance(e, UniformExplainer) and att.method == "uniform"
+    assert att.region_values.shape == (2, 4) and np.allclose(att.efficiency_gap, 0, atol=1e-9)
 
 
 def test_model_left_in_train_mode_is_restored():

@@ -42,7 +42,7 @@ def test_gates_shape_and_thresholds():
         gate_prediction_sanity(np.ones(5))
 
 
-# --- adding a gate, as the README's Layout section says: one class + one catalog line ----------
+# --- adding a gate, as docs/extending.md says: one class + one catalog line ----------
 class MaxConfidenceGate(Gate):
     """A new gate: the candidate's mean top-class confidence on the site stays below 0.9."""
 

@@ -4,13 +4,14 @@ tests/test_adapt.py (tiny backbone)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from models.adapt.base import CachedSet, get_adapter
+from models.adapt.base import AdaptResult, CachedSet, get_adapter
 from models.adapt.bn import AdaBNConfig, bn_modules, prior_weight
 from models.adapt.portfolio import (
     Member,
@@ -23,6 +24,7 @@ from models.adapt.portfolio import (
     select,
 )
 from models.adapt.proxies import ProxyConfig, build_proxies, choose_proxies, proxy_distances  # noqa: F401
+from models.adapt.recipes import Applied, Recipe
 from tests.test_adapt import make_scenes, train_toy_model
 
 
@@ -181,6 +183,38 @@ def test_members_are_skipped_with_reasons(net):
     assert skipped["mmd-backbone"]
     with pytest.raises(ValueError, match="proxy"):
         run_portfolio(net, SiteSet(h=site.h), [], None, FAST, 60.0)
+
+
+# --- adding a recipe: one class + one catalog line ----------------------------------------------
+class SharpenHead(Recipe):
+    """A new (toy) recipe: the champion with its head's logits scaled by ``factor``; the
+    portfolio asks it, not its name, what it needs."""
+
+    def apply(self, member, data, ctx):
+        model = copy.deepcopy(ctx.champion)
+        with torch.no_grad():
+            model.head.weight.mul_(float(member.params.get("factor", 2.0)))
+            model.head.bias.mul_(float(member.params.get("factor", 2.0)))
+        res = AdaptResult(model=model.eval(), history=[], seconds=0.0, method="sharpen",
+                          config=dict(member.params))
+        return Applied(res, data.h)
+
+
+def test_a_new_recipe_is_one_class_and_one_catalog_line(net, monkeypatch):
+    from models import catalog
+
+    monkeypatch.setitem(catalog.RECIPES, "sharpen", "tests.test_portfolio:SharpenHead")
+    monkeypatch.setattr(catalog, "PORTFOLIO",
+                        catalog.PORTFOLIO + (("sharpen(x2)", "sharpen", {"factor": 2.0}),))
+    [m] = members(["sharpen(x2)"])
+    assert isinstance(m.recipe, SharpenHead) and not m.needs_source
+    site = sets(net, True, 11)
+    res = run_portfolio(net, SiteSet(h=site.h), [sets(net, True, 21)], None, [m], 60.0)
+    [rec] = res.candidates[1:]
+    assert rec.skipped is None and rec.estimate is not None
+    # scaling the logits never changes the argmax: exactly the champion's accuracy
+    assert rec.estimate["gain"] == 0.0 and rec.estimate["per_proxy"] == [0.0]
+    assert res.table()[1]["method"] == "sharpen"
 
 
 def test_stratified_subsample_keeps_class_proportions():

@@ -23,22 +23,14 @@ measurement of what the recipe does to a shift like the site's:
 :func:`select` proposes the member with the highest lower bound if that bound is above
 ``min_gain`` (0); otherwise nothing (the flow's verdict ``no_gain``).
 
-**Members** (``models.catalog.PORTFOLIO``, in order, cheapest first):
-
-    bn       top + bottleneck BN statistics re-estimated on the site, mixed with the
-             champion's at n/(n+N) (Schneider et al. 2020), from cached activations
-    bn-all   the same for every BN layer (the frozen part from the raw images)
-    tent     Tent (BN affine, entropy) on top of the best bn/bn-all member, a few steps
-    shot-im  SHOT-IM on top of the best bn/bn-all member
-    mmd      the paper's loss (source CE + MK-MMD), top layers, cached activations
-    mmd-backbone  mmd through the whole backbone (minutes: only when the budget allows)
+**Members** (``models.catalog.PORTFOLIO``, in order, cheapest first): a name, a recipe
+(``models.catalog.RECIPES``, :mod:`models.adapt.recipes`) and its parameters.
 
 Pure torch/numpy: the flow's task (``tasks.portfolio``) decodes the images and builds the sets.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -48,36 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.adapt.base import AdaptResult, CachedSet, cached_outputs, get_adapter
-from models.adapt.bn import bn_modules, bn_stats, load_bn_stats
+from models.adapt.base import CachedSet, cached_outputs
+from models.adapt.recipes import Applied, Context, Member, SiteSet
 from models.network import EmotionNet
 
 Z_ONE_SIDED_95 = 1.645
 
 
 # --- members --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Member:
-    """One recipe of the portfolio: ``kind`` (see the module docstring) and its parameters."""
-
-    name: str
-    kind: str
-    params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def needs_source(self) -> bool:
-        return self.kind in ("mmd", "mmd-backbone")
-
-    @property
-    def needs_images(self) -> bool:
-        return self.kind in ("bn-all", "mmd-backbone")
-
-    @property
-    def bn_kind(self) -> bool:
-        return self.kind in ("bn", "bn-all")
-
-
-KINDS = ("bn", "bn-all", "tent", "shot-im", "mmd", "mmd-backbone")
 EXPECTED_PER = 240  # images that a member's ``expected_s`` is measured for (models.catalog)
 
 
@@ -101,28 +71,7 @@ def members(names: Sequence[str] | None = None) -> list[Member]:
     return [m for m in table.values() if m.name in set(names)]
 
 
-# --- sets and records --------------------------------------------------------------------------
-@dataclass
-class SiteSet:
-    """What a recipe is applied to: the site (no labels) or a proxy (labels)."""
-
-    h: torch.Tensor  # (n, C, s, s) the champion's frozen activations
-    images: torch.Tensor | None = None  # (n, 3, S, S) normalised; bn-all / mmd-backbone need them
-    labels: np.ndarray | None = None  # proxies only
-    name: str = "site"
-
-    def __len__(self) -> int:
-        return int(self.h.shape[0])
-
-
-@dataclass
-class Applied:
-    """A recipe applied to one set: the adapted model and the set's activations under it."""
-
-    result: AdaptResult
-    h: torch.Tensor
-
-
+# --- records ------------------------------------------------------------------------------------
 @dataclass
 class CandidateRecord:
     member: Member
@@ -195,72 +144,16 @@ def select(estimates: Sequence[dict[str, Any] | None], min_gain: float = 0.0) ->
 
 
 # --- applying a member ---------------------------------------------------------------------------
-def _copy_top_stats(dst: EmotionNet, src: EmotionNet) -> None:
-    """dst's top and bottleneck BN running statistics := src's."""
-    load_bn_stats(bn_modules(dst.top) + bn_modules(dst.bottleneck),
-                  bn_stats(bn_modules(src.top) + bn_modules(src.bottleneck)))
-
-
 def apply_member(member: Member, champion: EmotionNet, data: SiteSet, source: CachedSet | None,
                  base: Applied | None, base_member: Member | None, seed: int,
                  precision: str, time_budget_s: float, n_site: int | None = None) -> Applied:
-    """The recipe of ``member`` on one set. tent / shot-im start from ``base`` (the best BN
-    member's result on the same set; None: the champion). ``n_site``: the site's number of
-    images when ``data`` is a proxy's half; a prior of N images is then scaled so that the
-    set's weight n/(n+N) is the site's."""
-    kind, p = member.kind, member.params
-    scale = len(data) / n_site if n_site else 1.0
-    if kind in ("bn", "bn-all"):
-        ad = get_adapter("adabn")
-        cfg = ad.default_config()
-        cfg.scope = "all" if kind == "bn-all" else "trainable"
-        cfg.prior_n = float(p.get("prior_n", 0.0)) * scale
-        cfg.precision = precision
-        target = CachedSet(h=data.h, images=data.images)
-        res = ad.adapt(champion, None, target, cfg)
-        return Applied(res, res.site_h if res.frozen_changed else data.h)
-    if kind in ("tent", "shot-im"):
-        ad = get_adapter(kind)
-        cfg = ad.default_config()
-        cfg.steps = int(p.get("steps", cfg.steps))
-        cfg.batch_size = int(p.get("batch_size", cfg.batch_size))
-        cfg.time_budget_s = time_budget_s
-        start, h = champion, data.h
-        if base is not None and base_member is not None:
-            cfg.prior_n = float(base_member.params.get("prior_n", 0.0)) * scale
-            if base.result.frozen_changed:
-                # the bn-all member's frozen part; the top's statistics start from the
-                # champion's so that the prior mixes with the training domain's, not twice
-                start = copy.deepcopy(base.result.model)
-                _copy_top_stats(start, champion)
-                h = base.h
-        res = ad.adapt(start, None, CachedSet(h=h), cfg)
-        res.frozen_changed = bool(base is not None and base.result.frozen_changed)
-        return Applied(res, h)
-    if kind in ("mmd", "mmd-backbone"):
-        from models.adapt.discrepancy import with_backbone
-
-        if source is None:
-            raise ValueError(f"{member.name} needs the labelled training data")
-        ad = get_adapter("mmd")
-        cfg = ad.default_config()
-        cfg.time_budget_s = time_budget_s
-        target = CachedSet(h=data.h, images=data.images)
-        if kind == "mmd-backbone":
-            cfg = with_backbone(cfg)
-        for k_, v in p.items():
-            if hasattr(cfg, k_):
-                setattr(cfg, k_, v)
-        cfg.seed = seed
-        res = ad.adapt(champion, source, target, cfg)
-        if res.frozen_changed:
-            from models.adapt.bn import frozen_outputs
-
-            h = frozen_outputs(res.model, data.images, 64, precision)
-            res.site_h = h
-            return Applied(res, h)
-        return Applied(res, data.h)
-    raise ValueError(f"unknown portfolio kind {kind!r}; known: {', '.join(KINDS)}")
+    """The recipe of ``member`` on one set. Recipes that build on BN statistics start from
+    ``base`` (the best BN member's result on the same set; None: the champion). ``n_site``:
+    the site's number of images when ``data`` is a proxy's half; a prior of N images is then
+    scaled so that the set's weight n/(n+N) is the site's."""
+    ctx = Context(champion, source, base, base_member, seed, precision, time_budget_s,
+                  len(data) / n_site if n_site else 1.0)
+    return member.recipe.apply(member, data, ctx)
 
 
 def correct(model: EmotionNet, h: torch.Tensor, labels: np.ndarray) -> np.ndarray:
@@ -337,7 +230,7 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
         if rec.skipped:
             say(f"{member.name}: skipped ({rec.skipped})")
             continue
-        base_rec = best_bn if member.kind in ("tent", "shot-im") else None
+        base_rec = best_bn if member.recipe.builds_on_bn else None
         t0 = time.perf_counter()
         try:
             if member.needs_source and callable(source):
@@ -395,6 +288,6 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
     return PortfolioResult(records, idx, reasons, time.perf_counter() - t_start)
 
 
-__all__ = ["EXPECTED_PER", "KINDS", "Applied", "CandidateRecord", "Member", "PortfolioResult",
+__all__ = ["EXPECTED_PER", "Applied", "CandidateRecord", "Member", "PortfolioResult",
            "SiteSet", "apply_member", "correct", "expected_seconds", "gain_estimate", "halves", "members",
            "run_portfolio", "score_on", "select"]

@@ -408,16 +408,14 @@ class IntegratedGradients(Explainer):
         return torch.softmax(logits.double(), 1)[torch.arange(base.shape[0]), targets].numpy()
 
 
-EXPLAINERS: dict[str, type[Explainer]] = {
-    "dncshap": DnCShap, "occlusion": Occlusion, "integrated_gradients": IntegratedGradients,
-}
-
-
 def make_explainer(name: str, model: Callable[[torch.Tensor], torch.Tensor],
                    **kwargs) -> Explainer:
+    """The explainer registered as ``name`` in ``models.catalog.EXPLAINERS``, on ``model``."""
+    from models.catalog import EXPLAINERS, load
+
     if name not in EXPLAINERS:
         raise ValueError(f"unknown explainer {name!r}; choose from {sorted(EXPLAINERS)}")
-    return EXPLAINERS[name](model, **kwargs)
+    return load("explainer", name)(model, **kwargs)
 
 
 class eval_mode:
