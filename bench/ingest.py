@@ -47,7 +47,7 @@ def run(inbox: Path, backend: str, workers: int, pg_url: str) -> list[dict]:
     from db.session import init_db, make_engine
     from emowatch.settings import Settings
     from emowatch.sites import Site
-    from tasks.ingest import ingest_inbox
+    from tasks.ingest.pipeline import ingest_inbox
 
     tmp = Path(tempfile.mkdtemp(prefix="emowatch-bench-"))
     schema = None

@@ -1,5 +1,5 @@
 """The ``model_deployments`` table: the append-only champion history of every site, and the
-champion stack it implies (an undo stack; see :mod:`tasks.history`)."""
+champion stack it implies (an undo stack; see :mod:`tasks.promote.history`)."""
 
 from __future__ import annotations
 

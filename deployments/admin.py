@@ -99,7 +99,7 @@ def _registry_missing(settings: Settings) -> bool:
 
 def _models(rt: Runtime, site: Site) -> dict[str, Any]:
     """champion/challenger of ``emowatch-<site>`` and what serves the site right now."""
-    from tasks.registry import CHALLENGER, CHAMPION, RegistryError
+    from tasks.registry.client import CHALLENGER, CHAMPION, RegistryError
 
     out: dict[str, Any] = {"champion": None, "challenger": None, "serving": None}
     if _registry_missing(rt.settings):
@@ -193,7 +193,7 @@ def site_status(rt: Runtime, site: str | None = None) -> dict[str, Any]:
     from db.sites import site_ids
     from db.status import status_counts
     from emowatch.sites import SitesFileError, get_site, load_sites
-    from tasks.registry import site_model_name
+    from tasks.registry.client import site_model_name
 
     settings, engine = rt.settings, rt.engine
     sites_file = Path(settings.sites_file)

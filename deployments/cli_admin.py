@@ -178,7 +178,7 @@ def report(as_json: JsonOpt = False) -> None:
     each check's report (every monitor run rewrites it too). Open it in a browser."""
 
     def go() -> dict[str, Any]:
-        from tasks.pages import write_status_page
+        from tasks.reports.pages import write_status_page
 
         path = write_status_page(runtime())
         return {"status_page": str(path.resolve()), "bytes": path.stat().st_size}
@@ -201,7 +201,7 @@ def sync(
     was refused or a site failed, 2 bad arguments."""
 
     def go() -> dict[str, Any]:
-        from tasks.sync import sync_sites
+        from tasks.promote.sync import sync_sites
 
         return sync_sites(runtime(), site)
 

@@ -41,7 +41,7 @@ def _promote(site: str, version: str | None, action: str, by: str, reason: str,
         raise UsageError("--force needs --reason")
     if not by.strip():
         raise UsageError("--by must name who acts")
-    from tasks.promote import check_promotion
+    from tasks.promote.actions import check_promotion
 
     ctx = runtime(settings).site_context(s.name)
     # Refusals (failed gates without --force, unknown version, an unlisted --by, ...) are

@@ -14,7 +14,7 @@ what a person must decide:
 * a challenger without a matching gate record -> nothing: approve it with --force --reason or
   reject it (the message says how).
 
-Promotions run the first repair themselves before every move (``tasks.promote``).
+Promotions run the first repair themselves before every move (``tasks.promote.actions``).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tasks.context import RunContext, Runtime
-    from tasks.registry import Registry
+    from tasks.registry.client import Registry
 
 
 def _champion(ctx: RunContext, repair: bool) -> tuple[list[str], list[str]]:
-    from tasks.history import consistency, reconcile
+    from tasks.promote.history import consistency, reconcile
 
     state = consistency(ctx)
     if state["agree"]:
@@ -49,7 +49,7 @@ def _champion(ctx: RunContext, repair: bool) -> tuple[list[str], list[str]]:
 
 
 def _challenger(ctx: RunContext, challenger: str | None) -> list[str]:
-    from tasks.gate_record import gate_record, read_validation, record_problems
+    from tasks.promote.gate_record import gate_record, read_validation, record_problems
 
     if challenger is None:
         return []
@@ -65,8 +65,8 @@ def _challenger(ctx: RunContext, challenger: str | None) -> list[str]:
 def _hashes(reg: Registry, versions: list[tuple[str, str]], repair: bool
             ) -> tuple[list[str], list[str]]:
     from models.network import load_checkpoint
-    from tasks.registry_artifacts import CHECKPOINT_FILE, SHA_TAGS
-    from tasks.storage import file_sha256
+    from tasks.ingest.storage import file_sha256
+    from tasks.registry.artifacts import CHECKPOINT_FILE, SHA_TAGS
 
     problems, repaired = [], []
     for name, v in versions:
@@ -117,8 +117,8 @@ def doctor(rt: Runtime, site: str | None = None, repair: bool = False) -> dict[s
     remain."""
     from db.migrate import current, head
     from emowatch.sites import get_site, load_sites
-    from tasks.history import consistency
-    from tasks.registry import CHALLENGER, CHAMPION, SOURCE_MODEL
+    from tasks.promote.history import consistency
+    from tasks.registry.client import CHALLENGER, CHAMPION, SOURCE_MODEL
 
     sites = load_sites(rt.settings.sites_file)
     names = [get_site(sites, site).name] if site is not None else sorted(sites)

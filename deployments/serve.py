@@ -4,7 +4,7 @@
 * ``readapt`` triggered by the ``emowatch.drift.detected`` event (the site comes from the event
   payload), only for sites whose ``adapt.auto`` is true (the monitor flow decides to emit);
 * ``sync-registry`` every ``SYNC_INTERVAL_S`` seconds: decisions made in the MLflow UI
-  (``tasks.sync``);
+  (``tasks.promote.sync``);
 * ``train-source`` and ``promote`` on demand (``prefect deployment run ...``).
 
 Schedules need a real Prefect server (``prefect server start``; ``PREFECT_API_URL`` pointing at

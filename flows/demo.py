@@ -126,7 +126,7 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0,
         rows.append(row)
 
     _say("5/5 summary")
-    from tasks.pages import screenshot, write_status_page
+    from tasks.reports.pages import screenshot, write_status_page
 
     status = write_status_page(rt)
     shot = screenshot(status, status.with_name("status.png"))  # None without chromium
@@ -140,7 +140,7 @@ def demo(workdir: str = ".emowatch/demo", fast: bool = False, seed: int = 0,
 
 def _approval_refusal(rt: Any, site: str, version: str, actor: str) -> str | None:
     """Why ``emowatch approve`` (without --force) would refuse, or None (the blessing's dry run)."""
-    from tasks.promote import check_promotion
+    from tasks.promote.actions import check_promotion
 
     try:
         check_promotion(rt.site_context(site), version, "approve", actor=actor)

@@ -13,10 +13,10 @@ from flows.runner import default_runner, open_runtime
 from tasks import monitor as t
 from tasks.featurize import featurize_images
 from tasks.impact import should_notify
-from tasks.ingest import ingest_inbox_task
+from tasks.ingest.pipeline import ingest_inbox_task
 from tasks.notify import deliver_alerts
-from tasks.pages import status_page_path
-from tasks.sync_tasks import sync_registry_task
+from tasks.promote.sync_tasks import sync_registry_task
+from tasks.reports.pages import status_page_path
 
 
 @flow(name="monitor_site", task_runner=default_runner(), log_prints=True)

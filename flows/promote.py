@@ -1,6 +1,6 @@
 """The ``promote`` flow: approve, auto-promote, reject or roll back a site's model.
 
-It only wires tasks; the rules and the bookkeeping are in :mod:`tasks.promote`.
+It only wires tasks; the rules and the bookkeeping are in :mod:`tasks.promote.actions`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from prefect import flow
 from emowatch.settings import Settings
 from flows.runner import open_runtime
 from tasks.notify import deliver_alerts
-from tasks.promote import promote_version_task
-from tasks.sync_tasks import sync_registry_task
+from tasks.promote.actions import promote_version_task
+from tasks.promote.sync_tasks import sync_registry_task
 
 
 @flow(name="promote")
@@ -28,7 +28,7 @@ def promote(
     settings: Settings | None = None,
     expected_champion: str | None = None,
 ) -> dict[str, Any]:
-    """Move ``emowatch-<site>@champion`` (see ``tasks.promote.promote_version``); the e-mail
+    """Move ``emowatch-<site>@champion`` (see ``tasks.promote.actions.promote_version``); the e-mail
     is queued with the move and delivered by the last task. Returns the promotion summary
     with ``delivery`` (the outbox run's counts)."""
     ctx = open_runtime(settings).site_context(site)

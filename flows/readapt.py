@@ -24,10 +24,10 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
     portfolio: ``candidates`` lists every one tried, ``verdict`` "no_gain" with ``version``
     None when none is estimated to beat the champion); a method forces it alone.
     ``train_backbone`` overrides the site's ``adapt.train_backbone`` (None: the site's)."""
-    from tasks.descriptions import refresh_descriptions
-    from tasks.gate_record import AUTO_ACTOR, auto_blessing
     from tasks.notify import deliver_alerts
-    from tasks.promote import promote_version_task, request_approval_task
+    from tasks.promote.actions import promote_version_task, request_approval_task
+    from tasks.promote.descriptions import refresh_descriptions
+    from tasks.promote.gate_record import AUTO_ACTOR, auto_blessing
 
     log = get_run_logger()
     ctx = open_runtime(settings).site_context(site)

@@ -1,5 +1,5 @@
 """The ``sync-registry`` flow: apply the decisions approvers made in the MLflow UI (every site
-or one). ``emowatch serve`` runs it on a short interval; it only wires :mod:`tasks.sync`."""
+or one). ``emowatch serve`` runs it on a short interval; it only wires :mod:`tasks.promote.sync`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from prefect import flow
 
 from emowatch.settings import Settings
 from flows.runner import open_runtime
-from tasks.sync import sync_sites
+from tasks.promote.sync import sync_sites
 
 
 @flow(name="sync-registry")

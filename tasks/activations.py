@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from models.engine import frozen_runner
-from tasks.storage import file_sha256
+from tasks.ingest.storage import file_sha256
 
 
 def frozen_key(ckpt: Any) -> str:

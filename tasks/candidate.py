@@ -199,7 +199,7 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
                         validation: dict[str, Any], method: str,
                         candidates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Log everything to MLflow; register a version of emowatch-<site> with alias challenger."""
-    from tasks.registry import CHALLENGER
+    from tasks.registry.client import CHALLENGER
 
     site = ctx.site
 

@@ -23,7 +23,7 @@ from emowatch.sites import Site, get_site, load_sites
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from tasks.registry import Registry
+    from tasks.registry.client import Registry
 
 _INIT_LOCK = threading.Lock()
 _MIGRATED: set[str] = set()  # database URLs this process has brought to head
@@ -74,7 +74,7 @@ class Runtime:
 
     @functools.cached_property
     def registry(self) -> Registry:
-        from tasks.registry import Registry
+        from tasks.registry.client import Registry
 
         return Registry.from_settings(self.settings)
 
@@ -123,7 +123,7 @@ def ensure_site_model(ctx: RunContext) -> ServedModel:
     from db import deployments
     from db.deployments import champion_stack
     from db.session import session_scope
-    from tasks.registry import CHAMPION, SOURCE_MODEL, RegistryError
+    from tasks.registry.client import CHAMPION, SOURCE_MODEL, RegistryError
 
     reg, site = ctx.registry, ctx.site
     with session_scope(ctx.engine) as s:

@@ -103,7 +103,7 @@ def evidently_report(ctx: RunContext, profile: Any, fs: FeatureSet,
     """Evidently report (HTML + JSON) on PCA components, predicted classes and image quality,
     added to the site's project in the local Evidently workspace. Evidently explains; the
     calibrated test decides. Never fails the monitor run: errors are logged and returned."""
-    from tasks import report
+    from tasks.reports import evidently as report
 
     settings, site = ctx.settings, ctx.site
     log = get_run_logger()
@@ -260,7 +260,7 @@ def check_page(ctx: RunContext, check_id: int, result: DriftResult, phrases: lis
     """emowatch's own report of the check (``reports/<site>/check-<id>.html``) and its small
     summary picture for the e-mail; ``reports`` plus ``page`` and ``summary_png``. Never fails
     the check: errors are logged."""
-    from tasks import pages
+    from tasks.reports import pages
 
     out = dict(reports)
     try:
@@ -284,7 +284,7 @@ def check_page(ctx: RunContext, check_id: int, result: DriftResult, phrases: lis
 @task(name="status-page", cache_policy=NO_CACHE)
 def status_page(ctx: RunContext) -> str | None:
     """Rewrite ``reports/index.html``; never fails the check."""
-    from tasks.pages import write_status_page
+    from tasks.reports.pages import write_status_page
 
     try:
         return str(write_status_page(ctx).resolve())

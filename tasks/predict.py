@@ -11,7 +11,7 @@ from tasks.context import Runtime
 def site_checkpoint(rt: Runtime, site: str, version: str | None) -> tuple[Any, str]:
     """(Checkpoint, "name/version"): the site's champion, or a given version of its model;
     a site without a model of its own uses the source champion."""
-    from tasks.registry import SOURCE_MODEL, site_model_name
+    from tasks.registry.client import SOURCE_MODEL, site_model_name
 
     reg = rt.registry
     if version is not None:

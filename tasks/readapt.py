@@ -119,7 +119,7 @@ def auto_adapt_blocker(ctx: RunContext) -> str | None:
     A challenger waiting for approval is not replaced by the next hourly drift: drift keeps
     being detected until a person decides, and re-adapting every hour would only churn
     versions (a person can still run ``emowatch adapt`` by hand)."""
-    from tasks.registry import CHALLENGER
+    from tasks.registry.client import CHALLENGER
 
     site = ctx.site
     if not site.adapt.auto:

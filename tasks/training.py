@@ -147,7 +147,7 @@ def register(rt: Runtime, result: Any, test_metrics: Any, profile: Any, spec: So
     The first version becomes ``champion``; later ones become ``challenger`` unless
     ``promote`` is true (a new source model changes every site that still follows it)."""
     from models.plots import confusion_matrix_figure, training_curves_figure
-    from tasks.registry import CHALLENGER, CHAMPION, SOURCE_MODEL
+    from tasks.registry.client import CHALLENGER, CHAMPION, SOURCE_MODEL
 
     ckpt = result.checkpoint
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from tasks.registry import CHALLENGER, CHAMPION, SOURCE_MODEL
+from tasks.registry.client import CHALLENGER, CHAMPION, SOURCE_MODEL
 
 PASS = {"source_acc": {"passed": True, "value": 0.61, "threshold": 0.57},
         "explanation_rank_corr": {"passed": True, "value": 0.8, "threshold": 0.5}}

@@ -1,8 +1,8 @@
-"""The promotion rule: every branch of tasks.blessing.bless."""
+"""The promotion rule: every branch of tasks.promote.blessing.bless."""
 
 import pytest
 
-from tasks.blessing import bless, mcnemar_worse_p
+from tasks.promote.blessing import bless, mcnemar_worse_p
 
 OK = {"source_acc": {"passed": True, "value": 0.6, "threshold": 0.57}}
 BAD = {"source_acc": {"passed": False, "value": 0.3, "threshold": 0.57},

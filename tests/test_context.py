@@ -16,7 +16,7 @@ from emowatch.settings import Settings
 from emowatch.sites import Site
 from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
 from tasks.context import RunContext, Runtime, ServedModel
-from tasks.registry import CHAMPION, SOURCE_MODEL, RegistryError
+from tasks.registry.client import CHAMPION, SOURCE_MODEL, RegistryError
 
 
 @pytest.fixture()

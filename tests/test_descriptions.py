@@ -1,4 +1,4 @@
-"""tasks.descriptions (the Markdown of MLflow pages) and tasks.sync's decision bookkeeping:
+"""tasks.promote.descriptions (the Markdown of MLflow pages) and tasks.promote.sync's decision bookkeeping:
 pure functions, known answers."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from emowatch.sites import Site
-from tasks.descriptions import gates_markdown, model_markdown, version_markdown
-from tasks.sync import TAG_SYNCED, decision_key, pending_decisions
+from tasks.promote.descriptions import gates_markdown, model_markdown, version_markdown
+from tasks.promote.sync import TAG_SYNCED, decision_key, pending_decisions
 
 SITE = Site(name="night-cam", inbox="/in", policy="manual", approvers=["ann@x.org"])
 

@@ -26,7 +26,7 @@ from db.migrate import init_db
 from db.models import ImageRow, QuarantinedFile
 from db.session import make_engine, session_scope
 from emowatch.sites import Site
-from tasks.ingest import ingest_inbox
+from tasks.ingest.pipeline import ingest_inbox
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_an_unreadable_file_affects_that_file_alone(inbox_env, monkeypatch):
 
 
 def test_a_folder_swapped_for_a_link_after_the_scan_is_not_followed(inbox_env, tmp_path, monkeypatch):
-    from tasks import ingest
+    from tasks.ingest import pipeline as ingest
 
     settings, eng, inbox, site = inbox_env
     (inbox / "sub").mkdir()
@@ -150,7 +150,7 @@ def test_kill_9_mid_ingest_loses_nothing_and_leaves_no_temp_files(settings, tmp_
     init_db(settings.db_url)
     code = ("import sys; from pathlib import Path; from emowatch.settings import Settings; "
             "from emowatch.sites import Site; from db.session import make_engine; "
-            "from tasks.ingest import ingest_inbox; "
+            "from tasks.ingest.pipeline import ingest_inbox; "
             f"s = Settings(home=Path({str(settings.home)!r})); "
             f"site = Site(name='big', inbox=Path({str(inbox)!r})); "
             "ingest_inbox(site, s, make_engine(s.db_url), workers=1, chunk_files=8)")
@@ -209,7 +209,7 @@ def test_a_planted_checkpoint_never_runs_code(runtime, tmp_path, record_property
     import torch
 
     from models.network import UnsafeCheckpointError, load_checkpoint
-    from tasks.registry import RegistryError
+    from tasks.registry.client import RegistryError
 
     sentinel = tmp_path / "pwned"
     planted = tmp_path / "planted.pt"
@@ -229,7 +229,7 @@ def test_a_planted_checkpoint_never_runs_code(runtime, tmp_path, record_property
 
 
 def test_a_tampered_local_copy_is_refused_on_every_load(runtime, tmp_path):
-    from tasks.registry import RegistryError
+    from tasks.registry.client import RegistryError
 
     v = _tiny_version(runtime, tmp_path)
     ckpt, _ = runtime.registry.load_by_version("emowatch-source", v.version)  # caches a copy

@@ -110,7 +110,7 @@ def _mails(smtp, since: int) -> list[email.message.EmailMessage]:
 
 def test_train_registers_the_source_champion(world):
     from tasks.context import Runtime
-    from tasks.registry import CHAMPION, SOURCE_MODEL
+    from tasks.registry.client import CHAMPION, SOURCE_MODEL
 
     t = world["trained"]
     assert (t["model"], t["version"], t["alias"]) == ("emowatch-source", "1", "champion")
@@ -290,7 +290,7 @@ def _known_challenger(rt, site: str, verdict: str, gates: dict) -> str:
     """A challenger with a known gate record: a copy of the site's champion registered the way
     the readapt flow records one (tags, challenger alias, finished adaptation run)."""
     from tasks import readapt
-    from tasks.registry import CHALLENGER
+    from tasks.registry.client import CHALLENGER
 
     ctx = rt.site_context(site).serving()
     model = ctx.site.model_name

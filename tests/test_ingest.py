@@ -23,9 +23,9 @@ from db.session import make_engine, session_scope
 from emowatch.settings import Settings
 from emowatch.sites import Site
 from models.images import load_rgb
-from tasks.inbox import scan_inbox
-from tasks.ingest import ingest_inbox
-from tasks.storage import store_path_for
+from tasks.ingest.inbox import scan_inbox
+from tasks.ingest.pipeline import ingest_inbox
+from tasks.ingest.storage import store_path_for
 
 SUMMARY_KEYS = {"site", "ingested", "duplicates", "ignored", "quarantined", "batch_id", "seconds"}
 
@@ -457,7 +457,7 @@ def test_losing_an_insert_race_counts_as_duplicate(env, monkeypatch):
     settings, eng, inbox, site = env
     _fill(inbox, 5)
     assert ingest_inbox(site, settings, eng, workers=1)["ingested"] == 5
-    import tasks.ingest as ti
+    import tasks.ingest.pipeline as ti
 
     monkeypatch.setattr(ti.rows, "known_shas", lambda *a, **k: set())
     out = ingest_inbox(site, settings, eng, workers=1)

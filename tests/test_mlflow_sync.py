@@ -142,8 +142,8 @@ def _version(url: str, model: str, version: str) -> dict:
 
 # --- the tests -----------------------------------------------------------------------------------
 def test_alias_and_tag_approval_in_mlflow_ends_like_emowatch_approve(env, server):
-    from tasks.promote import promote_version
-    from tasks.sync import sync_site
+    from tasks.promote.actions import promote_version
+    from tasks.promote.sync import sync_site
 
     ui_ctx, cli_ctx = _site(env, "sync-ui"), _site(env, "sync-cli")
     v_ui, v_cli = _challenger(ui_ctx, "pass", PASS), _challenger(cli_ctx, "pass", PASS)
@@ -171,7 +171,7 @@ def test_alias_and_tag_approval_in_mlflow_ends_like_emowatch_approve(env, server
 
 
 def test_a_tag_alone_approves_and_a_reject_tag_rejects(env, server):
-    from tasks.sync import sync_site
+    from tasks.promote.sync import sync_site
 
     ctx = _site(env, "sync-tag")
     name = ctx.site.model_name
@@ -188,7 +188,7 @@ def test_a_tag_alone_approves_and_a_reject_tag_rejects(env, server):
 
 @pytest.mark.parametrize("case", ["no-tag", "not-an-approver", "failed-checks"])
 def test_a_refused_move_is_put_back_recorded_and_emailed(env, server, case):
-    from tasks.sync import sync_site
+    from tasks.promote.sync import sync_site
 
     ctx = _site(env, f"sync-refuse-{case}")
     name = ctx.site.model_name
@@ -241,7 +241,7 @@ def test_sync_command_reports_and_exits_1_on_a_refusal(env, server, monkeypatch)
 
 
 def test_a_challenger_page_says_verdict_reasons_and_gates(env, server):
-    from tasks.descriptions import refresh_descriptions
+    from tasks.promote.descriptions import refresh_descriptions
 
     ctx = _site(env, "sync-desc")
     v = _challenger(ctx, "fail", FAIL)
@@ -260,7 +260,7 @@ def _chromium() -> str | None:
 
 
 def test_the_version_page_in_a_browser_shows_the_description(env, server, tmp_path):
-    from tasks.descriptions import refresh_descriptions
+    from tasks.promote.descriptions import refresh_descriptions
 
     browser = _chromium()
     if browser is None:

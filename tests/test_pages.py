@@ -1,4 +1,4 @@
-"""tasks.pages (the drift report and the status page), the MMD witness and the gallery: known
+"""tasks.reports.pages (the drift report and the status page), the MMD witness and the gallery: known
 answers on synthetic features, then the pages rendered in headless Chromium (DOM, console,
 screenshots under the test's tmp dir or ``EMOWATCH_SCREENSHOT_DIR``)."""
 
@@ -83,7 +83,7 @@ def _world(tmp_path: Path, n: int = 500):
 
 
 def _report(tmp_path: Path) -> tuple[str, list[str]]:
-    from tasks.pages import check_report_html
+    from tasks.reports.pages import check_report_html
 
     profile, fs, paths, result, est = _world(tmp_path)
     site = Site(name="night-cam", inbox=str(tmp_path / "in"), approvers=["ann@x.org"])
@@ -155,7 +155,7 @@ def test_the_status_page_in_a_browser(tmp_path):
     from db.session import session_scope
     from emowatch.settings import Settings
     from tasks.context import Runtime
-    from tasks.pages import check_report_path, write_status_page
+    from tasks.reports.pages import check_report_path, write_status_page
 
     rt = Runtime.open(Settings(home=tmp_path / "home", database_url=None, smtp_host=None,
                                sites_file=tmp_path / "sites.toml"))

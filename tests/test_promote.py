@@ -1,4 +1,4 @@
-"""tasks.promote against a real MLflow registry (SQLite store in a tmp dir) and SQLite database.
+"""tasks.promote.actions against a real MLflow registry (SQLite store in a tmp dir) and SQLite database.
 
 One registry and database for the module (an MLflow store takes seconds to create); every test
 uses its own site, so its own registered model ``emowatch-<site>`` and history rows. Challenger
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from db.deployments import walk_history
-from tasks.registry import CHALLENGER, CHAMPION
+from tasks.registry.client import CHALLENGER, CHAMPION
 from tests.registry_helpers import (
     FAIL,
     PASS,
@@ -76,7 +76,7 @@ def env(tmp_path_factory):
 
 
 def _agree(ctx) -> bool:
-    from tasks.history import consistency
+    from tasks.promote.history import consistency
 
     c = consistency(ctx)
     return c["agree"] and c["registry"] is not None
@@ -96,7 +96,7 @@ def _eml(env, alert_id: int) -> email.message.EmailMessage:
 
 # --- approve ------------------------------------------------------------------------------------------------
 def test_approve_moves_aliases_tags_and_history(env):
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "ap")
     v = _challenger(site, "pass", PASS, audit={"challenger": 0.7, "champion": 0.69})
@@ -134,7 +134,7 @@ def test_approve_moves_aliases_tags_and_history(env):
 
 
 def test_failed_gate_needs_force_and_reason_and_is_recorded_as_forced(env):
-    from tasks.promote import check_promotion, promote_version
+    from tasks.promote.actions import check_promotion, promote_version
 
     site = _site(env, "forced")
     v = _challenger(site, "fail", FAIL)
@@ -160,7 +160,7 @@ def test_failed_gate_needs_force_and_reason_and_is_recorded_as_forced(env):
 
 
 def test_audit_drop_blocks_approval(env):
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "audit")
     v = _challenger(site, "pass", PASS, audit={"challenger": 0.5, "champion": 0.7})
@@ -169,7 +169,7 @@ def test_audit_drop_blocks_approval(env):
 
 
 def test_auto_only_on_auto_sites_and_never_unverifiable(env):
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     manual = _site(env, "man")
     v = _challenger(manual, "pass", PASS)
@@ -200,7 +200,7 @@ def test_auto_only_on_auto_sites_and_never_unverifiable(env):
 
 # --- reject ---------------------------------------------------------------------------------------------------
 def test_reject_removes_challenger_alias(env):
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "rej")
     v = _challenger(site, "fail", FAIL)
@@ -227,7 +227,7 @@ def test_reject_removes_challenger_alias(env):
 
 # --- rollback ---------------------------------------------------------------------------------------------------
 def test_rollback_walks_back_the_history(env):
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "rb")
     with pytest.raises(ValueError, match="nothing to roll back to"):
@@ -265,7 +265,7 @@ def test_rollback_walks_back_the_history(env):
 def test_a_move_outside_emowatch_is_put_back_before_any_promotion(env):
     """The history is the record: an alias moved in the MLflow UI without a recorded decision
     (or left by a crashed promotion) is put back on the recorded champion, with a row."""
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "rb-ext")
     v2 = _challenger(site, "pass", PASS, alias=False)
@@ -279,7 +279,7 @@ def test_a_move_outside_emowatch_is_put_back_before_any_promotion(env):
 
 
 def test_failed_registry_move_leaves_history_and_aliases_as_they_were(env, monkeypatch):
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "atomic")
     v = _challenger(site, "pass", PASS)
@@ -298,7 +298,7 @@ def test_failed_registry_move_leaves_history_and_aliases_as_they_were(env, monke
 # --- gates cannot be bypassed (issue 17, item 3) ------------------------------------------------
 def test_a_version_that_is_not_the_challenger_and_has_no_record_needs_force(env):
     """A ``verdict = pass`` tag alone is not a gate record."""
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "bypass-nc")
     v = _challenger(site, "pass", PASS, alias=False, record=False)
@@ -316,7 +316,7 @@ def test_a_version_that_is_not_the_challenger_and_has_no_record_needs_force(env)
 
 def test_edited_tags_do_not_outvote_the_gate_record(env):
     """The database's record said fail; someone set the MLflow tags to pass."""
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "bypass-tags")
     v = _challenger(site, "fail", FAIL)
@@ -332,7 +332,7 @@ def test_edited_tags_do_not_outvote_the_gate_record(env):
 
 
 def test_a_rejected_version_put_back_as_challenger_needs_force(env):
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "bypass-rej")
     v = _challenger(site, "pass", PASS)
@@ -348,7 +348,7 @@ def test_a_rejected_version_put_back_as_challenger_needs_force(env):
 def test_by_must_name_an_approver_unless_the_setting_allows_any(env):
     import dataclasses
 
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "bypass-by")
     v = _challenger(site, "pass", PASS)
@@ -363,7 +363,7 @@ def test_by_must_name_an_approver_unless_the_setting_allows_any(env):
 
 
 def test_expected_champion_guards_an_approval_against_a_race(env):
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "race-exp")
     v = _challenger(site, "pass", PASS)
@@ -382,7 +382,7 @@ def test_concurrent_approve_and_rollback_keep_history_and_registry_in_step(env):
     history row or is refused cleanly; afterwards the registry's champion is the history's."""
     import threading
 
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "race")
     v = _challenger(site, "pass", PASS)
@@ -425,7 +425,7 @@ from pathlib import Path
 from emowatch.settings import Settings
 from emowatch.sites import Site
 from tasks.context import Runtime
-from tasks import registry
+from tasks.registry import client as registry
 s = Settings(home=Path({str(s.home)!r}), database_url=None, mlflow_tracking_uri=None,
              smtp_host=None, sites_file=Path({str(s.sites_file)!r}))
 site = Site(name="kill9", inbox=Path({str(tmp_path)!r}), approvers=["lead@example.org"])
@@ -436,7 +436,7 @@ def set_alias_then_die(self, name, alias, version):
     if alias == "champion":
         os.kill(os.getpid(), signal.SIGKILL)
 registry.Registry.set_alias = set_alias_then_die
-from tasks.promote import promote_version
+from tasks.promote.actions import promote_version
 promote_version(ctx, {v!r}, "approve", "lead@example.org", deliver=False)
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
@@ -445,7 +445,7 @@ promote_version(ctx, {v!r}, "approve", "lead@example.org", deliver=False)
     assert _aliases(site)[0] == v and not _agree(site)  # moved, nothing recorded
     assert len(_history(site)) == 1
 
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     out = promote_version(site, v, "approve", "lead@example.org", deliver=False)
     assert out["champion"] == v and out["history_agrees"]
@@ -509,7 +509,7 @@ def test_doctor_finds_and_repairs_what_has_a_safe_fix(env, monkeypatch):
 # --- e-mails ---------------------------------------------------------------------------------------------------
 def test_mail_problems_never_fail_a_promotion(env, monkeypatch):
     from tasks import notify
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     site = _site(env, "nomail", approvers=())
     v = _challenger(site, "pass", PASS)
@@ -528,7 +528,7 @@ def test_mail_problems_never_fail_a_promotion(env, monkeypatch):
 def test_request_approval_email(env, tmp_path):
     from db.models import Alert
     from db.session import session_scope
-    from tasks.promote import request_approval
+    from tasks.promote.actions import request_approval
 
     site = _site(env, "ask")
     v = _challenger(site, "fail", FAIL)
@@ -554,7 +554,7 @@ def test_request_approval_email(env, tmp_path):
 # --- what `emowatch site list` / `status` show once a site has models ------------------------------------
 def test_admin_views_show_champion_challenger_and_history(env):
     from deployments.admin import list_sites, site_status
-    from tasks.promote import promote_version
+    from tasks.promote.actions import promote_version
 
     Path(env.settings.sites_file).write_text(
         f'[sites.view]\ninbox = "{(env.settings.home / "inboxes" / "view").as_posix()}"\n'

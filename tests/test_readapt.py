@@ -46,7 +46,7 @@ def test_methods_a_site_may_use(tmp_path):
 
 
 def test_when_a_drift_event_may_start_an_adaptation(runtime, tmp_path, monkeypatch):
-    from tasks.registry import Registry
+    from tasks.registry.client import Registry
 
     assert "adapt.auto is false" in readapt.auto_adapt_blocker(_ctx(runtime, tmp_path,
                                                                     adapt={"auto": False}))

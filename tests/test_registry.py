@@ -1,4 +1,4 @@
-"""tasks.registry against a real MLflow registry (SQLite store + local artifacts in a tmp dir)."""
+"""tasks.registry.client against a real MLflow registry (SQLite store + local artifacts in a tmp dir)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from models.network import Checkpoint, EmotionNet, NetConfig, preprocessing_for
-from tasks.registry import (
+from tasks.registry.client import (
     CHALLENGER,
     CHAMPION,
     SOURCE_MODEL,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.quality import batch_stats, describe_shift, image_stats, shift_sentence
-from tasks.report import (
+from tasks.reports.evidently import (
     PCAProjection,
     add_to_workspace,
     build_drift_report,

@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.network import Checkpoint, load_checkpoint, save_checkpoint
-from tasks import pyfunc, registry_artifacts
-from tasks.registry_records import (
+from tasks import pyfunc
+from tasks.ingest.storage import file_sha256
+from tasks.registry import artifacts as registry_artifacts
+from tasks.registry.records import (
     CHALLENGER,
     CHAMPION,
     DEFAULT_EXPERIMENT,
@@ -52,7 +54,6 @@ from tasks.registry_records import (
     tag_value,
     version_info,
 )
-from tasks.storage import file_sha256
 
 if TYPE_CHECKING:  # mlflow takes ~5 s to import: only the methods that need it import it
     from mlflow import MlflowClient
@@ -417,13 +418,6 @@ class Registry:
         raise RegistryError(
             f"site {site_name!r} has no {own}@{alias} and there is no {SOURCE_MODEL}@{CHAMPION}: "
             "train and register the source model first")
-
-
-def __getattr__(name: str) -> Any:
-    # Versions registered before the loader module pickled ``tasks.registry.EmotionPyfunc``.
-    if name == "EmotionPyfunc":
-        return pyfunc.legacy_pyfunc_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -3,7 +3,7 @@
     write_check_report(ctx, ...) -> $EMOWATCH_HOME/reports/<site>/check-<id>.html
     write_status_page(rt)        -> $EMOWATCH_HOME/reports/index.html
 
-Jinja2 templates in ``tasks/templates`` (autoescaped), inline CSS, figures and thumbnails as
+Jinja2 templates in ``tasks/reports/templates`` (autoescaped), inline CSS, figures and thumbnails as
 data URIs: no CDN, no JavaScript, works offline and as a mail attachment. The report leads with
 emowatch's own decision, impact and accuracy estimate; each test's statistic / p-value /
 threshold; what changed in words and as histograms; the site images the MMD test's witness
@@ -175,7 +175,7 @@ def write_check_report(ctx: RunContext, check_id: int, result: Any, phrases: Seq
                        profile: Any, fs: Any, paths: Sequence[str],
                        estimate: Mapping[str, Any] | None, impact: str | None, notified: bool,
                        reports: Mapping[str, Any], mlflow_run: str | None) -> Path:
-    from tasks.storage import write_atomic
+    from tasks.ingest.storage import write_atomic
 
     out = check_report_path(ctx.settings.reports_dir, ctx.site.name, check_id)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ def _site_rows(rt: Runtime) -> tuple[list[dict[str, Any]], dict[str, int]]:
     from db.status import status_counts
     from emowatch.sites import load_sites
     from models.report_plots import history_figure
-    from tasks.registry import CHALLENGER, site_model_name
+    from tasks.registry.client import CHALLENGER, site_model_name
 
     try:
         sites = load_sites(rt.settings.sites_file)
@@ -270,7 +270,7 @@ def status_page_path(reports_dir: Path) -> Path:
 def write_status_page(rt: Runtime) -> Path:
     """Write ``reports/index.html`` (atomically: monitors of several sites rewrite it at once)
     and return its path."""
-    from tasks.storage import write_atomic
+    from tasks.ingest.storage import write_atomic
 
     rows, outbox_counts = _site_rows(rt)
     html = render("status.html.j2", sites=rows, outbox=outbox_counts,

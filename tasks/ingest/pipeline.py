@@ -5,7 +5,7 @@ Prefect); the Prefect tasks at the bottom only wrap them.
 
 What one run does, and the decisions it makes:
 
-* **Scan** the inbox recursively and **refuse links out of it** (:mod:`tasks.inbox`: what is
+* **Scan** the inbox recursively and **refuse links out of it** (:mod:`tasks.ingest.inbox`: what is
   ignored, how symbolic links are treated).
 * **Read** each file once, hashing it in 1 MiB chunks; the same bytes are decoded and copied,
   so the sha256, the checks and the stored copy always describe the same content.
@@ -18,7 +18,7 @@ What one run does, and the decisions it makes:
   / ``corrupt`` (anything else Pillow cannot fully decode, or convert to RGB, or a PNG chunk
   with a bad CRC; also files the OS refuses to read).
 * **Store** accepted files in the content-addressed store, durably, before the rows that
-  point at them commit (:mod:`tasks.storage`): deleting the inbox file loses nothing.
+  point at them commit (:mod:`tasks.ingest.storage`): deleting the inbox file loses nothing.
 * **Quarantine** rejected files: a copy under ``home/quarantine/<site>/<path>`` with the name
   ``<stem>.<sha[:12]><ext>`` (two different bad files with one name both survive), except
   ``outside-inbox`` links, over-size files and non-regular files (nothing safe to copy), and a
@@ -54,8 +54,8 @@ from emowatch.processes import owner, owner_is_dead
 from emowatch.settings import Settings
 from emowatch.sites import Site
 from models.images import ImageInfo, ImageLimits, Rejected, arm_bomb_guard, inspect_image
-from tasks.inbox import Candidate, Finding, read_file, scan_inbox
-from tasks.storage import (
+from tasks.ingest.inbox import Candidate, Finding, read_file, scan_inbox
+from tasks.ingest.storage import (
     fsync_dir,
     is_stored,
     quarantine_path_for,

@@ -34,7 +34,7 @@ def reconcile(ctx: RunContext, repair: bool = False, reason: str | None = None) 
     and record that as a ``restore`` row. Returns :func:`consistency` plus ``repaired``."""
     from db import deployments
     from db.session import session_scope
-    from tasks.registry import CHAMPION
+    from tasks.registry.client import CHAMPION
 
     state = consistency(ctx)
     state["repaired"] = False
@@ -54,7 +54,7 @@ def reconcile(ctx: RunContext, repair: bool = False, reason: str | None = None) 
 def consistency(ctx: RunContext) -> dict[str, Any]:
     """Does the registry's champion equal the history's? ``{"registry", "history", "agree"}``."""
     from db.session import session_scope
-    from tasks.registry import CHAMPION
+    from tasks.registry.client import CHAMPION
 
     with session_scope(ctx.engine) as s:
         stack = champion_stack(s, ctx.site_id, ctx.site.model_name)

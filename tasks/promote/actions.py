@@ -3,7 +3,7 @@
     promote_version(ctx, version, action, actor, reason, force) -> dict
     request_approval(ctx, version, verdict, gates, attachments)  -> alert id
 
-The rule (may this action happen?) is :func:`tasks.blessing.bless`, fed with the version's gate
+The rule (may this action happen?) is :func:`tasks.promote.blessing.bless`, fed with the version's gate
 record: the ``adaptation_runs`` row of the run that registered it (verdict, gates, audit). The
 champion moves without ``--force --reason`` only to the current challenger whose gate record
 exists and matches its MLflow tags (``emowatch.verdict``, ``emowatch.gates``): a version that is
@@ -15,12 +15,12 @@ in step:
 * the registry: aliases ``champion``/``challenger`` of ``emowatch-<site>`` and version tags
   (``emowatch.promoted_by`` ...), what serving and monitoring read;
 * the database: ``model_deployments``, the append-only champion history with who and why
-  (an undo stack: :mod:`tasks.history`).
+  (an undo stack: :mod:`tasks.promote.history`).
 
 One promotion per site at a time (the ``promote:<site>`` lock). The alias is moved inside the
 database transaction that writes the history row; if anything fails before the commit, the
 aliases are put back, so the history and the registry agree afterwards
-(:func:`tasks.history.consistency`). E-mails go through the outbox *after* the commit: a mail
+(:func:`tasks.promote.history.consistency`). E-mails go through the outbox *after* the commit: a mail
 problem never undoes a promotion. Every result says which version a further rollback would
 restore (``next_rollback``).
 """
@@ -38,10 +38,10 @@ from prefect.cache_policies import NO_CACHE
 
 from db.deployments import champion_stack
 from emowatch.processes import owner as process_owner
-from tasks.blessing import bless
-from tasks.gate_record import check_actor, gate_record, read_validation, record_problems
-from tasks.history import rollback_target
-from tasks.messages import approval_message, promotion_message
+from tasks.promote.blessing import bless
+from tasks.promote.gate_record import check_actor, gate_record, read_validation, record_problems
+from tasks.promote.history import rollback_target
+from tasks.promote.messages import approval_message, promotion_message
 
 if TYPE_CHECKING:
     from tasks.context import RunContext
@@ -61,7 +61,7 @@ _KINDS = {"approve": "promoted", "auto": "promoted", "reject": "rejected", "roll
 
 # --- helpers ------------------------------------------------------------------------------------------
 def _require_version(ctx: RunContext, model_name: str, version: str) -> Any:
-    from tasks.registry import RegistryError
+    from tasks.registry.client import RegistryError
 
     try:
         return ctx.registry.get_version(model_name, version)
@@ -145,7 +145,7 @@ def _current_and_plan(ctx: RunContext, version: str | int | None, action: str, f
                       reason: str) -> tuple[str | None, str | None, dict[str, Any]]:
     """(champion, challenger, plan) now; raises ValueError when the action is refused."""
     from db.session import session_scope
-    from tasks.registry import CHALLENGER, CHAMPION
+    from tasks.registry.client import CHALLENGER, CHAMPION
 
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
@@ -202,7 +202,7 @@ def promote_version(
     """
     from db import deployments, locks
     from db.session import session_scope
-    from tasks.registry import CHALLENGER, CHAMPION
+    from tasks.registry.client import CHALLENGER, CHAMPION
 
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
@@ -220,7 +220,7 @@ def promote_version(
             holder = locks.lock_holder(s, lock)
         raise RuntimeError(f"another promotion of site {site.name} is running ({holder}); retry")
     try:
-        from tasks.history import reconcile
+        from tasks.promote.history import reconcile
 
         reconcile(ctx, repair=True)  # a crashed move left the alias off the history: put it back
         champion, challenger, plan = _current_and_plan(ctx, version, action, force, reason)
@@ -265,7 +265,7 @@ def promote_version(
         "blessing": plan["blessing"],
         "problems": list(plan.get("problems") or []),
     }
-    from tasks.descriptions import refresh_descriptions
+    from tasks.promote.descriptions import refresh_descriptions
 
     refresh_descriptions(ctx, [v for v in (target, champion) if v])
     subject, body = promotion_message(site, result, plan)
@@ -350,7 +350,7 @@ def _plan_rollback(ctx: RunContext, version: str | None, champion: str | None,
 def _apply(ctx: RunContext, action: str, target: str, champion: str | None,
            challenger: str | None, actor: str, reason: str, plan: Mapping[str, Any]) -> None:
     """The registry side of an action (aliases, then tags)."""
-    from tasks.registry import CHALLENGER, CHAMPION
+    from tasks.registry.client import CHALLENGER, CHAMPION
 
     reg, name = ctx.registry, ctx.site.model_name
     now = _now_iso()
@@ -391,7 +391,7 @@ def request_approval(
 ) -> int | None:
     """Queue the "approval needed" e-mail for a challenger; returns the alert id (None when the
     site has no approvers or the outbox failed: logged, never raised)."""
-    from tasks.registry import CHAMPION
+    from tasks.registry.client import CHAMPION
 
     site = ctx.site
     champion = ctx.registry.get_alias_version(site.model_name, CHAMPION)

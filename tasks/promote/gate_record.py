@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from tasks.blessing import bless
+from tasks.promote.blessing import bless
 
 if TYPE_CHECKING:
     from tasks.context import RunContext

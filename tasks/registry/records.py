@@ -1,5 +1,5 @@
 """Plain values of the model registry: names, aliases, version records and small helpers
-(no MLflow import; ``tasks.registry`` is the client that uses them)."""
+(no MLflow import; ``tasks.registry.client`` is the client that uses them)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ An approver may decide on a version in the MLflow UI by setting the tags ``emowa
 layer does not say who moved an alias, so a moved alias counts only together with an approve
 tag naming a listed approver. For each site, :func:`sync_site`:
 
-* a decision tag not seen before: passed to :func:`tasks.promote.promote_version` with the
+* a decision tag not seen before: passed to :func:`tasks.promote.actions.promote_version` with the
   named approver as actor (same rule, history row, tags and e-mails as the CLI); when the rule
   refuses it (not an approver, checks failed, not the challenger, ...) the refusal is recorded
   (a ``refused`` history row, which never moves the champion) and e-mailed to the approvers;
@@ -27,7 +27,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from tasks.descriptions import (
+from tasks.promote.descriptions import (
     DECISIONS,
     TAG_DECISION,
     TAG_DECISION_BY,
@@ -81,7 +81,7 @@ def _record_refusal(ctx: RunContext, version: str, champion: str | None, actor: 
 
 
 def _tell_approvers(ctx: RunContext, version: str, what: str, deliver: bool) -> None:
-    from tasks.promote import send_to_approvers
+    from tasks.promote.actions import send_to_approvers
 
     site = ctx.site
     subject = f"[emowatch] {site.name}: a decision on version {version} in MLflow was refused"
@@ -113,9 +113,9 @@ def sync_site(ctx: RunContext, deliver: bool = True) -> dict[str, Any]:
 
 
 def _sync(ctx: RunContext, deliver: bool) -> dict[str, Any]:
-    from tasks.history import consistency, reconcile
-    from tasks.promote import promote_version
-    from tasks.registry import CHAMPION
+    from tasks.promote.actions import promote_version
+    from tasks.promote.history import consistency, reconcile
+    from tasks.registry.client import CHAMPION
 
     site, reg = ctx.site, ctx.registry
     name = site.model_name

@@ -1,6 +1,6 @@
 """The texts of the promotion e-mails (plain text first: they are read in any mail client).
 
-Pure functions of the records they describe; ``tasks.promote`` queues them in the outbox.
+Pure functions of the records they describe; ``tasks.promote.actions`` queues them in the outbox.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def approval_message(site: Site, version: str, champion: str | None, verdict: st
                      reasons: Sequence[str] = (),
                      candidates: Sequence[Mapping[str, Any]] | None = None) -> tuple[str, str]:
     """(subject, body) of the "approval needed" e-mail for a challenger; ``blessing`` is what
-    ``tasks.blessing.bless`` says of an approval now; ``candidates`` the portfolio's table."""
+    ``tasks.promote.blessing.bless`` says of an approval now; ``candidates`` the portfolio's table."""
     b = blessing
     if b.allowed and b.blessed:
         outcome = "Every gate passed."

@@ -1,4 +1,4 @@
-"""Prefect wrappers of :mod:`tasks.sync` (the module itself stays importable without Prefect's
+"""Prefect wrappers of :mod:`tasks.promote.sync` (the module itself stays importable without Prefect's
 start-up cost for ``emowatch sync``)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.sync import sync_before
+from tasks.promote.sync import sync_before
 
 if TYPE_CHECKING:
     from tasks.context import RunContext

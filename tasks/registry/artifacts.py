@@ -1,5 +1,5 @@
 """Local copies of registered versions' artifacts, checked against the hashes recorded at
-registration (used by :class:`tasks.registry.Registry`; no MLflow client here, only the
+registration (used by :class:`tasks.registry.client.Registry`; no MLflow client here, only the
 artifact download of one URI)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 from tasks import pyfunc
-from tasks.registry_records import RegistryError, VersionInfo, safe_dirname
-from tasks.storage import file_sha256
+from tasks.ingest.storage import file_sha256
+from tasks.registry.records import RegistryError, VersionInfo, safe_dirname
 
 log = logging.getLogger(__name__)
 
