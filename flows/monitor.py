@@ -69,7 +69,7 @@ def monitor_site(site: str, ingest: bool = True, settings: Settings | None = Non
         "event_id": event_id,
         "ingested": ingested,
         "details": plain(result.details),
-        "estimate": plain(estimate),
+        "estimate": plain(estimate.to_json()),
         "impact": impact,
         "alert_on": ctx.site.drift.alert_on,
         "notified": notified,

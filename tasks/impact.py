@@ -1,6 +1,6 @@
 """Does a site's drift matter? The accuracy estimate of a check, its impact, and who hears.
 
-    estimate = estimate_accuracy(profile, features)     # models.estimate.base record (dict)
+    estimate = estimate_accuracy(profile, features)     # models.estimate.base.Estimate
     impact = impact_of(site, estimate)                  # harmful | harmless | unknown
     notify = should_notify(site, decision, impact)       # e-mail + drift event (re-adaptation)
 
@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from emowatch.sites import Site
-from models.estimate.base import impact, unavailable
+from models.estimate.base import Estimate, impact, unavailable
 from tasks.featurize import FeatureSet
 
 NO_ESTIMATOR = ("this model version has no accuracy estimator (trained before emowatch "
@@ -24,8 +24,8 @@ NO_ESTIMATOR = ("this model version has no accuracy estimator (trained before em
                 "to get one")
 
 
-def estimate_accuracy(profile: Any, fs: FeatureSet) -> dict[str, Any]:
-    """The estimate of the window's accuracy (``models.estimate.base.Estimate`` as a dict, plus
+def estimate_accuracy(profile: Any, fs: FeatureSet) -> Estimate:
+    """The estimate of the window's accuracy (``models.estimate.base.Estimate``, timed in
     ``ms``); an ``unavailable`` record with the reason when there is none."""
     from threadpoolctl import threadpool_limits
 
@@ -43,12 +43,11 @@ def estimate_accuracy(profile: Any, fs: FeatureSet) -> dict[str, Any]:
         return unavailable(f"cannot describe the images: {e}", n)
     t0 = time.perf_counter()
     with threadpool_limits(1):  # small matrix products: threads only contend
-        out = est.estimate(batch).to_dict()
-    out["ms"] = round(1000 * (time.perf_counter() - t0), 1)
-    return out
+        out = est.estimate(batch)
+    return out.with_ms(round(1000 * (time.perf_counter() - t0), 1))
 
 
-def impact_of(site: Site, estimate: dict[str, Any]) -> str:
+def impact_of(site: Site, estimate: Estimate) -> str:
     return impact(estimate, site.drift.max_accuracy_drop)
 
 
@@ -63,24 +62,24 @@ def _pct(x: float | None) -> str:
     return "?" if x is None else f"{x:.2f}"
 
 
-def headline(site: Site, estimate: dict[str, Any], impact_: str) -> str:
+def headline(site: Site, estimate: Estimate, impact_: str) -> str:
     """One line: "night-cam: accuracy ~0.31 [0.26, 0.36], was 0.53 - harmful"."""
-    if estimate.get("accuracy") is None:
+    if not estimate.available:
         return f"{site.name}: accuracy not estimated - {impact_}"
-    return (f"{site.name}: accuracy ~{_pct(estimate['accuracy'])} [{_pct(estimate['low'])}, "
-            f"{_pct(estimate['high'])}], was {_pct(estimate['source_accuracy'])} - {impact_}")
+    return (f"{site.name}: accuracy ~{_pct(estimate.accuracy)} [{_pct(estimate.low)}, "
+            f"{_pct(estimate.high)}], was {_pct(estimate.source_accuracy)} - {impact_}")
 
 
-def explanation(site: Site, estimate: dict[str, Any], impact_: str) -> str:
+def explanation(site: Site, estimate: Estimate, impact_: str) -> str:
     """What the impact means, in words, for e-mails and reports."""
     tol = site.drift.max_accuracy_drop
-    if estimate.get("accuracy") is None:
-        return f"No accuracy estimate: {estimate.get('reason') or 'unknown reason'}."
-    drop = (f"estimated drop {100 * estimate['drop']:+.1f} points (90% interval "
-            f"{100 * estimate['drop_low']:+.1f} to {100 * estimate['drop_high']:+.1f})")
-    if not estimate.get("verifiable"):
+    if not estimate.available:
+        return f"No accuracy estimate: {estimate.reason or 'unknown reason'}."
+    drop = (f"estimated drop {100 * estimate.drop:+.1f} points (90% interval "
+            f"{100 * estimate.drop_low:+.1f} to {100 * estimate.drop_high:+.1f})")
+    if not estimate.verifiable:
         return (f"Impact unknown: the images are unlike anything the estimator was fitted on "
-                f"({estimate.get('reason')}); the {drop} cannot be trusted.")
+                f"({estimate.reason}); the {drop} cannot be trusted.")
     if impact_ == "harmful":
         return f"Harmful: {drop}, above the site's tolerance of {100 * tol:.0f} points."
     if impact_ == "harmless":

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from emowatch.jsonable import plain
 from emowatch.sites import Site
 from models.drift.base import CombinedDrift, DriftConfig, DriftResult
+from models.estimate.base import Estimate, as_estimate
 from models.quality import describe_shift
 from tasks.featurize import FeatureSet
 
@@ -98,7 +99,7 @@ def _fmt(x: float | None) -> str:
 @task(name="evidently-report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def evidently_report(ctx: RunContext, profile: Any, fs: FeatureSet,
                      stamp: dt.datetime, decision: str,
-                     estimate: dict[str, Any] | None = None, impact: str | None = None,
+                     estimate: Estimate | None = None, impact: str | None = None,
                      ) -> dict[str, str | None]:
     """Evidently report (HTML + JSON) on PCA components, predicted classes and image quality,
     added to the site's project in the local Evidently workspace. Evidently explains; the
@@ -141,30 +142,31 @@ def evidently_report(ctx: RunContext, profile: Any, fs: FeatureSet,
         return {"html": None, "json": None, "error": str(e)}
 
 
-def _estimate_metadata(estimate: dict[str, Any] | None, impact: str | None) -> dict[str, str]:
-    if not estimate or estimate.get("accuracy") is None:
+def _estimate_metadata(estimate: Estimate | None, impact: str | None) -> dict[str, str]:
+    est = as_estimate(estimate)
+    if not est.available:
         return {"impact": impact or "unknown", "estimated_accuracy": "none"}
     return {"impact": impact or "unknown",
-            **{f"estimated_{k}": f"{estimate[k]:.4f}" for k in ("accuracy", "low", "high",
-                                                               "source_accuracy", "drop")},
-            "estimate_verifiable": str(bool(estimate.get("verifiable"))).lower()}
+            **{f"estimated_{k}": f"{getattr(est, k):.4f}" for k in ("accuracy", "low", "high",
+                                                                   "source_accuracy", "drop")},
+            "estimate_verifiable": str(bool(est.verifiable)).lower()}
 
 
 @task(name="estimate-accuracy", cache_policy=NO_CACHE)
-def estimate_task(ctx: RunContext, profile: Any, fs: FeatureSet) -> tuple[dict[str, Any], str]:
+def estimate_task(ctx: RunContext, profile: Any, fs: FeatureSet) -> tuple[Estimate, str]:
     """(estimate, impact) of the window (``tasks.impact``)."""
     from tasks.impact import estimate_accuracy, headline, impact_of
 
     est = estimate_accuracy(profile, fs)
     imp = impact_of(ctx.site, est)
     get_run_logger().info("%s%s", headline(ctx.site, est, imp),
-                          "" if est.get("accuracy") is not None else f" ({est.get('reason')})")
+                          "" if est.available else f" ({est.reason})")
     return est, imp
 
 
 @task(name="record-drift-check", cache_policy=NO_CACHE)
 def record_check(ctx: RunContext, result: DriftResult, phrases: list[str], image_ids: list[int],
-                 window: Window, reports: dict[str, Any], estimate: dict[str, Any] | None = None,
+                 window: Window, reports: dict[str, Any], estimate: Estimate | None = None,
                  impact: str | None = None) -> int:
     from db import checks
     from db.session import session_scope
@@ -177,17 +179,18 @@ def record_check(ctx: RunContext, result: DriftResult, phrases: list[str], image
             n_cur=result.n_cur, window_start=window.oldest, window_end=window.newest,
             image_ids=image_ids, details={**plain(result.details), "quality_shift": phrases},
             report_html=reports.get("html"), report_json=reports.get("json"),
-            estimate=plain(estimate) if estimate is not None else None, impact=impact,
+            estimate=plain(as_estimate(estimate).to_json()) if estimate is not None else None,
+            impact=impact,
         )
 
 
 def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[str],
-                model_key: str, reports: dict[str, Any], estimate: dict[str, Any] | None = None,
+                model_key: str, reports: dict[str, Any], estimate: Estimate | None = None,
                 impact: str | None = None) -> tuple[str, str]:
     """(subject, body): the impact and the estimate first, then the drift test's evidence."""
     from tasks.impact import explanation, headline
 
-    est = estimate or {"accuracy": None, "reason": "not computed"}
+    est = as_estimate(estimate)
     imp = impact or "unknown"
     sub = result.details.get(result.details.get("triggered_by", ""), {}) if result.details else {}
     drifted = result.decision == "drift"
@@ -225,7 +228,7 @@ def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[st
 
 @task(name="drift-alert", cache_policy=NO_CACHE)
 def alert_on_drift(ctx: RunContext, check_id: int, result: DriftResult, phrases: list[str],
-                   reports: dict[str, Any], estimate: dict[str, Any] | None = None,
+                   reports: dict[str, Any], estimate: Estimate | None = None,
                    impact: str | None = None) -> int | None:
     """Queue the drift e-mail (unless the site's cool-down holds) and link it to the check."""
     from db import checks
@@ -254,7 +257,7 @@ def alert_on_drift(ctx: RunContext, check_id: int, result: DriftResult, phrases:
 
 @task(name="check-report", cache_policy=NO_CACHE)
 def check_page(ctx: RunContext, check_id: int, result: DriftResult, phrases: list[str],
-               profile: Any, fs: FeatureSet, window: Window, estimate: dict[str, Any] | None,
+               profile: Any, fs: FeatureSet, window: Window, estimate: Estimate | None,
                impact: str | None, notified: bool, reports: dict[str, Any],
                mlflow_run: str | None) -> dict[str, Any]:
     """emowatch's own report of the check (``reports/<site>/check-<id>.html``) and its small
@@ -311,7 +314,7 @@ def emit_drift_event(site: Site, check_id: int, result: DriftResult,
 
 @task(name="log-check-to-mlflow", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def log_check_to_mlflow(ctx: RunContext, check_id: int, result: DriftResult,
-                        reports: dict[str, Any], estimate: dict[str, Any] | None = None,
+                        reports: dict[str, Any], estimate: Estimate | None = None,
                         impact: str | None = None) -> str | None:
     """The check as an MLflow run (metrics + report artifacts) in experiment emowatch-monitor,
     linked from the check's row. Tracking is not worth failing a check for: errors are logged."""
@@ -323,16 +326,16 @@ def log_check_to_mlflow(ctx: RunContext, check_id: int, result: DriftResult,
         metrics = {k: float(v) for k, v in (("p_value", result.p_value),
                    ("statistic", result.statistic), ("n_cur", result.n_cur),
                    ("n_ref", result.n_ref)) if v is not None}
-        est = estimate or {}
-        metrics.update({f"estimated_{k}": float(est[k]) for k in (
+        est = as_estimate(estimate)
+        metrics.update({f"estimated_{k}": float(getattr(est, k)) for k in (
             "accuracy", "low", "high", "source_accuracy", "drop", "drop_low", "drop_high")
-            if est.get(k) is not None})
+            if getattr(est, k) is not None})
         run_id = ctx.registry.log_run(
             "emowatch-monitor", f"{site.name}-check-{check_id}",
             tags={"emowatch.site": site.name, "emowatch.model": ctx.model.key,
                   "emowatch.decision": result.decision, "emowatch.check_id": str(check_id),
                   "emowatch.impact": impact or "unknown",
-                  "emowatch.estimate_verifiable": str(bool(est.get("verifiable"))).lower()},
+                  "emowatch.estimate_verifiable": str(bool(est.verifiable)).lower()},
             metrics=metrics,
             artifacts=[(reports[k], "evidently") for k in ("html", "json") if reports.get(k)])
     except Exception as e:  # noqa: BLE001
@@ -345,14 +348,14 @@ def log_check_to_mlflow(ctx: RunContext, check_id: int, result: DriftResult,
 
 @task(name="prefect-artifact", cache_policy=NO_CACHE)
 def publish_artifact(site: Site, check_id: int, result: DriftResult, phrases: list[str],
-                     reports: dict[str, Any], estimate: dict[str, Any] | None = None,
+                     reports: dict[str, Any], estimate: Estimate | None = None,
                      impact: str | None = None) -> None:
     """A markdown artifact people read in the Prefect UI (with a link to the report)."""
     from prefect.artifacts import create_markdown_artifact
 
     from tasks.impact import explanation, headline
 
-    est = estimate or {"accuracy": None, "reason": "not computed"}
+    est = as_estimate(estimate)
     md = [
         f"## Drift check #{check_id} — site `{site.name}`",
         "",

@@ -245,7 +245,7 @@ def test_an_old_profile_loads_and_has_no_estimate(tmp_path):
     assert prof.estimator is None and prof.accuracy_estimator() is None
     fs = FeatureSet(["x", "y"], np.zeros((2, 8), np.float32), np.full((2, 3), 1 / 3, np.float32), {})
     e = estimate_accuracy(prof, fs)
-    assert e["accuracy"] is None and not e["verifiable"] and e["reason"] == NO_ESTIMATOR
+    assert e.accuracy is None and not e.verifiable and e.reason == NO_ESTIMATOR
     assert impact(e, 0.03) == "unknown"
 
 

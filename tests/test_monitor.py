@@ -67,6 +67,7 @@ def test_window_check_record_and_email(runtime, tmp_path):
     from db import inbox
     from db.models import DriftCheck
     from db.session import session_scope
+    from models.estimate.base import Estimate
     from tasks.context import ServedModel
 
     ctx = runtime.site_context("s", sites={"s": Site(name="s", inbox=tmp_path)})
@@ -85,9 +86,9 @@ def test_window_check_record_and_email(runtime, tmp_path):
     rng = np.random.default_rng(2)
     result, phrases = monitor.check_drift(_site(), _profile(rng), _batch(rng, 80, shift=1.5))
     ctx = ctx.__class__(ctx.settings, ctx.site, ctx.site_id, ServedModel("emowatch-s", "3", "champion"))
-    est = {"accuracy": 0.31, "low": 0.26, "high": 0.36, "source_accuracy": 0.53, "drop": 0.22,
-           "drop_low": 0.17, "drop_high": 0.27, "method": "meta-gbm", "verifiable": True,
-           "reason": "", "n": 80}
+    est = Estimate(accuracy=0.31, low=0.26, high=0.36, source_accuracy=0.53, drop=0.22,
+                   drop_low=0.17, drop_high=0.27, method="meta-gbm", verifiable=True,
+                   reason="", n=80)
     check_id = monitor.record_check.fn(ctx, result, phrases, w.ids, w, {"html": "/r.html"},
                                        est, "harmful")
     with session_scope(ctx.engine) as s:

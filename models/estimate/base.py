@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -51,39 +51,72 @@ IMPACTS = ("harmful", "harmless", "unknown")
 
 @dataclass(frozen=True)
 class Estimate:
-    """The fixed record of one estimate (accuracies and drops as fractions)."""
+    """The fixed record of one estimate (accuracies and drops as fractions). A check with no
+    estimate (:func:`unavailable`) has ``None`` numbers, ``verifiable`` False and the reason.
+    ``ms``: how long the estimate took, when the check timed it."""
 
-    accuracy: float
-    low: float
-    high: float
-    source_accuracy: float
-    drop: float
-    drop_low: float
-    drop_high: float
-    method: str
+    accuracy: float | None
+    low: float | None
+    high: float | None
+    source_accuracy: float | None
+    drop: float | None
+    drop_low: float | None
+    drop_high: float | None
+    method: str | None
     verifiable: bool
     reason: str
     n: int
+    ms: float | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.accuracy is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON form (checks, the CLI, the database): ``ms`` only when timed."""
+        out = asdict(self)
+        if self.ms is None:
+            del out["ms"]
+        return out
+
+    to_json = to_dict
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Estimate:
+        """The record of a stored JSON form (unknown keys ignored, missing ones None)."""
+        return cls(**{f: d.get(f) for f in cls.__dataclass_fields__
+                      if f not in ("verifiable", "reason", "n")},
+                   verifiable=bool(d.get("verifiable")), reason=str(d.get("reason") or ""),
+                   n=int(d.get("n") or 0))
+
+    def with_ms(self, ms: float) -> Estimate:
+        return replace(self, ms=ms)
 
 
-def unavailable(reason: str, n: int = 0) -> dict[str, Any]:
+def unavailable(reason: str, n: int = 0) -> Estimate:
     """The ``estimate`` of a check that has none (old profile, no estimator fitted)."""
-    return {"accuracy": None, "low": None, "high": None, "source_accuracy": None, "drop": None,
-            "drop_low": None, "drop_high": None, "method": None, "verifiable": False,
-            "reason": reason, "n": n}
+    return Estimate(accuracy=None, low=None, high=None, source_accuracy=None, drop=None,
+                    drop_low=None, drop_high=None, method=None, verifiable=False,
+                    reason=reason, n=n)
 
 
-def impact(estimate: Mapping[str, Any], max_drop: float) -> str:
+def as_estimate(x: Estimate | Mapping[str, Any] | None, missing: str = "not computed"
+                ) -> Estimate:
+    """``x`` as the record: a stored JSON form is read back, None is :func:`unavailable`."""
+    if isinstance(x, Estimate):
+        return x
+    return unavailable(missing) if not x else Estimate.from_json(x)
+
+
+def impact(estimate: Estimate | Mapping[str, Any], max_drop: float) -> str:
     """harmful: the drop's lower bound is above ``max_drop``; harmless: its upper bound is
-    within it; unknown: neither, not verifiable, or no estimate."""
-    if not estimate.get("verifiable") or estimate.get("drop_low") is None:
+    within it; unknown: neither, not verifiable, or no estimate. (A stored JSON form works too.)"""
+    e = as_estimate(estimate)
+    if not e.verifiable or e.drop_low is None:
         return "unknown"
-    if estimate["drop_low"] > max_drop:
+    if e.drop_low > max_drop:
         return "harmful"
-    if estimate["drop_high"] <= max_drop:
+    if e.drop_high is not None and e.drop_high <= max_drop:
         return "harmless"
     return "unknown"
 
@@ -311,5 +344,5 @@ class ATCNegEntropy(Estimator):
         return -X[:, self.names.index("o_atc_ne")]
 
 
-__all__ = ["IMPACTS", "INTERVALS", "ATCMaxConf", "ATCNegEntropy", "AvgConf", "DoC", "Estimate",
+__all__ = ["as_estimate", "IMPACTS", "INTERVALS", "ATCMaxConf", "ATCNegEntropy", "AvgConf", "DoC", "Estimate",
            "Estimator", "NoChange", "estimator_from_state", "impact", "robust_scale", "unavailable"]

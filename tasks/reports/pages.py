@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from models.estimate.base import Estimate
     from tasks.context import RunContext, Runtime
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,16 @@ def examples(ref_z: np.ndarray, cur_z: np.ndarray, probs: np.ndarray, classes: S
 
 
 def check_report_html(*, site: Any, check_id: int, model: str, result: Any, phrases: Sequence[str],
-                      estimate: Mapping[str, Any] | None, impact: str | None, notified: bool,
+                      estimate: Estimate | Mapping[str, Any] | None, impact: str | None,
+                      notified: bool,
                       profile: Any, fs: Any, paths: Sequence[str], evidently: str | None,
                       mlflow_run: str | None, created: str | None = None) -> str:
+    from models.estimate.base import as_estimate
     from models.report_plots import class_shares_figure, quality_histograms_figure
     from tasks.impact import explanation, headline
 
-    est = dict(estimate or {"accuracy": None, "reason": "not computed"})
+    record = as_estimate(estimate)
+    est = record.to_json()
     imp = impact or "unknown"
     quality_png = shares_png = None
     atypical: list[dict] = []
@@ -157,8 +161,8 @@ def check_report_html(*, site: Any, check_id: int, model: str, result: Any, phra
     return render(
         "check_report.html.j2", site=site.name, check_id=check_id, model=model,
         created=created or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        decision=result.decision, impact=imp, headline=headline(site, est, imp),
-        explanation=explanation(site, est, imp), p_value=num(result.p_value),
+        decision=result.decision, impact=imp, headline=headline(site, record, imp),
+        explanation=explanation(site, record, imp), p_value=num(result.p_value),
         alpha=result.threshold, n_cur=result.n_cur, n_ref=result.n_ref,
         alert_on=site.drift.alert_on, notified=notified, estimate=est,
         tests=test_rows(result.details), phrases=list(phrases), quality_png=quality_png,
@@ -173,7 +177,7 @@ def check_report_path(reports_dir: Path, site: str, check_id: int) -> Path:
 
 def write_check_report(ctx: RunContext, check_id: int, result: Any, phrases: Sequence[str],
                        profile: Any, fs: Any, paths: Sequence[str],
-                       estimate: Mapping[str, Any] | None, impact: str | None, notified: bool,
+                       estimate: Estimate | None, impact: str | None, notified: bool,
                        reports: Mapping[str, Any], mlflow_run: str | None) -> Path:
     from tasks.ingest.storage import write_atomic
 
