@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from emowatch.jsonable import plain
 from emowatch.sites import Site
 from tasks.readapt import GALLERY_IMAGES, PROBE_IMAGES, AdaptInputs, decode_images
+from tasks.records import Validation
 
 if TYPE_CHECKING:
     from tasks.context import RunContext
@@ -55,7 +56,7 @@ def validation_config(site: Site) -> Any:
 
 
 @task(name="validate-candidate", cache_policy=NO_CACHE)
-def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
+def validate(inputs: AdaptInputs, result: Any, site: Site) -> Validation:
     """The gates of ``models.validate.candidate`` (source accuracy, DEV, residual drift, prediction
     sanity, explanation stability on probe images), and the audit set when the site has one.
 
@@ -84,14 +85,14 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> dict[str, Any]:
     log.info("gates (with the explanation gate on %d probe images): %.1f s", len(probe),
              time.perf_counter() - t0)
     audit = audit_accuracy(inputs, result, site) if site.audit is not None else None
-    return {"verdict": rep.verdict, "reasons": rep.reasons,
-            "gates": {k: plain(v) for k, v in rep.gates.items()},
-            "dev": plain(rep.dev.to_dict()), "champion_dev": plain(rep.champion_dev.to_dict()),
-            "source_acc": rep.source_acc, "champion_source_acc": rep.champion_source_acc,
-            "mmd2_before": rep.mmd2_before, "mmd2_after": rep.mmd2_after, "audit": audit,
-            "probe": probe, "probe_maps": {k: a.maps for k, a in rep.attributions.items()},
-            "candidate_activations": own,
-            "source_normalisation": result.source_normalisation}
+    return Validation(
+        verdict=rep.verdict, reasons=list(rep.reasons),
+        gates={k: plain(v) for k, v in rep.gates.items()},
+        dev=plain(rep.dev.to_dict()), champion_dev=plain(rep.champion_dev.to_dict()),
+        source_acc=rep.source_acc, champion_source_acc=rep.champion_source_acc,
+        mmd2_before=rep.mmd2_before, mmd2_after=rep.mmd2_after, audit=audit,
+        source_normalisation=result.source_normalisation, probe=probe,
+        probe_maps={k: a.maps for k, a in rep.attributions.items()}, candidate_activations=own)
 
 
 def source_model(inputs: AdaptInputs, result: Any) -> Any:
@@ -196,7 +197,7 @@ def candidate_profile(inputs: AdaptInputs, cand: Any) -> Any:
 
 @task(name="register-challenger", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
 def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
-                        validation: dict[str, Any], method: str,
+                        validation: Validation, method: str,
                         candidates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Log everything to MLflow; register a version of emowatch-<site> with alias challenger."""
     from tasks.registry.client import CHALLENGER
@@ -209,7 +210,7 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         prof_path = t / "reference_profile.npz"
-        own = validation.get("candidate_activations")
+        own = validation.candidate_activations
         candidate_profile(inputs, cand).to_npz(prof_path)
         artifacts: dict[str, Path] = {}
         try:
@@ -230,10 +231,10 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
                 fig = adaptation_curves_figure(result.history)
                 fig.savefig(t / "adaptation_curves.png", dpi=100, bbox_inches="tight")
                 artifacts["plots/adaptation_curves.png"] = t / "adaptation_curves.png"
-            full = validation["probe"]  # first half training domain, second half site
+            full = validation.probe  # first half training domain, second half site
             half = len(full) // 2
             pick = list(range(min(GALLERY_IMAGES // 2, half))) + list(range(half, min(half + GALLERY_IMAGES // 2, len(full))))
-            maps = validation["probe_maps"]  # the explanation gate's own maps
+            maps = validation.probe_maps  # the explanation gate's own maps
             champ_maps, chall_maps = maps["champion"][pick], maps["challenger"][pick]
             titles = [f"{'training domain' if i < half else site.name} probe {n + 1}"
                       for n, i in enumerate(pick)]
@@ -248,18 +249,18 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
             artifacts["plots/explanations.png"] = t / "explanations.png"
         except Exception as e:  # noqa: BLE001 - a plot is not worth losing the candidate
             get_run_logger().warning("could not draw adaptation plots: %s", e)
-        gates = validation["gates"]
+        gates = validation.gates
         metrics = {f"gate.{k}": v["value"] for k, v in gates.items() if v.get("value") is not None}
-        metrics.update({"source_acc": validation["source_acc"],
-                        "champion_source_acc": validation["champion_source_acc"],
-                        "mmd2_before": validation["mmd2_before"], "mmd2_after": validation["mmd2_after"],
-                        "dev_risk": validation["dev"].get("risk"), "dev_ess": validation["dev"].get("ess"),
+        metrics.update({"source_acc": validation.source_acc,
+                        "champion_source_acc": validation.champion_source_acc,
+                        "mmd2_before": validation.mmd2_before, "mmd2_after": validation.mmd2_after,
+                        "dev_risk": validation.dev.get("risk"), "dev_ess": validation.dev.get("ess"),
                         "adapt_seconds": result.seconds})
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
         tags = {
             "emowatch.kind": "challenger",
             "emowatch.site": site.name,
-            "emowatch.verdict": validation["verdict"],
+            "emowatch.verdict": validation.verdict,
             "emowatch.gates": json.dumps(gates),
             "emowatch.method": method,
             "emowatch.base_model": inputs.base_key,
@@ -270,10 +271,11 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
             if chosen and chosen.get("estimate"):
                 metrics["estimated_gain"] = float(chosen["estimate"]["gain"])
                 metrics["estimated_gain_lower"] = float(chosen["estimate"]["lower"])
-        if validation.get("audit") and validation["audit"].get("champion") is not None:
+        audit = validation.audit
+        if audit and audit.get("champion") is not None:
             tags["emowatch.audit"] = json.dumps(
-                {k: validation["audit"][k] for k in ("champion", "challenger", "n", "champion_only",
-                                                     "challenger_only") if k in validation["audit"]})
+                {k: audit[k] for k in ("champion", "challenger", "n", "champion_only",
+                                       "challenger_only") if k in audit})
         reg = ctx.registry.log_and_register(
             cand, model_name=site.model_name, reference_profile_path=prof_path, metrics=metrics,
             params={"adapt": result.config, "method": method, "n_site_images": len(inputs.site_h)},

@@ -266,10 +266,10 @@ def test_auto_site_asks_a_person_when_the_audit_says_worse(world, smtp, monkeypa
 
     def worse_on_audit(inputs, result, site):
         v = real(inputs, result, site)
-        v["verdict"] = "pass"
-        v["gates"] = {k: {**g, "passed": True} for k, g in v["gates"].items()}
-        v["audit"] = {"n": 40, "challenger": 0.40, "champion": 0.70, "champion_only": 13,
-                      "challenger_only": 1}
+        v.verdict = "pass"
+        v.gates = {k: {**g, "passed": True} for k, g in v.gates.items()}
+        v.audit = {"n": 40, "challenger": 0.40, "champion": 0.70, "champion_only": 13,
+                   "challenger_only": 1}
         return v
 
     monkeypatch.setattr(candidate, "validate", worse_on_audit)

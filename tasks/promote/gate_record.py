@@ -16,6 +16,7 @@ from tasks.promote.blessing import bless
 
 if TYPE_CHECKING:
     from tasks.context import RunContext
+    from tasks.records import Validation
 
 AUTO_ACTOR = "emowatch-auto"  # who an automatic promotion is recorded as
 TAG_VERDICT = "emowatch.verdict"
@@ -99,12 +100,12 @@ def record_problems(version: str, challenger: str | None, info: Any, val: Mappin
     return out
 
 
-def auto_blessing(ctx: RunContext, validation: Mapping[str, Any]) -> Any:
+def auto_blessing(ctx: RunContext, validation: Validation) -> Any:
     """What :func:`promote_version` would decide of an ``auto`` promotion of a candidate with
     this validation: the readapt flow branches on it (same rule, same inputs as the record it
     just wrote), so an auto site never starts a promotion the blessing then refuses."""
-    return bless(action="auto", policy=ctx.site.policy, verdict=validation["verdict"],
-                 gates=dict(validation.get("gates") or {}), audit=validation.get("audit"))
+    return bless(action="auto", policy=ctx.site.policy, verdict=validation.verdict,
+                 gates=dict(validation.gates or {}), audit=validation.audit)
 
 
 __all__ = ["AUTO_ACTOR", "TAG_AUDIT", "TAG_GATES", "TAG_VERDICT", "auto_blessing", "check_actor",
