@@ -17,6 +17,7 @@ from models.drift.base import CombinedDrift, DriftConfig, DriftResult
 from models.estimate.base import Estimate, as_estimate
 from models.quality import describe_shift
 from tasks.featurize import FeatureSet
+from tasks.messages import drift_email
 
 if TYPE_CHECKING:
     from tasks.context import RunContext
@@ -184,46 +185,6 @@ def record_check(ctx: RunContext, result: DriftResult, phrases: list[str], image
         )
 
 
-def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[str],
-                model_key: str, reports: dict[str, Any], estimate: Estimate | None = None,
-                impact: str | None = None) -> tuple[str, str]:
-    """(subject, body): the impact and the estimate first, then the drift test's evidence."""
-    from tasks.impact import explanation, headline
-
-    est = as_estimate(estimate)
-    imp = impact or "unknown"
-    sub = result.details.get(result.details.get("triggered_by", ""), {}) if result.details else {}
-    drifted = result.decision == "drift"
-    lines = [
-        headline(site, est, imp),
-        explanation(site, est, imp),
-        "",
-        f"Drift test:    {result.decision} (combined p-value {_fmt(result.p_value)} "
-        f"{'<=' if drifted else '>'} alpha {result.threshold})",
-        f"Test:          {result.method}; triggered by {result.details.get('triggered_by', '-')}"
-        f" (statistic {_fmt(sub.get('statistic'))}, p {_fmt(sub.get('p_value'))})",
-        f"Sample sizes:  {result.n_cur} recent site images vs {result.n_ref} reference images",
-        f"Model:         {model_key}",
-        f"Drift check:   #{check_id}",
-        "",
-        "What changed in the images: " + ("; ".join(phrases) if phrases else "no clear change in image quality statistics"),
-    ]
-    bbsd = result.details.get("bbsd", {}).get("details", {}) if result.details else {}
-    shares = bbsd.get("predicted_share_cur") or bbsd.get("cur_shares")
-    if shares:
-        lines.append("Predicted classes now: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
-    lines += [
-        "",
-        f"Report (open in a browser): {reports.get('page') or 'not written'}",
-        f"Status of every site:       {reports.get('status') or 'not written'}",
-        f"Evidently report (detail):  {reports.get('html') or 'not available (' + str(reports.get('error')) + ')'}",
-        "",
-        "What happens next: if the site's adapt.auto is true, emowatch re-adapts the model to the",
-        "site without labels and asks for approval of the candidate. By hand:",
-        f"  emowatch adapt {site.name} --json",
-    ]
-    subject = f"[emowatch] {headline(site, est, imp)} (drift p={_fmt(result.p_value)}, n={result.n_cur})"
-    return subject, "\n".join(lines)
 
 
 @task(name="drift-alert", cache_policy=NO_CACHE)

@@ -38,10 +38,10 @@ from prefect.cache_policies import NO_CACHE
 
 from db.deployments import champion_stack
 from emowatch.processes import owner as process_owner
+from tasks.messages import approval_message, promotion_message
 from tasks.promote.blessing import bless
 from tasks.promote.gate_record import check_actor, gate_record, read_validation, record_problems
 from tasks.promote.history import rollback_target
-from tasks.promote.messages import approval_message, promotion_message
 
 if TYPE_CHECKING:
     from tasks.context import RunContext

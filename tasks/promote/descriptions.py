@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emowatch.sites import Site
-from tasks.promote.messages import fmt
+from tasks.messages import fmt
 
 if TYPE_CHECKING:
     from tasks.context import RunContext

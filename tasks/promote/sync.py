@@ -81,16 +81,11 @@ def _record_refusal(ctx: RunContext, version: str, champion: str | None, actor: 
 
 
 def _tell_approvers(ctx: RunContext, version: str, what: str, deliver: bool) -> None:
+    from tasks.messages import refused_message
     from tasks.promote.actions import send_to_approvers
 
-    site = ctx.site
-    subject = f"[emowatch] {site.name}: a decision on version {version} in MLflow was refused"
-    body = (f"Site {site.name}: {what}\n\n"
-            f"The served model is still the recorded champion. To approve, a listed approver "
-            f"({', '.join(site.approvers) or 'none listed'}) runs\n"
-            f"  emowatch approve {site.name} {version} --by NAME [--reason TEXT]\n"
-            f"or sets the tags {TAG_DECISION}=approve, {TAG_DECISION_BY}=NAME and "
-            f"{TAG_DECISION_REASON} on the version in MLflow.\n")
+    subject, body = refused_message(ctx.site, version, what,
+                                    (TAG_DECISION, TAG_DECISION_BY, TAG_DECISION_REASON))
     send_to_approvers(ctx, "refused", subject, body, deliver=deliver)
 
 

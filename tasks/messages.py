@@ -1,14 +1,21 @@
-"""The texts of the promotion e-mails (plain text first: they are read in any mail client).
+"""The texts of every e-mail emowatch sends (plain text first: read in any mail client).
 
-Pure functions of the records they describe; ``tasks.promote.actions`` queues them in the outbox.
+Pure functions of the records they describe: the drift alert (``tasks.monitor`` queues it), the
+approval request and the promotion notices (``tasks.promote.actions``), and a decision made in
+MLflow that was refused (``tasks.promote.sync``). Each returns ``(subject, body)`` or the body.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emowatch.sites import Site
+from models.estimate.base import Estimate, as_estimate
+from tasks.impact import explanation, headline
+
+if TYPE_CHECKING:
+    from models.drift.base import DriftResult
 
 
 def fmt(v: Any) -> str:
@@ -19,6 +26,65 @@ def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
+
+
+def pfmt(x: float | None) -> str:
+    """A p-value or statistic: 4 significant digits, "n/a" when missing."""
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[str],
+                model_key: str, reports: Mapping[str, Any], estimate: Estimate | None = None,
+                impact: str | None = None) -> tuple[str, str]:
+    """(subject, body): the impact and the estimate first, then the drift test's evidence."""
+    est = as_estimate(estimate)
+    imp = impact or "unknown"
+    sub = result.details.get(result.details.get("triggered_by", ""), {}) if result.details else {}
+    drifted = result.decision == "drift"
+    lines = [
+        headline(site, est, imp),
+        explanation(site, est, imp),
+        "",
+        f"Drift test:    {result.decision} (combined p-value {pfmt(result.p_value)} "
+        f"{'<=' if drifted else '>'} alpha {result.threshold})",
+        f"Test:          {result.method}; triggered by {result.details.get('triggered_by', '-')}"
+        f" (statistic {pfmt(sub.get('statistic'))}, p {pfmt(sub.get('p_value'))})",
+        f"Sample sizes:  {result.n_cur} recent site images vs {result.n_ref} reference images",
+        f"Model:         {model_key}",
+        f"Drift check:   #{check_id}",
+        "",
+        "What changed in the images: " + ("; ".join(phrases) if phrases else "no clear change in image quality statistics"),
+    ]
+    bbsd = result.details.get("bbsd", {}).get("details", {}) if result.details else {}
+    shares = bbsd.get("predicted_share_cur") or bbsd.get("cur_shares")
+    if shares:
+        lines.append("Predicted classes now: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+    lines += [
+        "",
+        f"Report (open in a browser): {reports.get('page') or 'not written'}",
+        f"Status of every site:       {reports.get('status') or 'not written'}",
+        f"Evidently report (detail):  {reports.get('html') or 'not available (' + str(reports.get('error')) + ')'}",
+        "",
+        "What happens next: if the site's adapt.auto is true, emowatch re-adapts the model to the",
+        "site without labels and asks for approval of the candidate. By hand:",
+        f"  emowatch adapt {site.name} --json",
+    ]
+    subject = f"[emowatch] {headline(site, est, imp)} (drift p={pfmt(result.p_value)}, n={result.n_cur})"
+    return subject, "\n".join(lines)
+
+
+def refused_message(site: Site, version: str, what: str, tags: Sequence[str]) -> tuple[str, str]:
+    """A decision on ``version`` made in MLflow was refused; ``tags``: the decision, by and
+    reason tag names (``tasks.promote.sync``)."""
+    decision, by, reason = tags
+    subject = f"[emowatch] {site.name}: a decision on version {version} in MLflow was refused"
+    body = (f"Site {site.name}: {what}\n\n"
+            f"The served model is still the recorded champion. To approve, a listed approver "
+            f"({', '.join(site.approvers) or 'none listed'}) runs\n"
+            f"  emowatch approve {site.name} {version} --by NAME [--reason TEXT]\n"
+            f"or sets the tags {decision}=approve, {by}=NAME and "
+            f"{reason} on the version in MLflow.\n")
+    return subject, body
 
 
 def gates_table(gates: Mapping[str, Mapping[str, Any]] | None) -> str:
@@ -133,4 +199,5 @@ def approval_message(site: Site, version: str, champion: str | None, verdict: st
     return subject, body
 
 
-__all__ = ["approval_message", "audit_line", "candidates_table", "fmt", "gates_table", "promotion_message"]
+__all__ = ["approval_message", "audit_line", "candidates_table", "drift_email", "fmt", "gates_table",
+           "pfmt", "promotion_message", "refused_message"]
