@@ -26,13 +26,16 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-## Benchmarks (minutes to an hour; need EMOWATCH_DATA_DIR): each prints a table.
+## The benchmarks that chose today's defaults (hours in all; need EMOWATCH_DATA_DIR): each
+## prints a table (docs/benchmarks.md). Exploratory ones are in bench/explore/, run by hand.
 bench: install
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.drift
-	$(BIN)/python -m bench.adapt
+	$(BIN)/python -m bench.estimate --seeds 0
+	$(BIN)/python -m bench.portfolio --seeds 0 1 2
 	$(BIN)/python -m bench.explain
+	$(BIN)/python -m bench.throughput
 
 ## Re-resolve the lock file from pyproject.toml (needs the package index).
 lock:

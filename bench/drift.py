@@ -16,7 +16,7 @@ Setup (printed at the top of the output):
   MMD on raw features with the median-heuristic bandwidth and with a 3-bandwidth mixture;
   Evidently's DataDriftPreset dataset decision on the compact view (10 PCA components,
   predicted class, confidence, quality statistics; Evidently's own per-column tests, see
-  tasks.reports.evidently.evidently_decision(fast=True)); Evidently's default embeddings-drift method on
+  bench.evidently_baseline.evidently_decision(fast=True)); Evidently's default embeddings-drift method on
   the raw features.
 
 Features are cached under .emowatch/cache/bench/drift/ (delete it to recompute). The first run
@@ -102,7 +102,7 @@ class Panel:
         self.ref_frame = self._frame(ref)
 
     def decide(self, cur: Feats, skip: Sequence[str] = ()) -> dict[str, bool]:
-        from tasks.reports.evidently import evidently_decision, evidently_embeddings_decision
+        from bench.evidently_baseline import evidently_decision, evidently_embeddings_decision
 
         r = self.combined.predict((cur.z, cur.probs, cur.q))
         p = {k: r.details[k]["p_value"] for k in ("mmd", "bbsd", "quality")}
@@ -219,11 +219,10 @@ def accuracy(f: Feats) -> float:
 
 
 def timing_section(store: FeatureStore, pool: Feats, classes: list[str], quick: bool) -> str:
+    from bench.evidently_baseline import evidently_decision, evidently_embeddings_decision
     from tasks.reports.evidently import (
         PCAProjection,
         build_drift_report,
-        evidently_decision,
-        evidently_embeddings_decision,
         monitoring_frame,
         save_report,
     )

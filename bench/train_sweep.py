@@ -30,13 +30,9 @@ import numpy as np
 import torch
 
 from bench.common import E6_CLASSES, REPO, views_activations  # the same cache as bench.adapt
+from bench.emotion6 import label_distributions, read_emotion6_ground_truth
 from bench.train import fit_probe
-from models.data import (
-    label_distributions,
-    read_emotion6_ground_truth,
-    read_image_folder,
-    three_way_split,
-)
+from models.data import read_image_folder, three_way_split
 from models.network import EmotionNet, NetConfig
 from models.train import TrainConfig, cached_logits, eval_cached, fit_cached
 
@@ -94,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="do not run the shipped recipe (e.g. when its rows are already known)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backbone", default="efficientnet-lite0",
-                    choices=["efficientnet-lite0", "efficientnet-lite2"])
+                    choices=["efficientnet-lite0"])
     ap.add_argument("--single-level", action="store_true",
                     help="NetConfig.multilevel = False (the recipe before 2026-11-27 session 6)")
     ap.add_argument("--img-size", type=int, default=224,

@@ -209,12 +209,3 @@ def describe_shift(
     """Human phrases for the largest quality shifts, e.g. ["darker (brightness −38%)", ...]."""
     shifts = quality_shifts(ref_stats, cur_stats, min_effect, min_change)
     return [s.phrase for s in shifts[:max_items]]
-
-
-def shift_sentence(phrases: Sequence[str]) -> str:
-    """["darker (..)", "blurrier (..)"] -> "images are darker (..) and blurrier (..)"."""
-    if not phrases:
-        return "no clear change in image quality statistics"
-    if len(phrases) == 1:
-        return f"images are {phrases[0]}"
-    return "images are " + ", ".join(phrases[:-1]) + f" and {phrases[-1]}"

@@ -1,4 +1,4 @@
-"""models.data: folder reading, clear errors, leak-free splits, Emotion6 ground truth."""
+"""models.data: folder reading, clear errors, leak-free splits; Emotion6 ground truth (bench)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.emotion6 import label_distributions, read_emotion6_ground_truth
 from models.data import (
     ImageRecord,
     group_of,
-    iter_tensor_batches,
-    label_distributions,
     load_arrays,
-    read_emotion6_ground_truth,
     read_image_folder,
     split_records,
     stratified_split,
@@ -122,16 +120,11 @@ def test_unreadable_images_can_be_skipped(tree: Path) -> None:
     assert len(ls) == 9
 
 
-def test_load_arrays_and_tensor_batches(tree: Path) -> None:
+def test_load_arrays(tree: Path) -> None:
     ls = read_image_folder(tree)
     prep = Preprocessing(img_size=16)
     arr = load_arrays(ls.records, prep)
     assert arr.shape == (9, 16, 16, 3) and arr.dtype == np.uint8
-    batches = list(iter_tensor_batches(ls.records, prep, batch_size=4))
-    assert [b.shape[0] for b in batches] == [4, 4, 1]
-    assert tuple(batches[0].shape[1:]) == (3, 16, 16)
-    # (200/255 - 0.5) / 0.5 for the red channel of every pixel
-    assert float(batches[0][0, 0].mean()) == pytest.approx(200 / 255 * 2 - 1, abs=1e-5)
 
 
 # --- splits --------------------------------------------------------------------------------
@@ -213,7 +206,7 @@ def test_emotion6_ground_truth(data_dir: Path, tmp_path: Path) -> None:
 
 
 def test_label_distributions_mapping_and_missing_rows() -> None:
-    from models.data import Emotion6Truth
+    from bench.emotion6 import Emotion6Truth
 
     truth = {"joy/a.jpg": Emotion6Truth(5.0, 5.0, (0.1, 0.0, 0.0, 0.5, 0.0, 0.0, 0.4)),
              "fear/b.jpg": Emotion6Truth(5.0, 5.0, (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0))}

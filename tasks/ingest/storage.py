@@ -120,14 +120,6 @@ def syncfs(path: Path) -> bool:
         os.close(fd)
 
 
-def store_copy(store_dir: Path, sha256: str, data: bytes) -> Path:
-    """The content-addressed copy of ``data`` (written unless already there)."""
-    dest = store_path_for(store_dir, sha256)
-    if not is_stored(dest, data):
-        write_atomic(dest, data)
-    return dest
-
-
 def is_stored(dest: Path, data: bytes) -> bool:
     try:
         # same name = same content, and only complete files ever get the name (rename)

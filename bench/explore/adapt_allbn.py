@@ -5,7 +5,7 @@ site_bn_weight w, the frozen part's BN statistics are re-estimated on the site's
 photos (raw images), mixed with the champion's, then the top and bottleneck's likewise; the
 candidate is scored on the held-out site photos and on the gate's clean source split.
 
-    .venv/bin/python -m bench.adapt_allbn --seeds 0 1 2 --weights 1 0.5
+    .venv/bin/python -m bench.explore.adapt_allbn --seeds 0 1 2 --weights 1 0.5
 """
 
 from __future__ import annotations

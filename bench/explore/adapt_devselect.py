@@ -7,7 +7,7 @@ lowest DEV risk among the candidates whose source-accuracy gate passed.
 
     for w in 0.25 0.5 0.75 1.0; do .venv/bin/python -m bench.adapt --settings photos \\
         --methods adabn --site-bn-weight $w --json-out /tmp/sel_w$w.json; done
-    .venv/bin/python -m bench.adapt_devselect /tmp/sel_w*.json
+    .venv/bin/python -m bench.explore.adapt_devselect /tmp/sel_w*.json
 """
 
 from __future__ import annotations
