@@ -1,0 +1,106 @@
+"""models.sim.camera: each stage with a known answer, the identity, the vector form, words."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.sim.camera import BOUNDS, NAMES, NEUTRAL, CameraParams, apply_camera, apply_camera_batch
+
+
+def _scene(h: int = 64, w: int = 80, seed: int = 0) -> np.ndarray:
+    """A textured colour image: smooth gradients plus fine detail."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([0.3 + 0.4 * xx, 0.5 + 0.2 * yy, 0.6 - 0.3 * xx], -1)
+    detail = 0.15 * (rng.random((h, w, 1)) - 0.5)
+    return np.clip(np.rint(255 * (base + detail)), 0, 255).astype(np.uint8)
+
+
+def _flat(value: int, h: int = 96, w: int = 96) -> np.ndarray:
+    return np.full((h, w, 3), value, np.uint8)
+
+
+def _highfreq(a: np.ndarray) -> float:
+    g = a.astype(np.float64).mean(2)
+    return float(np.abs(np.diff(g, axis=1)).mean() + np.abs(np.diff(g, axis=0)).mean())
+
+
+def test_neutral_is_the_identity_byte_for_byte():
+    img = _scene()
+    assert NEUTRAL.is_neutral and np.array_equal(apply_camera(img, NEUTRAL, rng=0), img)
+    pil = Image.fromarray(img)
+    assert np.array_equal(apply_camera(pil, CameraParams(), rng=1), img)
+
+
+def test_exposure_gain_and_gamma_known_answers():
+    out = apply_camera(_flat(100), CameraParams(gain=0.5), rng=0)
+    assert np.all(out == 50)  # 100/255 * 0.5 -> 50
+    out = apply_camera(_flat(200), CameraParams(gain=3.0), rng=0)
+    assert np.all(out == 255)  # clipped
+    out = apply_camera(_flat(128), CameraParams(gamma=2.0), rng=0)
+    assert np.all(out == round(255 * (128 / 255) ** 2))
+
+
+def test_colour_gains_and_greyscale():
+    img = _scene()
+    grey = apply_camera(img, CameraParams(saturation=0.0), rng=0).astype(int)
+    assert np.abs(grey[..., 0] - grey[..., 1]).max() <= 1 and np.abs(grey[..., 1] - grey[..., 2]).max() <= 1
+    luma = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    assert np.abs(grey[..., 0] - luma).max() <= 1.0  # greyscale keeps the luma
+    warm = apply_camera(_flat(100), CameraParams(r_gain=1.2, b_gain=0.8), rng=0)
+    assert tuple(warm[0, 0]) == (120, 100, 80)
+
+
+def test_blur_and_resolution_remove_detail_and_keep_the_mean():
+    img = _scene()
+    for p in (CameraParams(blur=0.02), CameraParams(scale=0.25)):
+        out = apply_camera(img, p, rng=0)
+        assert out.shape == img.shape
+        assert _highfreq(out) < 0.5 * _highfreq(img)
+        assert abs(out.mean() - img.mean()) < 2.0
+
+
+def test_vignetting_darkens_the_corners_not_the_centre():
+    out = apply_camera(_flat(200, 65, 65), CameraParams(vignette=0.5), rng=0).astype(int)
+    assert out[32, 32, 0] == 200 and out[0, 0, 0] == 100  # 1 - 0.5 * 1 at the corner
+
+
+def test_noise_has_the_model_std_and_is_seeded():
+    p = CameraParams(noise_shot=0.02, noise_read=0.05)
+    a = apply_camera(_flat(128, 200, 200), p, rng=3).astype(np.float64) / 255
+    x = 128 / 255
+    assert a.std() == pytest.approx(np.sqrt(0.02 * x + 0.05 ** 2), rel=0.05)
+    assert np.array_equal(apply_camera(_flat(128), p, rng=3), apply_camera(_flat(128), p, rng=3))
+    b1, b2 = apply_camera_batch([_flat(128)] * 2, p, rng=4)
+    assert not np.array_equal(b1, b2)  # one draw per image
+
+
+def test_jpeg_adds_block_artefacts():
+    img = _scene(64, 64)
+    out = apply_camera(img, CameraParams(jpeg_quality=10), rng=0)
+    assert out.shape == img.shape and not np.array_equal(out, img)
+    assert np.abs(out.astype(int) - img.astype(int)).mean() > 1.0
+
+
+def test_vector_round_trip_bounds_and_partial_names():
+    p = CameraParams(gain=0.4, saturation=0.2, blur=0.01, jpeg_quality=40)
+    u = p.to_vector()
+    assert u.shape == (len(NAMES),) and np.all((u >= 0) & (u <= 1))
+    back = CameraParams.from_vector(u)
+    assert all(getattr(back, n) == pytest.approx(getattr(p, n)) for n in NAMES)
+    only = CameraParams.from_vector([0.0, 1.0], names=["gain", "noise_read"])
+    assert only.gain == BOUNDS["gain"][1] and only.noise_read == BOUNDS["noise_read"][2]
+    assert only.saturation == 1.0  # the rest neutral
+    with pytest.raises(ValueError, match="gain"):
+        CameraParams(gain=10.0)
+
+
+def test_the_condition_in_words():
+    assert NEUTRAL.describe() == "as the training camera"
+    assert CameraParams(gain=0.4, saturation=0.0, noise_read=0.06).describe() == (
+        "darker x0.40, greyscale, noise sigma 0.06")
+    words = CameraParams(blur=0.01, scale=0.5, jpeg_quality=30, b_gain=1.3).describe()
+    assert "blue cast" in words and "blurred" in words and "low resolution x0.50" in words
+    assert "JPEG quality 30" in words
