@@ -183,13 +183,14 @@ def test_a_harmless_drift_is_recorded_but_mails_only_where_alert_on_is_drift(wor
     from db.checks import latest_check
     from db.session import session_scope
     from flows.monitor import monitor_site
+    from models.estimate.base import Estimate
     from tasks import impact
     from tasks.context import Runtime
 
     harmless = {"accuracy": 0.50, "low": 0.46, "high": 0.54, "source_accuracy": 0.51,
                 "drop": 0.01, "drop_low": -0.01, "drop_high": 0.02, "method": "meta-gbm",
                 "verifiable": True, "reason": "", "n": SITE_IMAGES}
-    monkeypatch.setattr(impact, "estimate_accuracy", lambda profile, fs: dict(harmless))
+    monkeypatch.setattr(impact, "estimate_accuracy", lambda profile, fs: Estimate(**harmless))
     settings = world["settings"]
     before = len(smtp[0].messages)
     quiet = monitor_site(site="night-harmless", settings=settings)
