@@ -104,3 +104,4 @@ def test_the_condition_in_words():
     words = CameraParams(blur=0.01, scale=0.5, jpeg_quality=30, b_gain=1.3).describe()
     assert "blue cast" in words and "blurred" in words and "low resolution x0.50" in words
     assert "JPEG quality 30" in words
+    assert CameraParams(b_gain=0.63, g_gain=1.09).describe().startswith("yellow (warm) cast")

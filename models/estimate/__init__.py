@@ -3,7 +3,8 @@
 Protocol ``Estimator`` (fit on meta-sets of the labelled held-out images, ``estimate`` a
 batch -> ``Estimate``); implementations ``MetaGBM`` (the default) and the published
 baselines ``NoChange``, ``AvgConf``, ``DoC``, ``ATCMaxConf``, ``ATCNegEntropy``, registered in
-``models.catalog.ESTIMATORS``; ``fit_estimator`` fits one for a model version.
+``models.catalog.ESTIMATORS``; ``fit_estimator`` fits one for a model version; ``fit_twin``
+fits the camera that makes the held-out images look like a site (the site twin).
 
 Names are imported on first use (importing the package costs nothing); inside emowatch,
 import from the module itself (``from models.estimate.base import ...``).
@@ -29,6 +30,9 @@ _EXPORTS: dict[str, str] = {
     "EstimatorConfig": "fit",
     "fit_estimator": "fit",
     "Novelty": "novelty",
+    "TwinConfig": "twin",
+    "TwinFit": "twin",
+    "fit_twin": "twin",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,5 @@
-"""Simulated sites and data: benchmark conditions (``night``, ``blur``, ...), the seeded
+"""Simulated sites and data: the camera model of the site twin (continuous parameters),
+benchmark conditions (``night``, ``blur``, ...), the seeded
 bank of parametric shifts the estimators are fitted on, and synthetic faces whose class
 is carried only by known regions (for testing explainers).
 
@@ -12,6 +13,8 @@ from models.lazy import exports
 
 # name -> the module of this package that defines it
 _EXPORTS: dict[str, str] = {
+    "CameraParams": "camera",
+    "apply_camera": "camera",
     "Condition": "conditions",
     "apply_condition": "conditions",
     "apply_to_fraction": "conditions",

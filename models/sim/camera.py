@@ -113,8 +113,12 @@ class CameraParams:
             out.append(f"{'darker' if mid < 1 else 'brighter'} x{mid:.2f}")
         gains = np.array([self.r_gain, self.g_gain, self.b_gain])
         if np.ptp(gains) >= min_effect:
-            cast = ("red", "green", "blue")[int(np.argmax(gains))]
-            out.append(f"{cast} cast ({' / '.join(f'{g:.2f}' for g in gains)})")
+            lo, mid, hi = np.sort(gains)
+            if hi - mid >= mid - lo:  # one channel stands out: its colour
+                cast = ("red", "green", "blue")[int(np.argmax(gains))]
+            else:  # one channel is missing: its complement (no blue: yellow, warm light)
+                cast = ("cyan", "magenta", "yellow (warm)")[int(np.argmin(gains))]
+            out.append(f"{cast} cast (R/G/B x{' / '.join(f'{g:.2f}' for g in gains)})")
         if self.saturation <= min_effect:
             out.append("greyscale")
         elif abs(self.saturation - 1.0) >= min_effect:
