@@ -91,6 +91,8 @@ EXPLAINERS: dict[str, str] = {
     "integrated_gradients": "models.explain.base:IntegratedGradients",
 }
 
+DEFAULT_EXPLAINER = "dncshap"  # the paper's; what the explanation gate uses by default
+
 _TABLES = {"detector": DETECTORS, "estimator": ESTIMATORS, "adapter": ADAPTERS, "gate": GATES,
            "recipe": RECIPES, "explainer": EXPLAINERS}
 
@@ -107,4 +109,4 @@ def load(kind: str, name: str) -> Any:
 
 
 __all__ = ["ADAPTERS", "DEFAULT_DETECTORS", "DEFAULT_ESTIMATOR", "DEFAULT_PORTFOLIO", "DETECTORS",
-           "ESTIMATORS", "EXPLAINERS", "GATES", "PORTFOLIO", "RECIPES", "load"]
+           "ESTIMATORS", "DEFAULT_EXPLAINER", "EXPLAINERS", "GATES", "PORTFOLIO", "RECIPES", "load"]

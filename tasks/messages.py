@@ -55,8 +55,12 @@ def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[st
         "",
         "What changed in the images: " + ("; ".join(phrases) if phrases else "no clear change in image quality statistics"),
     ]
-    bbsd = result.details.get("bbsd", {}).get("details", {}) if result.details else {}
-    shares = bbsd.get("predicted_share_cur") or bbsd.get("cur_shares")
+    # the predicted-class shares any sub-test reports (the softmax test does); the keys read
+    # before ("predicted_share_cur" of "bbsd") never existed, so this line was never written
+    subs = [v for v in (result.details or {}).values() if isinstance(v, dict)]
+    shares = next((v["details"]["pred_share_cur"] for v in subs
+                   if isinstance(v.get("details"), dict) and v["details"].get("pred_share_cur")),
+                  None)
     if shares:
         lines.append("Predicted classes now: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     lines += [

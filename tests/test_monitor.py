@@ -106,6 +106,7 @@ def test_window_check_record_and_email(runtime, tmp_path):
     assert first == "s: accuracy ~0.31 [0.26, 0.36], was 0.53 - harmful"
     assert second.startswith("Harmful: estimated drop +22.0 points")
     assert f"Drift check:   #{check_id}" in body and "/r.html" in body
+    assert "Predicted classes now: " in body  # the softmax test's shares
     # without an estimate the e-mail says so instead of guessing
     subject, body = monitor.drift_email(ctx.site, check_id, result, phrases, "emowatch-s/3", {})
     assert "accuracy not estimated - unknown" in subject and "No accuracy estimate" in body

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from models.catalog import DEFAULT_ESTIMATOR
 from models.estimate.describe import STAT_SCALE, Batch
 from models.progress import Progress, progress_fn
 
@@ -28,7 +29,7 @@ from models.progress import Progress, progress_fn
 class EstimatorConfig:
     """How a model version's estimator is fitted (stored in the model's config)."""
 
-    method: str = "meta-gbm"  # models.catalog.ESTIMATORS
+    method: str = DEFAULT_ESTIMATOR  # a name of models.catalog.ESTIMATORS
     specs_mild: int = 40  # bank specs with mostly mild severities (6% identity)
     specs_severe: int = 20  # bank specs with mostly strong severities
     max_images: int = 330  # labelled held-out images used (seeded subsample above)

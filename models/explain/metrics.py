@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from models.catalog import DEFAULT_EXPLAINER
 from models.explain.base import (
     Attribution,
     BaselineSpec,
@@ -279,7 +280,7 @@ class GateTolerances:
     # Depth 4 = 16 regions: 60 model calls per image and model, enough to see where a model
     # looks, cheap enough to run at every promotion.
     depth: int = 4
-    explainer: str = "dncshap"
+    explainer: str = DEFAULT_EXPLAINER  # a name of models.catalog.EXPLAINERS
     baseline: str = "blur"
 
     @classmethod
