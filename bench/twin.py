@@ -20,22 +20,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from bench.twin_estimate import load
 from models.estimate.twin import TwinConfig, fit_twin
 from models.sim.conditions import apply_condition
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = [("clean", None, 0), ("night", "night", 1), ("night", "night", 2), ("blur", "blur", 2),
          ("jpeg", "jpeg", 2), ("colour cast", "colour_cast", 2), ("greyscale", "greyscale", 2)]
-
-
-def load(files: list[Path], size: int = 128) -> list[np.ndarray]:
-    out = []
-    for f in files:
-        with Image.open(f) as im:
-            out.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
-    return out
 
 
 def main() -> None:
@@ -51,8 +43,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     rng.shuffle(photos)
     rng.shuffle(faces)
-    held = load(photos[:args.n_held])
-    site_src = load(photos[args.n_held:args.n_held + args.n_site])
+    held = load(photos[:args.n_held], 128)
+    site_src = load(photos[args.n_held:args.n_held + args.n_site], 128)
     cfg = TwinConfig(seed=args.seed)
     rows = [f"# Site twin: the camera fitted to a site (seed {args.seed}, {args.n_held} held-out, "
             f"{args.n_site} site photos, grid {cfg.grid}, image statistics only)", "",
@@ -62,7 +54,7 @@ def main() -> None:
     cases = [(f"{label} {sev}" if cond else label, cond, sev) for label, cond, sev in SITES]
     for name, cond, sev in cases + [("faces -> photos", "faces", 0)]:
         if cond == "faces":
-            held_set, site = load(faces[:args.n_held]), site_src
+            held_set, site = load(faces[:args.n_held], 128), site_src
         else:
             held_set = held
             site = site_src if cond is None else [

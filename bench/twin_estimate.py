@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,35 @@ def load(files: list[Path], size: int = 224) -> list[np.ndarray]:
     return out
 
 
+@dataclass
+class Split:
+    """The Emotion6 photos of one seed: the probe fitted on 600, then the held-out set, the
+    site's fit images and the truth images (their indices, labels and 224 px images)."""
+
+    probe: Probe
+    y: np.ndarray
+    held: np.ndarray
+    fit_site: np.ndarray
+    truth_site: np.ndarray
+    held_imgs: list[np.ndarray]
+    fit_imgs: list[np.ndarray]
+    truth_imgs: list[np.ndarray]
+    rng: np.random.Generator  # after the shuffle: what the conditions draw from
+
+
+def emotion6_split(data_dir: Path, seed: int) -> Split:
+    root = data_dir / "emotion6" / "images"
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files = sorted(root.rglob("*.jpg"))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(files)
+    y = np.array([classes.index(f.parent.name) for f in files])
+    tr, held, fit_site, truth_site = np.split(np.arange(len(files)), [600, 840, 960, 1200])[:4]
+    probe = Probe().fit(load([files[i] for i in tr]), y[tr])
+    return Split(probe, y, held, fit_site, truth_site, load([files[i] for i in held]),
+                 load([files[i] for i in fit_site]), load([files[i] for i in truth_site]), rng)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
@@ -80,19 +110,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "twin_estimate.md")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    root = args.data_dir / "emotion6" / "images"
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    files = sorted(root.rglob("*.jpg"))
-    rng = np.random.default_rng(args.seed)
-    rng.shuffle(files)
-    y_all = np.array([classes.index(f.parent.name) for f in files])
-    parts = np.split(np.arange(len(files)), [600, 840, 960, 1200])
-    tr, held, fit_site, truth_site = parts[:4]
     t0 = time.perf_counter()
-    probe = Probe().fit(load([files[i] for i in tr]), y_all[tr])
-    held_imgs = load([files[i] for i in held])
-    fit_imgs = load([files[i] for i in fit_site])
-    truth_imgs = load([files[i] for i in truth_site])
+    sp = emotion6_split(args.data_dir, args.seed)
+    probe, y_all, rng = sp.probe, sp.y, sp.rng
+    held, fit_site, truth_site = sp.held, sp.fit_site, sp.truth_site
+    held_imgs, fit_imgs, truth_imgs = sp.held_imgs, sp.fit_imgs, sp.truth_imgs
     no_change = float((probe.predict(held_imgs) == y_all[held]).mean())
     rows = [f"# The twin as an accuracy estimator (seed {args.seed}, stand-in model: Lite0 probe, "
             f"{len(held)} held-out, {len(fit_site)} site images fitted, truth on "

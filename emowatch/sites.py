@@ -89,7 +89,7 @@ class AdaptOptions(BaseModel):
     train_backbone: bool = Field(
         True,
         description="mmd/coral: adapt every layer from the raw images (backprop through the whole "
-        "backbone, models.adapt.base.with_backbone). False: only the bottleneck and head, on cached "
+        "backbone, models.adapt.discrepancy.with_backbone). False: only the bottleneck and head, on cached "
         "activations (seconds instead of ~6 min per 500-image site on 2 cores, ~1 GB less memory), "
         "which recovered none of the blur gap and lost more source accuracy (bench/adapt_full.py).")
     auto: bool = Field(True, description="Re-adapt automatically when drift is detected.")

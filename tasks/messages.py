@@ -11,11 +11,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from emowatch.sites import Site
-from models.estimate.base import Estimate, as_estimate
-from tasks.impact import explanation, headline
 
 if TYPE_CHECKING:
     from models.drift.base import DriftResult
+    from models.estimate.base import Estimate
 
 
 def fmt(v: Any) -> str:
@@ -37,6 +36,11 @@ def drift_email(site: Site, check_id: int, result: DriftResult, phrases: list[st
                 model_key: str, reports: Mapping[str, Any], estimate: Estimate | None = None,
                 impact: str | None = None) -> tuple[str, str]:
     """(subject, body): the impact and the estimate first, then the drift test's evidence."""
+    # imported here: the module stays plain text for the promotion path (tasks.impact loads
+    # Prefect through tasks.featurize)
+    from models.estimate.base import as_estimate
+    from tasks.impact import explanation, headline
+
     est = as_estimate(estimate)
     imp = impact or "unknown"
     sub = result.details.get(result.details.get("triggered_by", ""), {}) if result.details else {}

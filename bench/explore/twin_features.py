@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.twin_estimate import Probe, load
+from bench.twin_estimate import emotion6_split
 from models.estimate.twin import TwinConfig, fit_twin, twin_accuracy
 from models.sim.conditions import apply_condition
 
@@ -33,17 +33,10 @@ def main() -> None:
     ap.add_argument("--conditions", nargs="+", default=["jpeg:2", "night:2", "greyscale:2"])
     ap.add_argument("--feature-weight", type=float, default=2.0)
     args = ap.parse_args()
-    root = args.data_dir / "emotion6" / "images"
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    files = sorted(root.rglob("*.jpg"))
-    rng = np.random.default_rng(args.seed)
-    rng.shuffle(files)
-    y = np.array([classes.index(f.parent.name) for f in files])
-    tr, held, fit_site, truth_site = np.split(np.arange(len(files)), [600, 840, 960, 1200])[:4]
-    probe = Probe().fit(load([files[i] for i in tr]), y[tr])
-    held_imgs = load([files[i] for i in held])
-    fit_imgs = load([files[i] for i in fit_site])
-    truth_imgs = load([files[i] for i in truth_site])
+    sp = emotion6_split(args.data_dir, args.seed)
+    probe, y, rng = sp.probe, sp.y, sp.rng
+    held, truth_site = sp.held, sp.truth_site
+    held_imgs, fit_imgs, truth_imgs = sp.held_imgs, sp.fit_imgs, sp.truth_imgs
     no_change = float((probe.predict(held_imgs) == y[held]).mean())
     truth_clean = float((probe.predict(truth_imgs) == y[truth_site]).mean())
 

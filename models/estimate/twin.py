@@ -227,9 +227,7 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
                         weights, cfg.seed + 1, cfg.penalty)
     d = len(cfg.names)
     neutral_u = CameraParams().to_vector()[[NAMES.index(n) for n in cfg.names]]
-    neutral_f = obj(neutral_u)
-    neutral_d = math.sqrt(neutral_f)
-    starts = [(neutral_f, neutral_u)]
+    starts = [(obj(neutral_u), neutral_u)]
     design = rng.random((cfg.design, d))
     starts += sorted(((obj(u), u) for u in design), key=lambda t: t[0])[:max(0, cfg.restarts - 1)]
     best_d, best_u = math.inf, neutral_u
