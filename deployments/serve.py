@@ -115,8 +115,37 @@ def serve_all(deps: list[Any], limit: int | None = None) -> None:
         raise TerminationSignal(signal=signum)
 
     # Prefect's runner installs its own SIGTERM handler once started; this one covers startup.
+    pause = bool(PREFECT_API_URL.value())
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        serve(*deps, pause_on_shutdown=bool(PREFECT_API_URL.value()), limit=limit)
+        serve(*deps, pause_on_shutdown=pause, limit=limit)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if pause:
+            # The runner pauses only when it had fully started: a SIGTERM between its
+            # "Starting runner" and the end of its start-up exits at once (sys.exit in its
+            # handler) and left the schedules running with nobody serving them.
+            pause_schedules(deps)
+
+
+def pause_schedules(deps: list[Any]) -> list[str]:
+    """Pause every deployment of ``deps`` that exists on the server and is not paused yet
+    (idempotent; one that was never created is skipped). Returns the names it paused."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.logging import get_logger
+
+    paused = []
+    with get_client(sync_client=True) as client:
+        for d in deps:
+            name = f"{d.flow_name}/{d.name}"
+            try:
+                found = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if not found.paused:
+                client.pause_deployment(found.id)
+                paused.append(name)
+    if paused:
+        get_logger("emowatch.serve").info("Paused the schedules of %s", ", ".join(paused))
+    return paused
