@@ -51,6 +51,9 @@ def train(
     estimator_specs: Annotated[int | None, typer.Option(
         min=0, max=1000, help="Random shifts in the label-free accuracy estimator's bank "
                               "(default 60, ~5 min with Lite0; 0: no estimator).")] = None,
+    estimator: Annotated[str | None, typer.Option(
+        help="Label-free accuracy estimator: meta-gbm (default; fits a shift bank at training) "
+             "or twin (no bank: fits the site's camera at each check).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the source model on a labelled folder and register it as emowatch-source@champion
@@ -63,6 +66,10 @@ def train(
             raise UsageError(f"--backbone {backbone!r}: choose efficientnet-lite0 or tiny")
         if split not in ("auto", "stratified", "subject"):
             raise UsageError(f"--split {split!r}: choose auto, stratified or subject")
+        from models.catalog import ESTIMATORS
+
+        if estimator is not None and estimator not in ESTIMATORS:
+            raise UsageError(f"--estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
         from flows.train import train_source
 
         return train_source(
@@ -78,6 +85,7 @@ def train(
             trainable_blocks=trainable_blocks,
             crops=crops,
             estimator_specs=estimator_specs,
+            estimator=estimator,
         )
 
     run(go, as_json)

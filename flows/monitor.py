@@ -30,12 +30,12 @@ def monitor_site(site: str, ingest: bool = True, settings: Settings | None = Non
     sync_registry_task(ctx)  # decisions made in the MLflow UI first: they may change the champion
     ingested = ingest_inbox_task(ctx) if ingest else None
     ctx = ctx.serving()
-    _, profile = ctx.registry.load_model(ctx.model.name, ctx.model.version)
+    model, profile = ctx.registry.load_model(ctx.model.name, ctx.model.version)
 
     window = t.select_window(ctx)
     fs = featurize_images(ctx, window.items)
     result, phrases = t.drift_test(ctx.site, profile, fs)
-    estimate, impact = t.estimate_task(ctx, profile, fs)
+    estimate, impact = t.estimate_task(ctx, profile, fs, model, window)
     stamp = dt.datetime.now(dt.UTC)
     reports = t.evidently_report(ctx, profile, fs, stamp, result.decision, estimate, impact)
     check_id = t.record_check(ctx, result, phrases, window.ids_of(fs.shas), window, reports,

@@ -26,10 +26,13 @@ def train_source(
     crops: int | None = None,
     estimator_specs: int | None = None,
     settings: Settings | None = None,
+    estimator: str | None = None,
 ) -> dict[str, Any]:
     """Train on ``<data>/<class>/<image>`` and register ``emowatch-source`` (the first version
     becomes champion). Returns ``{model, version, val_accuracy, classes, estimator, ...}``.
-    ``estimator_specs``: shifts in the accuracy estimator's bank (None: 60; 0: none)."""
+    ``estimator_specs``: shifts in the accuracy estimator's bank (None: 60; 0: none).
+    ``estimator``: the accuracy estimator (``models.catalog.ESTIMATORS``; None: the default);
+    "twin" fits no bank at training, it fits the site's camera at each check."""
     from emowatch.hardware import resolve_precision
 
     rt = open_runtime(settings)
@@ -37,7 +40,7 @@ def train_source(
     splits = t.load_source_task(spec)
     net_cfg, train_cfg = t.train_configs(backbone, img_size, epochs, seed, len(splits.data.classes),
                                          trainable_blocks, crops)
-    est_cfg = t.estimator_config(estimator_specs, seed)  # a bad value fails before training
+    est_cfg = t.estimator_config(estimator_specs, seed, estimator)  # a bad value fails before training
     result = t.fit(splits, net_cfg, train_cfg)
     t.attach_config(result, spec, train_cfg, resolve_precision(rt.settings.inference_precision))
     if est_cfg is not None:

@@ -25,11 +25,14 @@ DETECTORS: dict[str, str] = {
 }
 DEFAULT_DETECTORS: tuple[str, ...] = ("mmd", "bbsd", "quality")
 
-# Label-free accuracy estimators (protocol: models.estimate.base.Estimator). The default is the one
-# the benchmark (python -m bench.estimate) chose on conditions held out of its fitting; the
-# others are the published baselines it is compared with.
+# Label-free accuracy estimators (protocol: models.estimate.base.Estimator, fitted on a shift
+# bank at training time and given a batch's features; or, ``needs_images``, given the site's
+# images and the version itself: the site twin). The default is the one the benchmark
+# (python -m bench.estimate) chose on conditions held out of its fitting; the others are the
+# published baselines it is compared with.
 ESTIMATORS: dict[str, str] = {
     "meta-gbm": "models.estimate.meta:MetaGBM",
+    "twin": "models.estimate.twin:TwinEstimator",
     "no-change": "models.estimate.base:NoChange",
     "avg-conf": "models.estimate.base:AvgConf",
     "doc": "models.estimate.base:DoC",

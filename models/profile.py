@@ -31,6 +31,11 @@ class ReferenceProfile:
     # (k, T, T, 3) uint8 thumbnails of typical training-domain images (reports show them beside
     # a site's atypical ones); None for profiles saved before they were kept
     thumbnails: np.ndarray | None = None
+    # The site twin's labelled images (models.estimate.twin): held-out training-domain images
+    # never used to pick the epoch (the test split), as their original encoded files
+    # ("bytes" uint8, "offsets" int64 N+1, "labels" int64 N). Carried to every adapted version;
+    # None for profiles saved before the twin existed (no twin estimate).
+    twin: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features, dtype=np.float32)
@@ -77,6 +82,8 @@ class ReferenceProfile:
             arrays[f"est__{k}"] = v
         if self.thumbnails is not None:
             arrays["thumbnails"] = np.asarray(self.thumbnails, np.uint8)
+        for k, v in (self.twin or {}).items():
+            arrays[f"twin__{k}"] = v
         meta = {"format": FORMAT, "classes": self.classes, "info": self.info}
         np.savez_compressed(Path(path), meta=np.asarray(json.dumps(meta)), **arrays)
 
@@ -89,8 +96,37 @@ class ReferenceProfile:
             quality = {k.removeprefix("quality__"): z[k] for k in z.files if k.startswith("quality__")}
             est = {k.removeprefix("est__"): z[k] for k in z.files if k.startswith("est__")}
             thumbs = z["thumbnails"] if "thumbnails" in z.files else None
+            twin = {k.removeprefix("twin__"): z[k] for k in z.files if k.startswith("twin__")}
             return cls(z["features"], z["probs"], list(meta["classes"]), quality or None,
-                       dict(meta.get("info", {})), est or None, thumbs)
+                       dict(meta.get("info", {})), est or None, thumbs, twin or None)
+
+    # --- the site twin's images ---------------------------------------------------------------
+    def set_twin_images(self, files: list[bytes], labels: list[int]) -> None:
+        """Keep these encoded image files (and labels) as the twin's labelled images."""
+        if len(files) != len(labels):
+            raise ValueError(f"{len(files)} twin images but {len(labels)} labels")
+        offsets = np.cumsum([0] + [len(b) for b in files]).astype(np.int64)
+        self.twin = {"bytes": np.frombuffer(b"".join(files), np.uint8).copy(),
+                     "offsets": offsets, "labels": np.asarray(labels, np.int64)}
+
+    def twin_images(self, prep: Any, limit: int | None = None
+                    ) -> tuple[list[np.ndarray], np.ndarray] | None:
+        """The twin's labelled images on the model's grid (``prep``: the version's
+        preprocessing) and their labels (the first ``limit``), or None when the profile keeps
+        none."""
+        if not self.twin:
+            return None
+        import io
+
+        from PIL import Image
+
+        raw, off = self.twin["bytes"], self.twin["offsets"]
+        n = len(off) - 1 if limit is None else min(limit, len(off) - 1)
+        images = []
+        for i in range(n):
+            with Image.open(io.BytesIO(raw[off[i]:off[i + 1]].tobytes())) as im:
+                images.append(prep.to_array(im))
+        return images, np.asarray(self.twin["labels"][:n], np.int64)
 
 
 def typical_indices(features: np.ndarray, k: int) -> np.ndarray:

@@ -170,9 +170,9 @@ def candidate_profile(inputs: AdaptInputs, cand: Any) -> Any:
 
     An adapted version serves the site's conditions, so its checks compare the site with
     those: the site it was adapted to reads no drift, and a return to the training domain's
-    conditions (or any new change) is drift from the adapted conditions. The accuracy
-    estimator is the champion's training-domain one and does not carry over: checks of an
-    adapted version report no estimate (impact unknown)."""
+    conditions (or any new change) is drift from the adapted conditions. The bank estimator
+    is the champion's and does not carry over; the site twin's labelled images do, so checks
+    of an adapted version estimate its accuracy on the site's twin (``models.estimate.twin``)."""
     from models.evaluate import extract_features
     from models.images import load_rgb
     from models.profile import ReferenceProfile
@@ -187,12 +187,14 @@ def candidate_profile(inputs: AdaptInputs, cand: Any) -> Any:
     z, p = extract_features(cand, np.stack(grids_))
     quality = {k: np.asarray([s[k] for s in stats], np.float64) for k in stats[0]}
     prof = inputs.profile
-    return ReferenceProfile.from_arrays(
+    out = ReferenceProfile.from_arrays(
         features=np.asarray(z, np.float32), probs=np.asarray(p, np.float32),
         classes=list(prof.classes), quality=quality,
         info={"n": int(len(z)), "precision": cand.precision, "base_model": inputs.base_key,
               "reference": "site", "site": cand.config.get("adaptation", {}).get("site")},
     )
+    out.twin = getattr(prof, "twin", None)  # the training domain's labelled images: the twin
+    return out
 
 
 @task(name="register-challenger", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)

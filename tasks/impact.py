@@ -24,9 +24,12 @@ NO_ESTIMATOR = ("this model version has no accuracy estimator (trained before em
                 "to get one")
 
 
-def estimate_accuracy(profile: Any, fs: FeatureSet) -> Estimate:
+def estimate_accuracy(profile: Any, fs: FeatureSet, model: Any = None,
+                      site_paths: list[str] | None = None) -> Estimate:
     """The estimate of the window's accuracy (``models.estimate.base.Estimate``, timed in
-    ``ms``); an ``unavailable`` record with the reason when there is none."""
+    ``ms``); an ``unavailable`` record with the reason when there is none. The version's bank
+    estimator when it has one; otherwise the site twin (``model``: the version's checkpoint,
+    ``site_paths``: the window's images) when the profile keeps the twin's images."""
     from threadpoolctl import threadpool_limits
 
     from models.estimate.describe import Batch
@@ -34,6 +37,8 @@ def estimate_accuracy(profile: Any, fs: FeatureSet) -> Estimate:
     est = profile.accuracy_estimator() if hasattr(profile, "accuracy_estimator") else None
     n = len(fs)
     if est is None:
+        if getattr(profile, "twin", None) and model is not None and site_paths:
+            return twin_estimate(profile, model, site_paths)
         return unavailable(NO_ESTIMATOR, n)
     if n < 2:
         return unavailable(f"{n} images: too few to estimate", n)
@@ -45,6 +50,36 @@ def estimate_accuracy(profile: Any, fs: FeatureSet) -> Estimate:
     with threadpool_limits(1):  # small matrix products: threads only contend
         out = est.estimate(batch)
     return out.with_ms(round(1000 * (time.perf_counter() - t0), 1))
+
+
+def twin_estimate(profile: Any, model: Any, site_paths: list[str]) -> Estimate:
+    """The site twin's estimate (``models.estimate.twin.TwinEstimator``) of ``model`` (a
+    checkpoint: the version being checked, source or adapted) on the images at ``site_paths``
+    (undecodable ones skipped), timed in ``ms``."""
+    import numpy as np
+
+    from models.estimate.twin import TwinConfig, TwinEstimator
+    from models.evaluate import predict_arrays
+    from models.images import load_rgb
+
+    t0 = time.perf_counter()
+    prep = model.preprocessing
+    site = []
+    for p in site_paths:
+        try:
+            site.append(prep.to_array(load_rgb(p)))
+        except Exception:  # noqa: BLE001 -- validated at ingestion; a tampered file is skipped
+            continue
+    if len(site) < 2:
+        return unavailable(f"{len(site)} decodable images: too few to estimate", len(site))
+    held, labels = profile.twin_images(prep)
+
+    def predict(images: list[np.ndarray]) -> np.ndarray:
+        return predict_arrays(model, np.stack(images)).argmax(1)
+
+    est, _ = TwinEstimator(TwinConfig(grid=prep.img_size)).estimate_images(
+        predict, held, labels, site)
+    return est.with_ms(round(1000 * (time.perf_counter() - t0), 1))
 
 
 def impact_of(site: Site, estimate: Estimate) -> str:
@@ -80,13 +115,16 @@ def explanation(site: Site, estimate: Estimate, impact_: str) -> str:
     if not estimate.verifiable:
         return (f"Impact unknown: the images are unlike anything the estimator was fitted on "
                 f"({estimate.reason}); the {drop} cannot be trusted.")
+    twin = (f" The site looks like the training images through this camera: "
+            f"{estimate.twin.get('condition')} (its twin; residual "
+            f"{estimate.twin.get('distance', 0):.2f})." if estimate.twin else "")
     if impact_ == "harmful":
-        return f"Harmful: {drop}, above the site's tolerance of {100 * tol:.0f} points."
+        return f"Harmful: {drop}, above the site's tolerance of {100 * tol:.0f} points.{twin}"
     if impact_ == "harmless":
-        return f"Harmless: {drop}, within the site's tolerance of {100 * tol:.0f} points."
+        return f"Harmless: {drop}, within the site's tolerance of {100 * tol:.0f} points.{twin}"
     return (f"Impact unknown: {drop}; the interval straddles the site's tolerance of "
-            f"{100 * tol:.0f} points (more images narrow it).")
+            f"{100 * tol:.0f} points (more images narrow it).{twin}")
 
 
 __all__ = ["NO_ESTIMATOR", "estimate_accuracy", "explanation", "headline", "impact_of",
-           "should_notify"]
+           "should_notify", "twin_estimate"]

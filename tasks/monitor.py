@@ -154,11 +154,17 @@ def _estimate_metadata(estimate: Estimate | None, impact: str | None) -> dict[st
 
 
 @task(name="estimate-accuracy", cache_policy=NO_CACHE)
-def estimate_task(ctx: RunContext, profile: Any, fs: FeatureSet) -> tuple[Estimate, str]:
-    """(estimate, impact) of the window (``tasks.impact``)."""
+def estimate_task(ctx: RunContext, profile: Any, fs: FeatureSet, model: Any = None,
+                  window: Window | None = None) -> tuple[Estimate, str]:
+    """(estimate, impact) of the window (``tasks.impact``); ``model`` and ``window`` let a
+    version without a bank estimator be estimated on the site twin."""
     from tasks.impact import estimate_accuracy, headline, impact_of
 
-    est = estimate_accuracy(profile, fs)
+    paths = None
+    if window is not None:
+        where = dict(window.items)
+        paths = [where[s] for s in fs.shas if s in where]
+    est = estimate_accuracy(profile, fs, model=model, site_paths=paths)
     imp = impact_of(ctx.site, est)
     get_run_logger().info("%s%s", headline(ctx.site, est, imp),
                           "" if est.available else f" ({est.reason})")
@@ -208,7 +214,7 @@ def alert_on_drift(ctx: RunContext, check_id: int, result: DriftResult, phrases:
         subject, body = drift_email(site, check_id, result, phrases, ctx.model.key, reports,
                                     estimate, impact)
         # one small picture, never the multi-MB Evidently page: the report is linked
-        attachments = [reports["summary_png"]] if reports.get("summary_png") else []
+        attachments = [reports[k] for k in ("summary_png", "twin_jpg") if reports.get(k)]
         alert = notify.queue_email(s, site_id=ctx.site_id, kind="drift",
                                    recipients=site.approvers or [settings.mail_from],
                                    subject=subject, body=body, attachments=attachments)
@@ -240,6 +246,10 @@ def check_page(ctx: RunContext, check_id: int, result: DriftResult, phrases: lis
             quality_histograms_figure(profile.quality, fs.quality, site=ctx.site.name).savefig(
                 png, dpi=60)
             out["summary_png"] = str(png.resolve())
+        twin = pages.write_twin_picture(page.with_name(page.stem + "-twin.jpg"), profile,
+                                        estimate.twin if estimate is not None else None, paths)
+        if twin is not None:
+            out["twin_jpg"] = str(twin.resolve())
     except Exception as e:  # noqa: BLE001
         get_run_logger().warning("could not write the check report: %s", e)
     return out

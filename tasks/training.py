@@ -172,8 +172,9 @@ def register(rt: Runtime, result: Any, test_metrics: Any, profile: Any, spec: So
         est = profile.info.get("estimator") or {}
         if est:
             metrics.update({"estimator_seconds": est["seconds"],
-                            "estimator_oof_drop_mae": est.get("oof_mae") or 0.0,
-                            "estimator_acc_ref": est["acc_ref"]})
+                            "estimator_oof_drop_mae": est.get("oof_mae") or 0.0})
+            if est.get("acc_ref") is not None:  # (the twin measures it at each check)
+                metrics["estimator_acc_ref"] = est["acc_ref"]
         reg = rt.registry.log_and_register(
             ckpt,
             model_name=SOURCE_MODEL,
@@ -227,12 +228,17 @@ def attach_config(result: Any, spec: SourceSpec, train_config: Any,
     })
 
 
-def estimator_config(specs: int | None, seed: int) -> Any:
+def estimator_config(specs: int | None, seed: int, method: str | None = None) -> Any:
     """The estimator's config for ``specs`` bank specs (None: the default 60; two thirds
-    mostly mild, one third mostly strong); None when ``specs`` is 0 (no estimator)."""
+    mostly mild, one third mostly strong); None when ``specs`` is 0 (no estimator).
+    ``method``: a name of ``models.catalog.ESTIMATORS`` (None: the default); "twin" fits no
+    bank (its specs are ignored)."""
     from models.estimate.fit import EstimatorConfig
 
     cfg = EstimatorConfig(seed=seed)
+    if method is not None:
+        cfg.method = method
+        cfg.validate()
     if specs is None:
         return cfg
     if specs == 0:
@@ -244,11 +250,31 @@ def estimator_config(specs: int | None, seed: int) -> Any:
     return cfg
 
 
+def keep_twin_images(splits: SourceSplits, profile: Any, max_images: int, seed: int
+                     ) -> dict[str, Any] | None:
+    """Keep up to ``max_images`` labelled held-out images in the profile for the site twin
+    (``models.estimate.twin``), as their original files: the test split, which never picked the
+    epoch; validation images join only when the test split has fewer than 16. None (nothing
+    kept) when there are fewer than 8 or ``max_images`` is 0."""
+    recs = splits.data.records
+    held, split = [recs[i] for i in splits.test], "test"
+    if len(held) < 16:
+        held, split = held + [recs[i] for i in splits.val], "test+validation"
+    if max_images <= 0 or len(held) < 8:
+        return None
+    if len(held) > max_images:
+        rng = np.random.default_rng(seed)
+        held = [held[i] for i in sorted(rng.choice(len(held), max_images, replace=False))]
+    profile.set_twin_images([Path(r.path).read_bytes() for r in held], [r.label for r in held])
+    return {"n": len(held), "split": split, "mb": round(profile.twin["bytes"].nbytes / 1e6, 2)}
+
+
 @task(name="fit-accuracy-estimator", cache_policy=NO_CACHE)
 def fit_accuracy_estimator(ckpt: Any, splits: SourceSplits, profile: Any, config: Any
                            ) -> dict[str, Any] | None:
     """Fit the label-free accuracy estimator on the held-out labelled images (validation and
     test) and store it in the reference profile (saved with the model). None: not fitted."""
+    from models.catalog import load
     from models.estimate.fit import fit_estimator
     from models.images import load_rgb
 
@@ -256,6 +282,16 @@ def fit_accuracy_estimator(ckpt: Any, splits: SourceSplits, profile: Any, config
     if config is None:
         log.info("no accuracy estimator (estimator specs 0): checks report no estimate")
         return None
+    twin_info = keep_twin_images(splits, profile, config.twin_images, config.seed)
+    if twin_info is not None:
+        log.info("site twin: %d labelled held-out images kept with the model (%s, %.1f MB)",
+                 twin_info["n"], twin_info["split"], twin_info["mb"])
+    if getattr(load("estimator", config.method), "needs_images", False):
+        info = {"config": config.to_dict(), "twin": twin_info, "seconds": 0.0}
+        profile.info["estimator"] = info
+        if twin_info is None:
+            log.warning("too few held-out images for the site twin: checks report no estimate")
+        return info
     held = [splits.data.records[i] for i in splits.val + splits.test]
     if len(held) < 8:
         log.warning("only %d held-out images: no accuracy estimator fitted", len(held))
@@ -269,7 +305,7 @@ def fit_accuracy_estimator(ckpt: Any, splits: SourceSplits, profile: Any, config
              len(images), n_specs, ckpt.precision)
     est, info = fit_estimator(ckpt, images, [r.label for r in held], config, progress=True)
     profile.estimator = est.state()
-    profile.info["estimator"] = info
+    profile.info["estimator"] = {**info, "twin": twin_info}
     log.info("accuracy estimator %s fitted in %.0f s (bank %.0f s): held-out accuracy %.3f, "
              "out-of-fold drop error %.3f", info["config"]["method"], info["seconds"],
              info["bank_seconds"], info["acc_ref"], info["oof_mae"] or float("nan"))

@@ -190,7 +190,7 @@ def test_a_harmless_drift_is_recorded_but_mails_only_where_alert_on_is_drift(wor
     harmless = {"accuracy": 0.50, "low": 0.46, "high": 0.54, "source_accuracy": 0.51,
                 "drop": 0.01, "drop_low": -0.01, "drop_high": 0.02, "method": "meta-gbm",
                 "verifiable": True, "reason": "", "n": SITE_IMAGES}
-    monkeypatch.setattr(impact, "estimate_accuracy", lambda profile, fs: Estimate(**harmless))
+    monkeypatch.setattr(impact, "estimate_accuracy", lambda profile, fs, **_: Estimate(**harmless))
     settings = world["settings"]
     before = len(smtp[0].messages)
     quiet = monitor_site(site="night-harmless", settings=settings)
@@ -520,8 +520,49 @@ def test_after_promotion_the_adapted_site_reads_no_drift_and_a_return_is_detecte
     same = monitor_site(site="pf-any", settings=settings)
     assert same["model"] == f"emowatch-pf-any/{v}" and same["n_cur"] == SITE_IMAGES
     assert same["decision"] == "no_drift" or same["impact"] == "harmless", same
+    # the adapted version has no bank estimator: its checks are estimated on the site's twin
+    # (the training domain's labelled images through the camera fitted to the night photos)
+    est = same["estimate"]
+    assert est["method"] == "twin" and est["accuracy"] is not None, est
+    assert est["low"] <= est["accuracy"] <= est["high"] and same["impact"] in (
+        "harmful", "harmless", "unknown")
+    assert est["twin"]["condition"] != "as the training camera", est["twin"]
+    page = Path(same["report"]).read_text(encoding="utf-8")
+    assert 'id="twin"' in page and est["twin"]["condition"] in page
     for f in (world["root"] / "later" / "clean").glob("*.jpg"):
         shutil.copy(f, inbox / f.name)
     back = monitor_site(site="pf-any", settings=settings)
     assert back["n_cur"] == SITE_IMAGES and back["decision"] == "drift", back
     assert any("brighter" in q for q in back["quality_shift"]), back["quality_shift"]
+
+
+def test_a_source_model_with_the_twin_estimator_fits_no_bank_and_mails_the_twin(world, smtp):
+    """`emowatch train --estimator twin`: no shift bank at training (the profile keeps the
+    labelled test images instead); a check of the night site fits the camera to its photos,
+    estimates on the twin, says the condition in words and attaches its picture."""
+    from flows.monitor import monitor_site
+    from flows.train import train_source
+    from tasks.context import Runtime
+
+    settings = world["settings"].model_copy(update={"home": world["root"] / "home-twin"})
+    trained = train_source(data=str(world["root"] / "source"), backbone="tiny", epochs=3,
+                           seed=0, estimator="twin", settings=settings)
+    info = trained["estimator"]
+    assert info["config"]["method"] == "twin" and info["seconds"] == 0.0
+    assert info["twin"]["split"] == "test" and info["twin"]["n"] >= 16
+    _, profile = Runtime.open(settings).registry.load_model("emowatch-source", "1")
+    assert profile.accuracy_estimator() is None and profile.twin is not None
+    before = len(smtp[0].messages)
+    out = monitor_site(site="night", settings=settings)
+    est = out["estimate"]
+    assert est["method"] == "twin" and est["verifiable"], est
+    assert "darker" in est["twin"]["condition"] and est["twin"]["seconds"] > 0
+    assert est["drop"] > 0 and out["impact"] in ("harmful", "unknown")
+    [msg] = _mails(smtp, before)
+    body = msg.get_body(("plain",)).get_content()
+    assert est["twin"]["condition"] in body
+    assert [p.get_filename() for p in msg.iter_attachments()] == [
+        f"check-{out['check_id']}.png", f"check-{out['check_id']}-twin.jpg"]
+    print(f"twin check: fit {est['twin']['seconds']:.1f} s, estimate {est['ms'] / 1000:.1f} s, "
+          f"{est['twin']['condition']}, accuracy {est['accuracy']:.3f} was "
+          f"{est['source_accuracy']:.3f}")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.estimate.twin import TwinConfig, descriptors, fit_twin, resampling_spread, stat_matrix
+from models.estimate.twin import TwinConfig, fit_twin, gap_scale, set_moments, stat_matrix
 from models.sim.camera import NEUTRAL, CameraParams, apply_camera
 
 FAST = TwinConfig(grid=48, fit_images=24, names=("gain", "saturation", "blur", "noise_read"),
-                  design=4, restarts=1, sweeps=4, points=7, resamples=30)
+                  sweeps=3, points=7)
 
 
 def _photos(n: int, seed: int) -> list[np.ndarray]:
@@ -30,12 +30,20 @@ def _photos(n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def test_a_clean_sample_is_about_one_resampling_spread_away():
-    held, site = _photos(60, 0), _photos(30, 1)
-    st = stat_matrix(held)
-    scale = resampling_spread(st, None, len(site), 60, np.random.default_rng(0))
-    z = (descriptors(stat_matrix(site), None) - descriptors(st, None)) / scale
-    assert 0.3 < float(np.sqrt(np.mean(z ** 2))) < 2.0
+def test_two_samples_of_one_camera_are_about_one_standard_error_apart():
+    rng = np.random.default_rng(0)
+    ds = []
+    for seed in range(20):  # pairs of samples of one camera: d^2 averages ~1
+        a, b = _photos(60, 2 * seed), _photos(30, 2 * seed + 1)
+        ma, mb = set_moments(stat_matrix(a), None), set_moments(stat_matrix(b), None)
+        z = (ma[0] - mb[0]) / gap_scale(mb, len(b), len(a), 0)
+        ds.append(float(np.mean(z ** 2)))
+    assert 0.5 < float(np.mean(ds)) < 1.6, ds
+    # a darker camera is many standard errors away
+    dark = [apply_camera(im, CameraParams(gain=0.5), rng) for im in _photos(30, 99)]
+    ma, mb = set_moments(stat_matrix(_photos(60, 0)), None), set_moments(stat_matrix(dark), None)
+    z = (ma[0] - mb[0]) / gap_scale(mb, 30, 60, 0)
+    assert float(np.sqrt(np.mean(z ** 2))) > 4
 
 
 def test_the_twin_recovers_a_dark_noisy_camera():
@@ -69,8 +77,8 @@ def test_bad_input_is_refused():
         fit_twin(_photos(8, 0), _photos(5, 1), TwinConfig(names=("exposure",)))
 
 
-def test_twin_accuracy_known_answers_and_a_wider_interval_for_a_poor_fit():
-    from models.estimate.twin import TwinFit, twin_accuracy
+def test_a_poor_fit_widens_the_interval_by_its_residual():
+    from models.estimate.twin import TwinEstimator, TwinFit
 
     imgs = _photos(40, 3)
     bright = np.array([im.mean() / 255 for im in imgs])
@@ -82,14 +90,105 @@ def test_twin_accuracy_known_answers_and_a_wider_interval_for_a_poor_fit():
     def fit_of(p, d):
         return TwinFit(p, d, d, 0.0, 0)
 
-    clean = twin_accuracy(predict, imgs, labels, fit_of(CameraParams(), 0.8), grid=48, draws=1)
-    assert clean.accuracy >= 0.95 and clean.low <= clean.accuracy <= clean.high
-    dark = twin_accuracy(predict, imgs, labels, fit_of(CameraParams(gain=0.3), 0.8), grid=48)
-    assert dark.accuracy == pytest.approx(0.5, abs=0.05)  # everything reads as class 0
+    twin = TwinEstimator(config=FAST)
     noisy = CameraParams(noise_read=0.08)
-    a = twin_accuracy(predict, imgs, labels, fit_of(noisy, 1.0), grid=48, seed=1)
-    b = twin_accuracy(predict, imgs, labels, fit_of(noisy, 3.0), grid=48, seed=1)
-    assert a.accuracy == b.accuracy and b.widened_by == 3.0
+    a, _ = twin.estimate_images(predict, imgs, labels, imgs, fit=fit_of(noisy, 1.0), seed=1)
+    b, _ = twin.estimate_images(predict, imgs, labels, imgs, fit=fit_of(noisy, 2.5), seed=1)
+    assert a.accuracy == b.accuracy and a.verifiable and b.verifiable
     assert (b.high - b.low) > 2.0 * (a.high - a.low) - 1e-9 or b.low == 0.0 or b.high == 1.0
+    assert (b.drop_high - b.drop_low) > 2.0 * (a.drop_high - a.drop_low) - 1e-9
     with pytest.raises(ValueError, match="one label per"):
-        twin_accuracy(predict, imgs, labels[:5], fit_of(noisy, 1.0), grid=48)
+        twin.estimate_images(predict, imgs, labels[:5], imgs, fit=fit_of(noisy, 1.0))
+
+
+def test_the_twin_estimator_measures_the_version_on_the_fitted_camera():
+    """Known answers: a model that reads brightness is perfect on its own camera and at chance
+    on a darker one; the estimator fits the darker camera to the site, reports the drop paired
+    with the untouched images, calls it harmful, and a content change is not verifiable."""
+    from models.estimate.base import Estimate, impact
+    from models.estimate.twin import TwinEstimator
+
+    held = _photos(60, 3)
+    bright = np.array([im.mean() / 255 for im in held])
+    thr = float(np.median(bright))
+    labels = (bright > thr).astype(int)
+
+    def predict(batch):
+        return np.array([int(im.mean() / 255 > thr) for im in batch])
+
+    twin = TwinEstimator(config=FAST, draws=2)
+    rng = np.random.default_rng(4)
+    dark_site = [apply_camera(im, CameraParams(gain=0.45), rng) for im in _photos(30, 4)]
+    est, fit = twin.estimate_images(predict, held, labels, dark_site)
+    assert isinstance(est, Estimate) and est.method == "twin" and est.verifiable
+    assert fit.params.gain < 0.7 and est.twin["condition"].startswith("darker")
+    assert est.source_accuracy >= 0.95 and est.accuracy == pytest.approx(0.5, abs=0.1)
+    assert est.drop == pytest.approx(est.source_accuracy - est.accuracy)
+    assert est.drop_low <= est.drop <= est.drop_high and est.low <= est.accuracy <= est.high
+    assert impact(est, 0.05) == "harmful" and est.n == 30
+    assert Estimate.from_json(est.to_json()) == est  # the stored form keeps the twin
+    same, fit0 = twin.estimate_images(predict, held, labels, _photos(30, 5))
+    assert fit0.params.is_neutral and same.drop == 0.0 and impact(same, 0.05) == "harmless"
+    # a site the camera cannot make: stripes (content) where the training images have none
+    stripes = [np.where((np.arange(48) // 3 % 2)[None, :, None] == 1, 250, 5).astype(np.uint8)
+               * np.ones((48, 1, 3), np.uint8) for _ in range(30)]
+    other, _ = twin.estimate_images(predict, held, labels, stripes)
+    assert not other.verifiable and "residual" in other.reason and impact(other, 0.05) == "unknown"
+
+
+def test_profiles_keep_the_twin_images_and_older_ones_still_load(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from models.network import Preprocessing
+    from models.profile import ReferenceProfile
+
+    files = []
+    for im in _photos(5, 6):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        files.append(buf.getvalue())
+    prof = ReferenceProfile.from_arrays(np.zeros((3, 4)), np.full((3, 2), 0.5), ["a", "b"])
+    prof.to_npz(tmp_path / "old.npz")  # a profile saved before the twin existed
+    old = ReferenceProfile.from_npz(tmp_path / "old.npz")
+    assert old.twin is None and old.twin_images(Preprocessing(img_size=32)) is None
+    prof.set_twin_images(files, [0, 1, 0, 1, 1])
+    prof.to_npz(tmp_path / "p.npz")
+    back = ReferenceProfile.from_npz(tmp_path / "p.npz")
+    images, labels = back.twin_images(Preprocessing(img_size=48))
+    assert labels.tolist() == [0, 1, 0, 1, 1] and len(images) == 5
+    assert all(np.array_equal(a, b) for a, b in zip(images, _photos(5, 6), strict=True))
+    with pytest.raises(ValueError, match="labels"):
+        prof.set_twin_images(files, [0])
+
+
+def test_the_twin_is_shown_training_image_its_twin_and_a_site_image(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from models.profile import ReferenceProfile
+    from tasks.reports.pages import twin_strip, write_twin_picture
+
+    files = []
+    for im in _photos(3, 7):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        files.append(buf.getvalue())
+    prof = ReferenceProfile.from_arrays(np.zeros((3, 4)), np.full((3, 2), 0.5), ["a", "b"])
+    site = tmp_path / "site.png"
+    Image.fromarray(_photos(1, 8)[0]).save(site)
+    twin = {"params": CameraParams(gain=0.4).to_dict(), "grid": 48, "condition": "darker x0.40"}
+    assert twin_strip(prof, twin, [str(site)]) == []  # a profile without the twin's images
+    prof.set_twin_images(files, [0, 1, 0])
+    strip = twin_strip(prof, twin, [str(site)])
+    assert [s["name"] for s in strip] == ["training 1", "its twin 1", "training 2", "its twin 2",
+                                          "site 1"]
+    assert all(s["uri"].startswith("data:image/jpeg;base64,") for s in strip)
+    out = write_twin_picture(tmp_path / "twin.jpg", prof, twin, [str(site)])
+    with Image.open(out) as im:
+        assert im.size == (3 * 48, 48)
+        a = np.asarray(im.convert("L"), np.float64)
+    assert a[:, 48:96].mean() < 0.6 * a[:, :48].mean()  # the twin is the darker camera
+    assert write_twin_picture(tmp_path / "none.jpg", prof, None, [str(site)]) is None

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from bench.twin_estimate import emotion6_split
-from models.estimate.twin import TwinConfig, fit_twin, twin_accuracy
+from models.estimate.twin import TwinConfig, TwinEstimator, fit_twin
 from models.sim.conditions import apply_condition
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +37,6 @@ def main() -> None:
     probe, y, rng = sp.probe, sp.y, sp.rng
     held, truth_site = sp.held, sp.truth_site
     held_imgs, fit_imgs, truth_imgs = sp.held_imgs, sp.fit_imgs, sp.truth_imgs
-    no_change = float((probe.predict(held_imgs) == y[held]).mean())
     truth_clean = float((probe.predict(truth_imgs) == y[truth_site]).mean())
 
     def embed(images: list[np.ndarray]) -> np.ndarray:
@@ -59,8 +58,9 @@ def main() -> None:
             cfg = TwinConfig(seed=args.seed, feature_weight=args.feature_weight)
             fit = fit_twin(held_imgs, site, cfg, embed=embed if use else None)
             s = time.perf_counter() - t0
-            est = twin_accuracy(probe.predict, held_imgs, y[held], fit, grid=224, seed=args.seed)
-            td, wd = 100 * (truth - truth_clean), 100 * (est.accuracy - no_change)
+            est, _ = TwinEstimator(cfg).estimate_images(probe.predict, held_imgs, y[held],
+                                                        site, fit=fit, seed=args.seed)
+            td, wd = 100 * (truth - truth_clean), -100 * est.drop
             print(f"| {cond} {sev} | {'yes' if use else 'no'} | {td:+.1f} | {wd:+.1f} | "
                   f"{abs(td - wd):.1f} | {fit.describe()} | {fit.distance:.2f} | {s:.0f} |",
                   flush=True)

@@ -67,16 +67,21 @@ class Estimate:
     reason: str
     n: int
     ms: float | None = None
+    # the site twin's fit (``twin`` estimator): camera parameters, the condition in words,
+    # residual, seconds; None for the other estimators
+    twin: dict[str, Any] | None = None
 
     @property
     def available(self) -> bool:
         return self.accuracy is not None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (checks, the CLI, the database): ``ms`` only when timed."""
+        """The JSON form (checks, the CLI, the database): ``ms`` only when timed, ``twin``
+        only from the twin estimator."""
         out = asdict(self)
-        if self.ms is None:
-            del out["ms"]
+        for k in ("ms", "twin"):
+            if out[k] is None:
+                del out[k]
         return out
 
     to_json = to_dict

@@ -33,6 +33,7 @@ class EstimatorConfig:
     specs_mild: int = 40  # bank specs with mostly mild severities (6% identity)
     specs_severe: int = 20  # bank specs with mostly strong severities
     max_images: int = 330  # labelled held-out images used (seeded subsample above)
+    twin_images: int = 240  # held-out images kept for the site twin (0: none)
     interval: str = "knn"  # drop interval: "knn" (local conformal) or "bins" (Mondrian)
     seed: int = 0
     spec_seed: int = 20240611

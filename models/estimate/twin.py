@@ -5,17 +5,17 @@ Both sets are first put on one square ``grid`` (what the model sees, smaller: th
 many times). The distance between two sets is measured in descriptors of the set: the mean and
 the spread over its images of each image-quality statistic (``models.quality``; sharpness and
 noise on log scales), and -- when an ``embed`` function is given -- the mean of the served
-model's own features. Each descriptor is divided by its *resampling spread*: its standard
-deviation over random subsets, as large as the site's batch, of the clean held-out images. A
+model's own features. Each difference is divided by its standard error between two samples
+of the sizes compared, both spread as the site's images are (``gap_scale``). A
 distance of about 1 is then what two samples of the same camera differ by; the residual of a
 fit says, in the same unit, how much of the site the twin cannot explain:
 
-    d(theta)^2 = mean_k ((D_k(camera_theta(held-out)) - D_k(site)) / s_k)^2
+    d(theta)^2 = mean_k ((D_k(camera_theta(held-out)) - D_k(site)) / se_k)^2
 
-The fit is derivative-free (the camera is not differentiable: JPEG, clipping): a coordinate
-search from the neutral camera and from the best point of a seeded random design (restarts),
-on a subsample of the held-out images, with fixed noise draws so the objective is
-deterministic.
+The fit is derivative-free (the camera is not differentiable: JPEG, clipping): forward
+selection of the parameters that move away from neutral, each bought at a price in d^2 and
+re-tuned by narrowing coordinate passes (``stepwise_search``), on a subsample of the held-out
+images, with fixed noise draws so the objective is deterministic.
 Pure numpy / SciPy; no I/O.
 """
 
@@ -25,10 +25,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
 
+from models.estimate.base import Estimate
 from models.images import ImageLike, rgb_array
 from models.quality import image_stats
 from models.sim.camera import NAMES, NEUTRAL, CameraParams, apply_camera
@@ -46,21 +48,22 @@ TWIN_STATS: tuple[tuple[str, bool, float], ...] = (
 
 @dataclass
 class TwinConfig:
-    grid: int = 96  # both sets on grid x grid pixels for the fit (the model sees 224)
-    fit_images: int = 32  # held-out images the fit transforms per evaluation
+    # Both sets on grid x grid pixels: the model's own input size. On a smaller grid (96 was
+    # tried) down-sampling averages away the sensor noise and JPEG blocks the model feels, and
+    # a noise level fitted there means less noise at 224: the night twin under-read the drop
+    # by 9 points at 96 px and by 0.5 at 224 (bench/results/twin_estimate.md).
+    grid: int = 224
+    fit_images: int = 24  # held-out images the fit transforms per evaluation
     names: tuple[str, ...] = NAMES  # the camera parameters fitted (the rest neutral)
-    design: int = 16  # random points of the parameter box; the best seeds a second search
-    restarts: int = 2  # coordinate searches: from neutral, then from the best design points
-    sweeps: int = 4  # passes over the parameters; from the third on, each narrows 3x
-    points: int = 7  # values tried per parameter and pass
-    resamples: int = 40  # subsets for the resampling spread
+    points: int = 7  # values tried per parameter in a scan
+    sweeps: int = 3  # refinement passes over the chosen parameters, each 3x narrower
+    max_changes: int = 4  # parameters a fit may move away from neutral
+    # What moving one more parameter away from neutral must buy, in d^2 (the mean squared
+    # standardised difference). Two samples of one camera differ by d ~ 1, and the best of 12
+    # one-parameter moves explains part of that noise on its own (a clean site's twin came out
+    # "darker x0.79", d 1.24 -> 1.00, d^2 -0.54): a change must explain more than that.
+    price: float = 0.6
     feature_weight: float = 1.0  # weight of the feature-mean descriptors (when embed is given)
-    # Price of moving a parameter away from neutral, per unit of its [0, 1] range, added to
-    # d^2: two samples of one camera differ by d ~ 1, and without a price a clean site's twin
-    # came out "darker x0.79" (d 1.00 against 1.24 neutral, Emotion6 photos): a change must
-    # explain more than sampling noise to be fitted (8: a move of 1/16 of a range must buy
-    # what a 2.8-sigma difference in one of the 16 descriptors would).
-    penalty: float = 8.0
     seed: int = 0
 
 
@@ -120,34 +123,52 @@ def descriptor_names(n_feats: int) -> list[str]:
     return names + [f"feature {i}" for i in range(n_feats)]
 
 
-def resampling_spread(stats: np.ndarray, feats: np.ndarray | None, n: int, resamples: int,
-                      rng: np.random.Generator) -> np.ndarray:
-    """Std of each descriptor over ``resamples`` random subsets of ``n`` clean images: the
-    unit in which twin and site are compared (floored, so no descriptor divides by ~0)."""
-    n = max(2, n)
-    draws = []
-    for _ in range(resamples):
-        idx = rng.choice(len(stats), size=n, replace=True)  # a new sample of the camera
-        draws.append(descriptors(stats[idx], None if feats is None else feats[idx]))
-    # the twin's side is a sample too (all the held-out images): var = s^2/n + s^2/N
-    sd = np.asarray(draws).std(0) * math.sqrt(1.0 + n / len(stats))
-    floor = np.array([f for _, _, f in TWIN_STATS] * 2)
-    if feats is not None:
-        floor = np.concatenate([floor, np.full(sd.shape[0] - floor.shape[0], 1e-3)])
-    return np.maximum(sd, floor)
+def _moments(stats: np.ndarray, feats: np.ndarray | None) -> tuple[np.ndarray, np.ndarray,
+                                                                      np.ndarray]:
+    """Per-image columns (statistics, then features), their mean, std and kurtosis."""
+    x = stats if feats is None else np.hstack([stats, np.asarray(feats, np.float64)])
+    mu, sd = x.mean(0), x.std(0)
+    z = (x - mu) / np.maximum(sd, 1e-12)
+    return mu, sd, np.maximum((z ** 4).mean(0), 1.0)
+
+
+def gap_scale(site: tuple[np.ndarray, np.ndarray, np.ndarray], n_site: int, n_twin: int,
+              n_feats: int) -> np.ndarray:
+    """The standard error of each descriptor's difference between the twin (``n_twin``
+    images) and the site (``n_site``), both taken to spread as the site's images do: a mean
+    differs by s sqrt(1/n_s + 1/n_t), a std by s sqrt((k - 1)/4 (1/n_s + 1/n_t)) (k: the
+    kurtosis). Differences in these units are ~N(0, 1) between two samples of one camera, so
+    d ~ 1. The unit is the site's, fixed during the fit: clean training images all read
+    blockiness ~1 where JPEG photos vary, and a clean-image unit put a JPEG site's twin 20-250
+    units away at the right quality; the twin's own spread (Welch) let the search lower d by
+    making the twin vary more (vignetting 0.8 at a night site). Floored
+    (:data:`TWIN_STATS`' smallest spreads; 1e-3 for features)."""
+    _, sd, kurt = site
+    f = math.sqrt(1.0 / n_site + 1.0 / n_twin)
+    n_stat = len(TWIN_STATS)
+    floor = np.array([f for _, _, f in TWIN_STATS] * 2 + [1e-3] * n_feats)
+    scale = np.concatenate([sd[:n_stat] * f, sd[:n_stat] * f * np.sqrt((kurt[:n_stat] - 1) / 4),
+                            sd[n_stat:] * f])
+    return np.maximum(scale, floor)
+
+
+def set_moments(stats: np.ndarray, feats: np.ndarray | None) -> tuple[np.ndarray, np.ndarray,
+                                                                      np.ndarray]:
+    """(descriptors, per-column std, per-column kurtosis) of one set: what :func:`gap_scale`
+    and the distance need."""
+    _, sd, kurt = _moments(stats, feats)
+    return descriptors(stats, feats), sd, kurt
 
 
 class TwinObjective:
     """d(u) for u in [0, 1]^len(names): the camera on the fit subsample (fixed noise seed),
-    its descriptors, the scaled distance to the site's."""
+    its descriptors, their difference from the site's in standard errors (:func:`gap_scale`)."""
 
-    def __init__(self, held_out: Sequence[np.ndarray], target: np.ndarray, scale: np.ndarray,
+    def __init__(self, held_out: Sequence[np.ndarray], site: tuple, scale: np.ndarray,
                  names: Sequence[str], embed: Callable[[list[np.ndarray]], np.ndarray] | None,
-                 weights: np.ndarray, seed: int, penalty: float = 0.0) -> None:
-        self.held_out, self.target, self.scale = list(held_out), target, scale
+                 weights: np.ndarray, seed: int) -> None:
+        self.held_out, self.target, self.scale = list(held_out), site[0], scale
         self.names, self.embed, self.weights, self.seed = tuple(names), embed, weights, seed
-        self.penalty = penalty
-        self.neutral = CameraParams().to_vector()[[NAMES.index(n) for n in self.names]]
         self.evaluations = 0
 
     def transform(self, p: CameraParams) -> list[np.ndarray]:
@@ -165,23 +186,21 @@ class TwinObjective:
         return float(np.sqrt(np.sum(self.weights * r ** 2) / np.sum(self.weights)))
 
     def __call__(self, u: np.ndarray) -> float:
-        """The search's objective: d^2 plus the price of every parameter's move."""
-        u = np.clip(u, 0, 1)
-        d = self.distance_of(CameraParams.from_vector(u, self.names))
-        return d * d + self.penalty * float(np.abs(u - self.neutral).sum())
+        """The search's objective: d^2 of the camera at u (the parameters scaled to [0, 1])."""
+        d = self.distance_of(CameraParams.from_vector(np.clip(u, 0, 1), self.names))
+        return d * d
 
 
 def coordinate_search(f: Callable[[np.ndarray], float], u0: np.ndarray, f0: float,
-                      sweeps: int, points: int) -> tuple[np.ndarray, float]:
-    """Minimise ``f`` over [0, 1]^d one coordinate at a time: each pass tries ``points``
-    values of every coordinate (the whole range first, then a window 3x narrower around the
-    best each pass) and keeps any improvement. Derivative-free and robust to the camera's
-    flat regions and kinks, where Powell and Nelder-Mead wandered into degenerate corners
-    (all dark, all noise) on photos."""
+                      coords: Sequence[int], sweeps: int, points: int,
+                      width: float = 1.0) -> tuple[np.ndarray, float]:
+    """Minimise ``f`` over [0, 1]^d along ``coords`` one at a time: each pass tries ``points``
+    values of every coordinate in a window of ``width`` around the current best (3x narrower
+    each pass) and keeps any improvement. Derivative-free and robust to the camera's flat
+    regions and kinks, where Powell and Nelder-Mead wandered into degenerate corners."""
     u, best = np.array(u0, np.float64), float(f0)
-    width = 1.0
-    for sweep in range(sweeps):
-        for j in range(len(u)):
+    for _ in range(sweeps):
+        for j in coords:
             lo, hi = max(0.0, u[j] - width / 2), min(1.0, u[j] + width / 2)
             for g in np.linspace(lo, hi, points):
                 if abs(g - u[j]) < 1e-9:
@@ -191,8 +210,39 @@ def coordinate_search(f: Callable[[np.ndarray], float], u0: np.ndarray, f0: floa
                 fv = f(v)
                 if fv < best - 1e-9:
                     u, best = v, fv
-        if sweep >= 1:  # two passes over the whole range (parameters interact: noise hides
-            width /= 3.0  # darkness until it is fitted), then 3x narrower each pass
+        width /= 3.0
+    return u, best
+
+
+def stepwise_search(f: Callable[[np.ndarray], float], neutral: np.ndarray, points: int,
+                    sweeps: int, price: float, max_changes: int) -> tuple[np.ndarray, float]:
+    """Forward selection of the camera's changes: scan every still-neutral parameter over its
+    whole range (``points`` values) with the others where they are, move the one that lowers
+    ``f`` most if it buys more than ``price``, re-tune the moved ones together (narrowing
+    coordinate passes), and repeat, at most ``max_changes`` times. A real site is a few
+    changes (dark and noisy; blurred and compressed): the fit names them, the rest stay
+    neutral instead of drifting to explain sampling noise. A greedy coordinate search over all
+    twelve parameters at once got lost on JPEG sites (every parameter moved, d 14)."""
+    u, best = np.array(neutral, np.float64), float(f(neutral))
+    moved: list[int] = []
+    while len(moved) < max_changes:
+        cand, cand_f, cand_j = None, best, -1
+        for j in range(len(u)):
+            if j in moved:
+                continue
+            for g in np.linspace(0.0, 1.0, points):
+                if abs(g - u[j]) < 1e-9:
+                    continue
+                v = u.copy()
+                v[j] = g
+                fv = f(v)
+                if fv < cand_f:
+                    cand, cand_f, cand_j = v, fv, j
+        if cand is None or cand_f > best - price:
+            break
+        moved.append(cand_j)
+        u, best = coordinate_search(f, cand, cand_f, moved, sweeps, points,
+                                    width=2.0 / (points - 1))
     return u, best
 
 
@@ -213,87 +263,109 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
     rng = np.random.default_rng(cfg.seed)
     ref = on_grid(held_out, cfg.grid)
     site_g = on_grid(site, cfg.grid)
-    ref_stats = stat_matrix(ref)
-    ref_feats = embed(ref) if embed is not None else None
     site_feats = embed(site_g) if embed is not None else None
-    target = descriptors(stat_matrix(site_g), site_feats)
-    scale = resampling_spread(ref_stats, ref_feats, len(site_g), cfg.resamples, rng)
+    site_m = set_moments(stat_matrix(site_g), site_feats)
     n_stat = 2 * len(TWIN_STATS)
-    weights = np.ones_like(target)
+    weights = np.ones_like(site_m[0])
     if site_feats is not None:  # the features together weigh feature_weight x one statistic's
-        weights[n_stat:] = cfg.feature_weight * n_stat / max(1, len(target) - n_stat)
+        weights[n_stat:] = cfg.feature_weight * n_stat / max(1, len(weights) - n_stat)
     fit_idx = rng.choice(len(ref), size=min(cfg.fit_images, len(ref)), replace=False)
-    obj = TwinObjective([ref[i] for i in sorted(fit_idx)], target, scale, cfg.names, embed,
-                        weights, cfg.seed + 1, cfg.penalty)
-    d = len(cfg.names)
+    scale = gap_scale(site_m, len(site_g), len(ref), len(weights) - n_stat)
+    obj = TwinObjective([ref[i] for i in sorted(fit_idx)], site_m, scale, cfg.names, embed,
+                        weights, cfg.seed + 1)
     neutral_u = CameraParams().to_vector()[[NAMES.index(n) for n in cfg.names]]
-    starts = [(obj(neutral_u), neutral_u)]
-    design = rng.random((cfg.design, d))
-    starts += sorted(((obj(u), u) for u in design), key=lambda t: t[0])[:max(0, cfg.restarts - 1)]
-    best_d, best_u = math.inf, neutral_u
-    for d0, u0 in starts:
-        u, du = coordinate_search(obj, u0, d0, cfg.sweeps, cfg.points)
-        if du < best_d:
-            best_d, best_u = du, u
+    best_u, _ = stepwise_search(obj, neutral_u, cfg.points, cfg.sweeps, cfg.price,
+                                cfg.max_changes)
     params = CameraParams.from_vector(best_u, cfg.names)
     # the final residual on every held-out image (not only the fit subsample)
-    full = TwinObjective(ref, target, scale, cfg.names, embed, weights, cfg.seed + 2)
+    full = TwinObjective(ref, site_m, scale, cfg.names, embed, weights, cfg.seed + 2)
     r = full.residuals(params)
     dist = float(np.sqrt(np.sum(weights * r ** 2) / np.sum(weights)))
     neutral_d = full.distance_of(CameraParams())
-    per = dict(zip(descriptor_names(len(target) - n_stat)[:n_stat], np.abs(r[:n_stat]).tolist(),
+    per = dict(zip(descriptor_names(len(r) - n_stat)[:n_stat], np.abs(r[:n_stat]).tolist(),
                    strict=True))
     return TwinFit(params, dist, neutral_d, time.perf_counter() - t0, obj.evaluations, per)
 
 
-
-
 # --- the estimate ------------------------------------------------------------------------------
+# --- the estimator ----------------------------------------------------------------------------
+# A twin farther than this from its site (in standard errors) does not explain it: the site is
+# not a camera condition of the training domain (a change of content: faces -> photos), and its
+# estimate is not verifiable. Two samples of one camera are ~1 apart; a fitted camera site
+# 0.7-1.6 (bench/results/twin_estimate.md).
+MAX_RESIDUAL = 3.0
+
+
 @dataclass
-class TwinAccuracy:
-    """A model's accuracy on the twin: the point estimate and a two-sided interval from the
-    bootstrap over images and degradation draws, widened by the fit's residual."""
+class TwinEstimator:
+    """The ``twin`` estimator (``models.catalog.ESTIMATORS``): fits the camera to the site's
+    images, then measures the model version on its labelled twin. Unlike the bank estimators it
+    learns nothing at training time (only the held-out images are kept with the version) and
+    works for any version, source or adapted: ``predict`` is the version being checked."""
 
-    accuracy: float
-    low: float
-    high: float
-    draws: int
-    n: int
-    widened_by: float  # the residual's factor on the interval's half-width (1: none)
+    name: ClassVar[str] = "twin"
+    needs_images: ClassVar[bool] = True  # estimate_images(), not estimate(batch)
+    config: TwinConfig = field(default_factory=TwinConfig)
+    draws: int = 3  # noise draws per held-out image
+    level: float = 0.90
+    max_residual: float = MAX_RESIDUAL
+    boot: int = 400
+
+    def estimate_images(self, predict: Callable[[list[np.ndarray]], np.ndarray],
+                        held_out: Sequence[np.ndarray], labels: Sequence[int] | np.ndarray,
+                        site: Sequence[np.ndarray], fit: TwinFit | None = None,
+                        seed: int = 0) -> tuple[Estimate, TwinFit]:
+        """(estimate, fit) of the site's accuracy. ``held_out`` and ``site``: images on the
+        model's grid (``config.grid``); ``predict``: grid images -> (N,) classes. ``fit``: a
+        cached fit of this site to reuse (the camera does not depend on the version).
+
+        accuracy: mean correctness on the twin over ``draws`` draws; source_accuracy: the same
+        images untouched; drop = source - accuracy, paired image by image. Intervals: the
+        bootstrap over held-out images (each with its draws' mean), half-widths multiplied by
+        max(1, residual)."""
+        y = np.asarray(labels)
+        if len(y) != len(held_out) or len(y) < 2:
+            raise ValueError(f"need one label per held-out image (>= 2), got {len(y)} for "
+                             f"{len(held_out)}")
+        if self.draws < 1:
+            raise ValueError(f"draws must be >= 1, got {self.draws}")
+        if fit is None:
+            fit = fit_twin(held_out, site, self.config)
+        rng = np.random.default_rng(seed)
+        base = on_grid(held_out, self.config.grid)
+        right0 = (np.asarray(predict(base)) == y).astype(np.float64)
+        if fit.params.is_neutral:
+            right = right0[None]
+        else:
+            right = np.stack([np.asarray(predict([apply_camera(im, fit.params, rng)
+                                                  for im in base])) == y
+                              for _ in range(self.draws)]).astype(np.float64)
+        per_image = right.mean(0)
+        acc, ref = float(per_image.mean()), float(right0.mean())
+        idx = rng.integers(0, len(y), size=(self.boot, len(y)))
+        a_b, d_b = per_image[idx].mean(1), (right0 - per_image)[idx].mean(1)
+        q = [(1 - self.level) / 2, (1 + self.level) / 2]
+        widen = max(1.0, float(fit.distance))
+
+        def interval(x: float, boot: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+            b_lo, b_hi = np.quantile(boot, q)
+            return (max(lo, x - widen * (x - float(b_lo))), min(hi, x + widen * (float(b_hi) - x)))
+
+        low, high = interval(acc, a_b, 0.0, 1.0)
+        d_low, d_high = interval(ref - acc, d_b, -1.0, 1.0)
+        verifiable = fit.distance <= self.max_residual
+        reason = (f"twin: {fit.describe()} (residual {fit.distance:.2f})" if verifiable else
+                  f"the twin explains the site only to a residual of {fit.distance:.1f} "
+                  f"(limit {self.max_residual:g}): not a camera condition of the training "
+                  f"domain (a change of content?); the drop cannot be bounded")
+        est = Estimate(accuracy=acc, low=low, high=high, source_accuracy=ref, drop=ref - acc,
+                       drop_low=d_low, drop_high=d_high, method=self.name,
+                       verifiable=bool(verifiable), reason=reason, n=len(site),
+                       twin={**fit.to_dict(), "grid": self.config.grid})
+        return est, fit
 
 
-def twin_accuracy(predict: Callable[[list[np.ndarray]], np.ndarray],
-                  held_out: Sequence[ImageLike], labels: Sequence[int] | np.ndarray,
-                  fit: TwinFit, grid: int, draws: int = 3, boot: int = 400,
-                  level: float = 0.90, seed: int = 0) -> TwinAccuracy:
-    """Accuracy of ``predict`` (grid images -> (N,) predicted classes) on the labelled
-    ``held_out`` images through the fitted camera, ``draws`` noise draws per image. The
-    interval is the bootstrap's (images resampled, each with its own draws' mean correctness),
-    its half-width multiplied by ``max(1, residual)``: a twin that explains the site only to
-    a distance d > 1 is trusted d times less."""
-    y = np.asarray(labels)
-    if len(y) != len(held_out) or len(y) < 2:
-        raise ValueError(f"need one label per held-out image (>= 2), got {len(y)} for "
-                         f"{len(held_out)}")
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
-    rng = np.random.default_rng(seed)
-    base = on_grid(held_out, grid)
-    right = np.zeros((draws, len(y)))
-    for k in range(draws):
-        imgs = [apply_camera(im, fit.params, rng) for im in base]
-        right[k] = np.asarray(predict(imgs)) == y
-    per_image = right.mean(0)  # (N,) each image's correctness over the draws
-    acc = float(per_image.mean())
-    idx = rng.integers(0, len(y), size=(boot, len(y)))
-    stats = per_image[idx].mean(1)
-    lo_q, hi_q = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    widen = max(1.0, float(fit.distance))
-    low = max(0.0, acc - widen * (acc - float(lo_q)))
-    high = min(1.0, acc + widen * (float(hi_q) - acc))
-    return TwinAccuracy(acc, low, high, draws, len(y), widen)
-
-
-__all__ = ["NEUTRAL", "TWIN_STATS", "TwinAccuracy", "TwinConfig", "TwinFit", "TwinObjective",
-           "descriptors", "twin_accuracy",
-           "coordinate_search", "fit_twin", "on_grid", "resampling_spread", "stat_matrix"]
+__all__ = ["MAX_RESIDUAL", "NEUTRAL", "TWIN_STATS", "TwinConfig", "TwinEstimator",
+           "TwinFit", "TwinObjective",
+           "descriptors",
+           "coordinate_search", "fit_twin", "stepwise_search", "gap_scale", "on_grid", "set_moments", "stat_matrix"]

@@ -87,12 +87,61 @@ def thumb_uri(path: str | Path, size: int = THUMB_PX) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def array_uri(rgb: np.ndarray) -> str:
+def array_uri(rgb: np.ndarray, quality: int = 75) -> str:
+    """An RGB array as a JPEG data URI (75 for thumbnails; higher where compression would hide
+    what the picture shows: noise, JPEG blocks)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(rgb, np.uint8)).save(buf, format="JPEG", quality=75)
+    Image.fromarray(np.asarray(rgb, np.uint8)).save(buf, format="JPEG", quality=quality)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def twin_pictures(profile: Any, twin: Mapping[str, Any] | None, site_paths: Sequence[str],
+                  k: int = 2) -> list[tuple[str, np.ndarray]]:
+    """What the site twin means, in pictures: ``k`` training-domain images, each beside itself
+    through the fitted camera, then ``k`` site images, all on the model's grid: (caption,
+    RGB array) pairs. Empty without a twin estimate or the twin's images."""
+    if not twin or not twin.get("params") or not getattr(profile, "twin", None):
+        return []
+    from models.images import load_rgb
+    from models.network import Preprocessing
+    from models.sim.camera import CameraParams, apply_camera
+
+    prep = Preprocessing(img_size=int(twin.get("grid") or 224))
+    params = CameraParams(**twin["params"])
+    rng = np.random.default_rng(0)
+    held, _ = profile.twin_images(prep, limit=k)
+    out: list[tuple[str, np.ndarray]] = []
+    for i, im in enumerate(held):
+        out += [(f"training {i + 1}", im), (f"its twin {i + 1}", apply_camera(im, params, rng))]
+    for i, p in enumerate(list(site_paths)[:k]):
+        try:
+            out.append((f"site {i + 1}", prep.to_array(load_rgb(p))))
+        except Exception:  # noqa: BLE001 -- a picture, never a failed report
+            continue
+    return out
+
+
+def twin_strip(profile: Any, twin: Mapping[str, Any] | None, site_paths: Sequence[str]
+               ) -> list[dict[str, str]]:
+    """:func:`twin_pictures` as the page's figures (JPEG q92: q75 would hide noise and
+    blocks)."""
+    return [{"uri": array_uri(a, 92), "name": n} for n, a in twin_pictures(profile, twin,
+                                                                           site_paths)]
+
+
+def write_twin_picture(path: Path, profile: Any, twin: Mapping[str, Any] | None,
+                       site_paths: Sequence[str]) -> Path | None:
+    """The e-mail's picture of the twin: training image, its twin, site image side by side
+    (one row), as a JPEG at ``path``; None without a twin."""
+    from PIL import Image
+
+    pics = twin_pictures(profile, twin, site_paths, k=1)
+    if not pics:
+        return None
+    Image.fromarray(np.hstack([a for _, a in pics])).save(path, format="JPEG", quality=92)
+    return path
 
 
 # --- the check report ------------------------------------------------------------------------------------
@@ -158,6 +207,7 @@ def check_report_html(*, site: Any, check_id: int, model: str, result: Any, phra
         if thumbs is not None and len(thumbs):
             training = [{"uri": array_uri(t), "name": f"training {i + 1}"}
                         for i, t in enumerate(thumbs)]
+    twin = twin_strip(profile, record.twin, paths) if len(fs) else []
     return render(
         "check_report.html.j2", site=site.name, check_id=check_id, model=model,
         created=created or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -166,7 +216,7 @@ def check_report_html(*, site: Any, check_id: int, model: str, result: Any, phra
         alpha=result.threshold, n_cur=result.n_cur, n_ref=result.n_ref,
         alert_on=site.drift.alert_on, notified=notified, estimate=est,
         tests=test_rows(result.details), phrases=list(phrases), quality_png=quality_png,
-        shares_png=shares_png, atypical=atypical, typical=typical, training=training,
+        shares_png=shares_png, atypical=atypical, typical=typical, training=training, twin=twin,
         evidently=Path(evidently).resolve().as_uri() if evidently else None,
         mlflow_run=mlflow_run)
 
