@@ -25,11 +25,13 @@ NO_ESTIMATOR = ("this model version has no accuracy estimator (trained before em
 
 
 def estimate_accuracy(profile: Any, fs: FeatureSet, model: Any = None,
-                      site_paths: list[str] | None = None) -> Estimate:
+                      site_paths: list[str] | None = None,
+                      previous_twin: dict[str, Any] | None = None) -> Estimate:
     """The estimate of the window's accuracy (``models.estimate.base.Estimate``, timed in
     ``ms``); an ``unavailable`` record with the reason when there is none. The version's bank
     estimator when it has one; otherwise the site twin (``model``: the version's checkpoint,
-    ``site_paths``: the window's images) when the profile keeps the twin's images."""
+    ``site_paths``: the window's images) when the profile keeps the twin's images;
+    ``previous_twin``: the site's last twin record, whose camera is kept while it fits."""
     from threadpoolctl import threadpool_limits
 
     from models.estimate.describe import Batch
@@ -38,7 +40,7 @@ def estimate_accuracy(profile: Any, fs: FeatureSet, model: Any = None,
     n = len(fs)
     if est is None:
         if getattr(profile, "twin", None) and model is not None and site_paths:
-            return twin_estimate(profile, model, site_paths)
+            return twin_estimate(profile, model, site_paths, previous_twin)
         return unavailable(NO_ESTIMATOR, n)
     if n < 2:
         return unavailable(f"{n} images: too few to estimate", n)
@@ -52,15 +54,18 @@ def estimate_accuracy(profile: Any, fs: FeatureSet, model: Any = None,
     return out.with_ms(round(1000 * (time.perf_counter() - t0), 1))
 
 
-def twin_estimate(profile: Any, model: Any, site_paths: list[str]) -> Estimate:
+def twin_estimate(profile: Any, model: Any, site_paths: list[str],
+                  previous: dict[str, Any] | None = None) -> Estimate:
     """The site twin's estimate (``models.estimate.twin.TwinEstimator``) of ``model`` (a
     checkpoint: the version being checked, source or adapted) on the images at ``site_paths``
-    (undecodable ones skipped), timed in ``ms``."""
+    (undecodable ones skipped), timed in ``ms``. ``previous``: the site's last twin record
+    (``Estimate.twin``); its camera is kept while it still explains the site."""
     import numpy as np
 
     from models.estimate.twin import TwinConfig, TwinEstimator
     from models.evaluate import predict_arrays
     from models.images import load_rgb
+    from models.sim.camera import CameraParams
 
     t0 = time.perf_counter()
     prep = model.preprocessing
@@ -77,8 +82,15 @@ def twin_estimate(profile: Any, model: Any, site_paths: list[str]) -> Estimate:
     def predict(images: list[np.ndarray]) -> np.ndarray:
         return predict_arrays(model, np.stack(images)).argmax(1)
 
+    last = None
+    if previous and previous.get("params") and previous.get("grid") == prep.img_size:
+        try:
+            last = CameraParams(**previous["params"])
+        except (TypeError, ValueError):  # a record from another camera model: search afresh
+            last = None
     est, _ = TwinEstimator(TwinConfig(grid=prep.img_size)).estimate_images(
-        predict, held, labels, site)
+        predict, held, labels, site, previous=last,
+        previous_residual=float(previous.get("distance") or 0.0) if last is not None else 0.0)
     return est.with_ms(round(1000 * (time.perf_counter() - t0), 1))
 
 

@@ -158,13 +158,18 @@ def estimate_task(ctx: RunContext, profile: Any, fs: FeatureSet, model: Any = No
                   window: Window | None = None) -> tuple[Estimate, str]:
     """(estimate, impact) of the window (``tasks.impact``); ``model`` and ``window`` let a
     version without a bank estimator be estimated on the site twin."""
+    from db import checks
+    from db.session import session_scope
     from tasks.impact import estimate_accuracy, headline, impact_of
 
-    paths = None
+    paths = previous = None
     if window is not None:
         where = dict(window.items)
         paths = [where[s] for s in fs.shas if s in where]
-    est = estimate_accuracy(profile, fs, model=model, site_paths=paths)
+        with session_scope(ctx.engine) as s:  # the site's last twin: kept while it fits
+            last = checks.latest_check(s, ctx.site_id)
+            previous = (last.estimate or {}).get("twin") if last is not None else None
+    est = estimate_accuracy(profile, fs, model=model, site_paths=paths, previous_twin=previous)
     imp = impact_of(ctx.site, est)
     get_run_logger().info("%s%s", headline(ctx.site, est, imp),
                           "" if est.available else f" ({est.reason})")

@@ -566,3 +566,7 @@ def test_a_source_model_with_the_twin_estimator_fits_no_bank_and_mails_the_twin(
     print(f"twin check: fit {est['twin']['seconds']:.1f} s, estimate {est['ms'] / 1000:.1f} s, "
           f"{est['twin']['condition']}, accuracy {est['accuracy']:.3f} was "
           f"{est['source_accuracy']:.3f}")
+    # the next check of the same camera keeps the site's camera: one evaluation, no search
+    again = monitor_site(site="night", ingest=False, settings=settings)["estimate"]
+    assert again["twin"]["reused"] and again["twin"]["evaluations"] == 1, again["twin"]
+    assert again["twin"]["params"] == est["twin"]["params"] and not est["twin"]["reused"]

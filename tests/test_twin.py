@@ -192,3 +192,20 @@ def test_the_twin_is_shown_training_image_its_twin_and_a_site_image(tmp_path):
         a = np.asarray(im.convert("L"), np.float64)
     assert a[:, 48:96].mean() < 0.6 * a[:, :48].mean()  # the twin is the darker camera
     assert write_twin_picture(tmp_path / "none.jpg", prof, None, [str(site)]) is None
+
+
+def test_a_site_keeps_its_camera_while_it_fits_and_is_searched_again_when_it_changes():
+    held, rest = _photos(60, 0), _photos(30, 1)
+    rng = np.random.default_rng(5)
+    dark = CameraParams(gain=0.45, noise_read=0.06)
+    site = [apply_camera(im, dark, rng) for im in rest]
+    first = fit_twin(held, site, FAST)
+    assert not first.reused and first.evaluations > 20
+    again = fit_twin(held, site, FAST, previous=first.params, previous_residual=first.distance)
+    assert again.reused and again.evaluations == 1 and again.params == first.params
+    assert again.distance == pytest.approx(first.distance, rel=0.3)
+    # the camera changed (blur instead of darkness): the old one no longer fits, search again
+    blurred = [apply_camera(im, CameraParams(blur=0.02), rng) for im in rest]
+    other = fit_twin(held, blurred, FAST, previous=first.params,
+                     previous_residual=first.distance)
+    assert not other.reused and other.params.blur > 0.01 and other.params.gain > 0.8

@@ -64,6 +64,10 @@ class TwinConfig:
     # "darker x0.79", d 1.24 -> 1.00, d^2 -0.54): a change must explain more than that.
     price: float = 0.6
     feature_weight: float = 1.0  # weight of the feature-mean descriptors (when embed is given)
+    # A site's previous camera (its last check's) is kept while it still explains the site to
+    # this residual: one evaluation on the held-out images instead of a search. A camera that
+    # changed (or a new batch that reads farther than sampling allows) is searched again.
+    reuse_residual: float = 1.5
     seed: int = 0
 
 
@@ -78,6 +82,7 @@ class TwinFit:
     seconds: float
     evaluations: int
     per_descriptor: dict[str, float] = field(default_factory=dict)
+    reused: bool = False  # the previous camera still explained the site (no search)
 
     def describe(self) -> str:
         return self.params.describe()
@@ -87,6 +92,7 @@ class TwinFit:
                 "distance": round(self.distance, 4),
                 "neutral_distance": round(self.neutral_distance, 4),
                 "seconds": round(self.seconds, 2), "evaluations": self.evaluations,
+                "reused": self.reused,
                 "per_descriptor": {k: round(v, 3) for k, v in self.per_descriptor.items()}}
 
 
@@ -248,10 +254,13 @@ def stepwise_search(f: Callable[[np.ndarray], float], neutral: np.ndarray, point
 
 def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
              config: TwinConfig | None = None,
-             embed: Callable[[list[np.ndarray]], np.ndarray] | None = None) -> TwinFit:
+             embed: Callable[[list[np.ndarray]], np.ndarray] | None = None,
+             previous: CameraParams | None = None, previous_residual: float = 0.0) -> TwinFit:
     """The camera that makes ``held_out`` (labelled training-domain images never used to pick
     the model's epoch) look like ``site``. ``embed`` (optional): grid images -> (N, D) features
-    of the served model, whose mean joins the descriptors."""
+    of the served model, whose mean joins the descriptors. ``previous``: the site's camera
+    from its last fit, kept (``reused``) while its residual is within ``reuse_residual`` or
+    1.25x its last residual (``previous_residual``), whichever is larger."""
     cfg = config or TwinConfig()
     if len(held_out) < 4 or len(site) < 2:
         raise ValueError(f"need >= 4 held-out and >= 2 site images, got {len(held_out)} and "
@@ -271,6 +280,16 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
         weights[n_stat:] = cfg.feature_weight * n_stat / max(1, len(weights) - n_stat)
     fit_idx = rng.choice(len(ref), size=min(cfg.fit_images, len(ref)), replace=False)
     scale = gap_scale(site_m, len(site_g), len(ref), len(weights) - n_stat)
+    full = TwinObjective(ref, site_m, scale, cfg.names, embed, weights, cfg.seed + 2)
+    if previous is not None:
+        r = full.residuals(previous)
+        dist = float(np.sqrt(np.sum(weights * r ** 2) / np.sum(weights)))
+        if dist <= max(cfg.reuse_residual, 1.25 * previous_residual):
+            neutral_d = dist if previous.is_neutral else full.distance_of(CameraParams())
+            per = dict(zip(descriptor_names(len(r) - n_stat)[:n_stat],
+                           np.abs(r[:n_stat]).tolist(), strict=True))
+            return TwinFit(previous, dist, neutral_d, time.perf_counter() - t0, 1, per,
+                           reused=True)
     obj = TwinObjective([ref[i] for i in sorted(fit_idx)], site_m, scale, cfg.names, embed,
                         weights, cfg.seed + 1)
     neutral_u = CameraParams().to_vector()[[NAMES.index(n) for n in cfg.names]]
@@ -278,7 +297,6 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
                                 cfg.max_changes)
     params = CameraParams.from_vector(best_u, cfg.names)
     # the final residual on every held-out image (not only the fit subsample)
-    full = TwinObjective(ref, site_m, scale, cfg.names, embed, weights, cfg.seed + 2)
     r = full.residuals(params)
     dist = float(np.sqrt(np.sum(weights * r ** 2) / np.sum(weights)))
     neutral_d = full.distance_of(CameraParams())
@@ -314,10 +332,12 @@ class TwinEstimator:
     def estimate_images(self, predict: Callable[[list[np.ndarray]], np.ndarray],
                         held_out: Sequence[np.ndarray], labels: Sequence[int] | np.ndarray,
                         site: Sequence[np.ndarray], fit: TwinFit | None = None,
-                        seed: int = 0) -> tuple[Estimate, TwinFit]:
+                        seed: int = 0, previous: CameraParams | None = None,
+                        previous_residual: float = 0.0) -> tuple[Estimate, TwinFit]:
         """(estimate, fit) of the site's accuracy. ``held_out`` and ``site``: images on the
         model's grid (``config.grid``); ``predict``: grid images -> (N,) classes. ``fit``: a
-        cached fit of this site to reuse (the camera does not depend on the version).
+        fit of this site to use as it is; ``previous``: the site's last camera, kept when it
+        still explains the site (the camera does not depend on the version).
 
         accuracy: mean correctness on the twin over ``draws`` draws; source_accuracy: the same
         images untouched; drop = source - accuracy, paired image by image. Intervals: the
@@ -330,16 +350,19 @@ class TwinEstimator:
         if self.draws < 1:
             raise ValueError(f"draws must be >= 1, got {self.draws}")
         if fit is None:
-            fit = fit_twin(held_out, site, self.config)
+            fit = fit_twin(held_out, site, self.config, previous=previous,
+                           previous_residual=previous_residual)
         rng = np.random.default_rng(seed)
         base = on_grid(held_out, self.config.grid)
         right0 = (np.asarray(predict(base)) == y).astype(np.float64)
-        if fit.params.is_neutral:
+        p = fit.params
+        # only sensor noise is random: any other camera is the same on every draw
+        draws = self.draws if (p.noise_shot > 0 or p.noise_read > 0) else 1
+        if p.is_neutral:
             right = right0[None]
         else:
-            right = np.stack([np.asarray(predict([apply_camera(im, fit.params, rng)
-                                                  for im in base])) == y
-                              for _ in range(self.draws)]).astype(np.float64)
+            right = np.stack([np.asarray(predict([apply_camera(im, p, rng) for im in base])) == y
+                              for _ in range(draws)]).astype(np.float64)
         per_image = right.mean(0)
         acc, ref = float(per_image.mean()), float(right0.mean())
         idx = rng.integers(0, len(y), size=(self.boot, len(y)))
