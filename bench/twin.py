@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--n-site", type=int, default=120)
     ap.add_argument("--n-held", type=int, default=120)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "twin.md")
+    ap.add_argument("--cases", nargs="+", default=None,
+                    help='only these rows, e.g. "clean" "faces -> photos" (default: all)')
     args = ap.parse_args()
     photos = sorted((args.data_dir / "emotion6" / "images").rglob("*.jpg"))
     faces = sorted((args.data_dir / "ckplus48").rglob("*.png"))
@@ -53,6 +55,8 @@ def main() -> None:
     print("\n".join(rows), flush=True)
     cases = [(f"{label} {sev}" if cond else label, cond, sev) for label, cond, sev in SITES]
     for name, cond, sev in cases + [("faces -> photos", "faces", 0)]:
+        if args.cases and name not in args.cases:
+            continue
         if cond == "faces":
             held_set, site = load(faces[:args.n_held], 128), site_src
         else:

@@ -136,19 +136,25 @@ def test_the_twin_estimator_measures_the_version_on_the_fitted_camera():
     assert not other.verifiable and "residual" in other.reason and impact(other, 0.05) == "unknown"
 
 
-def test_profiles_keep_the_twin_images_and_older_ones_still_load(tmp_path):
+def _png_files(images: list[np.ndarray]) -> list[bytes]:
+    """Images as the bytes of PNG files (what a profile keeps: the original files)."""
     import io
 
     from PIL import Image
 
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def test_profiles_keep_the_twin_images_and_older_ones_still_load(tmp_path):
     from models.network import Preprocessing
     from models.profile import ReferenceProfile
 
-    files = []
-    for im in _photos(5, 6):
-        buf = io.BytesIO()
-        Image.fromarray(im).save(buf, format="PNG")
-        files.append(buf.getvalue())
+    files = _png_files(_photos(5, 6))
     prof = ReferenceProfile.from_arrays(np.zeros((3, 4)), np.full((3, 2), 0.5), ["a", "b"])
     prof.to_npz(tmp_path / "old.npz")  # a profile saved before the twin existed
     old = ReferenceProfile.from_npz(tmp_path / "old.npz")
@@ -164,18 +170,12 @@ def test_profiles_keep_the_twin_images_and_older_ones_still_load(tmp_path):
 
 
 def test_the_twin_is_shown_training_image_its_twin_and_a_site_image(tmp_path):
-    import io
-
     from PIL import Image
 
     from models.profile import ReferenceProfile
     from tasks.reports.pages import twin_strip, write_twin_picture
 
-    files = []
-    for im in _photos(3, 7):
-        buf = io.BytesIO()
-        Image.fromarray(im).save(buf, format="PNG")
-        files.append(buf.getvalue())
+    files = _png_files(_photos(3, 7))
     prof = ReferenceProfile.from_arrays(np.zeros((3, 4)), np.full((3, 2), 0.5), ["a", "b"])
     site = tmp_path / "site.png"
     Image.fromarray(_photos(1, 8)[0]).save(site)
