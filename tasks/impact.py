@@ -40,7 +40,7 @@ def estimate_accuracy(profile: Any, fs: FeatureSet, model: Any = None,
     n = len(fs)
     if est is None:
         if getattr(profile, "twin", None) and model is not None and site_paths:
-            return twin_estimate(profile, model, site_paths, previous_twin)
+            return twin_estimate(profile, model, site_paths, previous_twin, fs.z)
         return unavailable(NO_ESTIMATOR, n)
     if n < 2:
         return unavailable(f"{n} images: too few to estimate", n)
@@ -55,15 +55,18 @@ def estimate_accuracy(profile: Any, fs: FeatureSet, model: Any = None,
 
 
 def twin_estimate(profile: Any, model: Any, site_paths: list[str],
-                  previous: dict[str, Any] | None = None) -> Estimate:
+                  previous: dict[str, Any] | None = None,
+                  site_features: Any = None) -> Estimate:
     """The site twin's estimate (``models.estimate.twin.TwinEstimator``) of ``model`` (a
     checkpoint: the version being checked, source or adapted) on the images at ``site_paths``
     (undecodable ones skipped), timed in ``ms``. ``previous``: the site's last twin record
-    (``Estimate.twin``); its camera is kept while it still explains the site."""
+    (``Estimate.twin``); its camera is kept while it still explains the site.
+    ``site_features``: the version's features of the same images (the check's featurization),
+    for the twin's ``feature_distance``."""
     import numpy as np
 
     from models.estimate.twin import TwinConfig, TwinEstimator
-    from models.evaluate import predict_arrays
+    from models.evaluate import extract_features
     from models.images import load_rgb
     from models.sim.camera import CameraParams
 
@@ -79,8 +82,9 @@ def twin_estimate(profile: Any, model: Any, site_paths: list[str],
         return unavailable(f"{len(site)} decodable images: too few to estimate", len(site))
     held, labels = profile.twin_images(prep)
 
-    def predict(images: list[np.ndarray]) -> np.ndarray:
-        return predict_arrays(model, np.stack(images)).argmax(1)
+    def predict(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        z, probs = extract_features(model, np.stack(images))
+        return np.asarray(probs).argmax(1), np.asarray(z)
 
     last = None
     if previous and previous.get("params") and previous.get("grid") == prep.img_size:
@@ -90,7 +94,9 @@ def twin_estimate(profile: Any, model: Any, site_paths: list[str],
             last = None
     est, _ = TwinEstimator(TwinConfig(grid=prep.img_size)).estimate_images(
         predict, held, labels, site, previous=last,
-        previous_residual=float(previous.get("distance") or 0.0) if last is not None else 0.0)
+        previous_residual=float(previous.get("distance") or 0.0) if last is not None else 0.0,
+        site_features=None if site_features is None or len(site_features) != len(site)
+        else np.asarray(site_features))
     return est.with_ms(round(1000 * (time.perf_counter() - t0), 1))
 
 

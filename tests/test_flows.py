@@ -557,6 +557,7 @@ def test_a_source_model_with_the_twin_estimator_fits_no_bank_and_mails_the_twin(
     est = out["estimate"]
     assert est["method"] == "twin" and est["verifiable"], est
     assert "darker" in est["twin"]["condition"] and est["twin"]["seconds"] > 0
+    assert est["twin"]["feature_distance"] >= 0  # the model's features of twin and site
     assert est["drop"] > 0 and out["impact"] in ("harmful", "unknown")
     [msg] = _mails(smtp, before)
     body = msg.get_body(("plain",)).get_content()
@@ -565,7 +566,7 @@ def test_a_source_model_with_the_twin_estimator_fits_no_bank_and_mails_the_twin(
         f"check-{out['check_id']}.png", f"check-{out['check_id']}-twin.jpg"]
     print(f"twin check: fit {est['twin']['seconds']:.1f} s, estimate {est['ms'] / 1000:.1f} s, "
           f"{est['twin']['condition']}, accuracy {est['accuracy']:.3f} was "
-          f"{est['source_accuracy']:.3f}")
+          f"{est['source_accuracy']:.3f}, feature distance {est['twin']['feature_distance']}")
     # the next check of the same camera keeps the site's camera: one evaluation, no search
     again = monitor_site(site="night", ingest=False, settings=settings)["estimate"]
     assert again["twin"]["reused"] and again["twin"]["evaluations"] == 1, again["twin"]

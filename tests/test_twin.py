@@ -209,3 +209,16 @@ def test_a_site_keeps_its_camera_while_it_fits_and_is_searched_again_when_it_cha
     other = fit_twin(held, blurred, FAST, previous=first.params,
                      previous_residual=first.distance)
     assert not other.reused and other.params.blur > 0.01 and other.params.gain > 0.8
+
+
+def test_feature_distance_is_about_one_between_samples_and_large_for_another_population():
+    from models.estimate.twin import feature_distance
+
+    rng = np.random.default_rng(0)
+    cov = rng.normal(size=(16, 16))
+    same = [feature_distance(rng.normal(size=(240, 16)) @ cov, rng.normal(size=(120, 16)) @ cov)
+            for _ in range(20)]
+    assert 0.6 < float(np.mean(same)) < 1.6, same
+    moved = rng.normal(size=(120, 16)) @ cov + 3.0  # every feature of every image moved
+    assert feature_distance(rng.normal(size=(240, 16)) @ cov, moved) > 4
+    assert np.isnan(feature_distance(np.zeros((1, 16)), np.zeros((5, 16))))

@@ -306,6 +306,31 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
 
 
 # --- the estimate ------------------------------------------------------------------------------
+def feature_distance(twin: np.ndarray, site: np.ndarray, k: int = 8) -> float:
+    """How far the model's own features of the twin are from the site's, in the same unit as
+    the fit's residual: the mean of each of the ``k`` leading principal directions of the
+    site's features (with the twin's), standardised by the site's spread and both sample
+    sizes, as a root mean square. About 1 between two samples of one camera; a camera the
+    image statistics cannot tell from the site's but the model can (or a change of content)
+    reads far."""
+    t, s = np.asarray(twin, np.float64), np.asarray(site, np.float64)
+    if len(t) < 2 or len(s) < 2:
+        return float("nan")
+    mu = s.mean(0)
+    _, _, vt = np.linalg.svd(np.vstack([t, s]) - mu, full_matrices=False)
+    basis = vt[:min(k, vt.shape[0])].T
+    pt, ps = (t - mu) @ basis, (s - mu) @ basis
+    se = np.maximum(ps.std(0), 1e-9) * math.sqrt(1.0 / len(t) + 1.0 / len(s))
+    return float(np.sqrt(np.mean(((pt.mean(0) - ps.mean(0)) / se) ** 2)))
+
+
+def _classes_and_features(out: object) -> tuple[np.ndarray, np.ndarray | None]:
+    """``predict``'s output: classes, or (classes, features)."""
+    if isinstance(out, tuple):
+        return np.asarray(out[0]), np.asarray(out[1])
+    return np.asarray(out), None
+
+
 # --- the estimator ----------------------------------------------------------------------------
 # A twin farther than this from its site (in standard errors) does not explain it: the site is
 # not a camera condition of the training domain (a change of content: faces -> photos), and its
@@ -333,11 +358,15 @@ class TwinEstimator:
                         held_out: Sequence[np.ndarray], labels: Sequence[int] | np.ndarray,
                         site: Sequence[np.ndarray], fit: TwinFit | None = None,
                         seed: int = 0, previous: CameraParams | None = None,
-                        previous_residual: float = 0.0) -> tuple[Estimate, TwinFit]:
+                        previous_residual: float = 0.0,
+                        site_features: np.ndarray | None = None) -> tuple[Estimate, TwinFit]:
         """(estimate, fit) of the site's accuracy. ``held_out`` and ``site``: images on the
-        model's grid (``config.grid``); ``predict``: grid images -> (N,) classes. ``fit``: a
-        fit of this site to use as it is; ``previous``: the site's last camera, kept when it
-        still explains the site (the camera does not depend on the version).
+        model's grid (``config.grid``); ``predict``: grid images -> (N,) classes, or (classes,
+        (N, D) features). ``fit``: a fit of this site to use as it is; ``previous``: the site's
+        last camera, kept when it still explains the site (the camera does not depend on the
+        version). ``site_features``: the version's features of the site's images; with
+        features from ``predict`` the twin record gets ``feature_distance``
+        (:func:`feature_distance`, twin under the camera against the site).
 
         accuracy: mean correctness on the twin over ``draws`` draws; source_accuracy: the same
         images untouched; drop = source - accuracy, paired image by image. Intervals: the
@@ -354,15 +383,22 @@ class TwinEstimator:
                            previous_residual=previous_residual)
         rng = np.random.default_rng(seed)
         base = on_grid(held_out, self.config.grid)
-        right0 = (np.asarray(predict(base)) == y).astype(np.float64)
+        cls0, feats = _classes_and_features(predict(base))
+        right0 = (cls0 == y).astype(np.float64)
         p = fit.params
         # only sensor noise is random: any other camera is the same on every draw
         draws = self.draws if (p.noise_shot > 0 or p.noise_read > 0) else 1
         if p.is_neutral:
             right = right0[None]
         else:
-            right = np.stack([np.asarray(predict([apply_camera(im, p, rng) for im in base])) == y
-                              for _ in range(draws)]).astype(np.float64)
+            rows = []
+            for k in range(draws):
+                cls, f = _classes_and_features(predict([apply_camera(im, p, rng) for im in base]))
+                rows.append(cls == y)
+                feats = f if k == 0 else feats
+            right = np.stack(rows).astype(np.float64)
+        f_dist = (feature_distance(feats, site_features)
+                  if feats is not None and site_features is not None else None)
         per_image = right.mean(0)
         acc, ref = float(per_image.mean()), float(right0.mean())
         idx = rng.integers(0, len(y), size=(self.boot, len(y)))
@@ -384,11 +420,12 @@ class TwinEstimator:
         est = Estimate(accuracy=acc, low=low, high=high, source_accuracy=ref, drop=ref - acc,
                        drop_low=d_low, drop_high=d_high, method=self.name,
                        verifiable=bool(verifiable), reason=reason, n=len(site),
-                       twin={**fit.to_dict(), "grid": self.config.grid})
+                       twin={**fit.to_dict(), "grid": self.config.grid,
+                             "feature_distance": None if f_dist is None else round(f_dist, 3)})
         return est, fit
 
 
 __all__ = ["MAX_RESIDUAL", "NEUTRAL", "TWIN_STATS", "TwinConfig", "TwinEstimator",
            "TwinFit", "TwinObjective",
-           "descriptors",
+           "descriptors", "feature_distance",
            "coordinate_search", "fit_twin", "stepwise_search", "gap_scale", "on_grid", "set_moments", "stat_matrix"]
