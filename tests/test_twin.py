@@ -222,3 +222,27 @@ def test_feature_distance_is_about_one_between_samples_and_large_for_another_pop
     moved = rng.normal(size=(120, 16)) @ cov + 3.0  # every feature of every image moved
     assert feature_distance(rng.normal(size=(240, 16)) @ cov, moved) > 4
     assert np.isnan(feature_distance(np.zeros((1, 16)), np.zeros((5, 16))))
+
+
+def test_a_twin_the_model_sees_far_from_the_site_is_not_verifiable():
+    """Image statistics alike, the model's features apart (a change of content the camera
+    statistics miss): not verifiable, and intervals widened by the feature distance."""
+    from models.estimate.base import impact
+    from models.estimate.twin import TwinEstimator, TwinFit
+
+    imgs = _photos(40, 3)
+    labels = np.zeros(40, int)
+    twin = TwinEstimator(config=FAST)
+    fit = TwinFit(CameraParams(gain=0.8), 1.0, 5.0, 0.0, 0)
+    rng = np.random.default_rng(0)
+
+    def predict(batch):  # features: a cloud around 0 for every image the twin makes
+        return np.zeros(len(batch), int), rng.normal(size=(len(batch), 8))
+
+    near, _ = twin.estimate_images(predict, imgs, labels, imgs, fit=fit,
+                                   site_features=rng.normal(size=(30, 8)))
+    far, _ = twin.estimate_images(predict, imgs, labels, imgs, fit=fit,
+                                  site_features=rng.normal(size=(30, 8)) + 5.0)
+    assert near.verifiable and near.twin["feature_distance"] < 3
+    assert not far.verifiable and far.twin["feature_distance"] > 12
+    assert "the model sees the twin" in far.reason and impact(far, 0.05) == "unknown"

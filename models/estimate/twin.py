@@ -386,6 +386,9 @@ def _classes_and_features(out: object) -> tuple[np.ndarray, np.ndarray | None]:
 # estimate is not verifiable. Two samples of one camera are ~1 apart; a fitted camera site
 # 0.7-1.6 (bench/results/twin_estimate.md).
 MAX_RESIDUAL = 3.0
+# The same for the model's own features (feature_distance): camera conditions 0.8-6.1 (blur 1,
+# fitted as low resolution, the farthest), faces -> photos 40.5 (bench/results/twin_estimate.md).
+MAX_FEATURE_DISTANCE = 12.0
 
 
 @dataclass
@@ -401,6 +404,7 @@ class TwinEstimator:
     draws: int = 2  # noise draws per held-out image (cameras without sensor noise: 1)
     level: float = 0.90
     max_residual: float = MAX_RESIDUAL
+    max_feature_distance: float = MAX_FEATURE_DISTANCE
     boot: int = 400
 
     def estimate_images(self, predict: Callable[[list[np.ndarray]], np.ndarray],
@@ -470,11 +474,18 @@ class TwinEstimator:
 
         low, high = interval(acc, a_b, 0.0, 1.0)
         d_low, d_high = interval(ref - acc, d_b, -1.0, 1.0)
-        verifiable = fit.distance <= self.max_residual
-        reason = (f"twin: {fit.describe()} (residual {fit.distance:.2f})" if verifiable else
-                  f"the twin explains the site only to a residual of {fit.distance:.1f} "
-                  f"(limit {self.max_residual:g}): not a camera condition of the training "
-                  f"domain (a change of content?); the drop cannot be bounded")
+        far_feats = f_dist is not None and not f_dist <= self.max_feature_distance
+        verifiable = fit.distance <= self.max_residual and not far_feats
+        if verifiable:
+            reason = f"twin: {fit.describe()} (residual {fit.distance:.2f})"
+        elif fit.distance > self.max_residual:
+            reason = (f"the twin explains the site only to a residual of {fit.distance:.1f} "
+                      f"(limit {self.max_residual:g}): not a camera condition of the training "
+                      f"domain (a change of content?); the drop cannot be bounded")
+        else:
+            reason = (f"the model sees the twin {f_dist:.1f} standard errors from the site "
+                      f"(limit {self.max_feature_distance:g}): not a camera condition of the "
+                      f"training domain (a change of content?); the drop cannot be bounded")
         est = Estimate(accuracy=acc, low=low, high=high, source_accuracy=ref, drop=ref - acc,
                        drop_low=d_low, drop_high=d_high, method=self.name,
                        verifiable=bool(verifiable), reason=reason, n=len(site),
@@ -483,7 +494,7 @@ class TwinEstimator:
         return est, fit
 
 
-__all__ = ["LOOK_ALIKES", "MAX_RESIDUAL", "NEUTRAL", "TWIN_STATS", "TwinConfig", "TwinEstimator",
+__all__ = ["LOOK_ALIKES", "MAX_FEATURE_DISTANCE", "MAX_RESIDUAL", "NEUTRAL", "TWIN_STATS", "TwinConfig", "TwinEstimator",
            "TwinFit", "TwinObjective",
            "descriptors", "feature_distance",
            "coordinate_search", "fit_twin", "stepwise_search", "gap_scale", "on_grid", "set_moments", "stat_matrix"]
