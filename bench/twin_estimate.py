@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.estimate.twin import TwinConfig, TwinEstimator, on_grid
+from models.estimate.twin import TwinConfig, on_grid
+from models.estimate.twin_estimator import TwinEstimator
 from models.network import LITE_MEAN, LITE_STD, EmotionNet, NetConfig
 from models.sim.conditions import apply_condition
 

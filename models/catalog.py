@@ -32,7 +32,7 @@ DEFAULT_DETECTORS: tuple[str, ...] = ("mmd", "bbsd", "quality")
 # published baselines it is compared with.
 ESTIMATORS: dict[str, str] = {
     "meta-gbm": "models.estimate.meta:MetaGBM",
-    "twin": "models.estimate.twin:TwinEstimator",
+    "twin": "models.estimate.twin_estimator:TwinEstimator",
     "no-change": "models.estimate.base:NoChange",
     "avg-conf": "models.estimate.base:AvgConf",
     "doc": "models.estimate.base:DoC",

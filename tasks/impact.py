@@ -65,7 +65,8 @@ def twin_estimate(profile: Any, model: Any, site_paths: list[str],
     for the twin's ``feature_distance``."""
     import numpy as np
 
-    from models.estimate.twin import TwinConfig, TwinEstimator
+    from models.estimate.twin import TwinConfig
+    from models.estimate.twin_estimator import TwinEstimator
     from models.evaluate import extract_features
     from models.images import load_rgb
     from models.sim.camera import CameraParams

@@ -78,7 +78,8 @@ def test_bad_input_is_refused():
 
 
 def test_a_poor_fit_widens_the_interval_by_its_residual():
-    from models.estimate.twin import TwinEstimator, TwinFit
+    from models.estimate.twin import TwinFit
+    from models.estimate.twin_estimator import TwinEstimator
 
     imgs = _photos(40, 3)
     bright = np.array([im.mean() / 255 for im in imgs])
@@ -106,7 +107,7 @@ def test_the_twin_estimator_measures_the_version_on_the_fitted_camera():
     on a darker one; the estimator fits the darker camera to the site, reports the drop paired
     with the untouched images, calls it harmful, and a content change is not verifiable."""
     from models.estimate.base import Estimate, impact
-    from models.estimate.twin import TwinEstimator
+    from models.estimate.twin_estimator import TwinEstimator
 
     held = _photos(60, 3)
     bright = np.array([im.mean() / 255 for im in held])
@@ -212,7 +213,7 @@ def test_a_site_keeps_its_camera_while_it_fits_and_is_searched_again_when_it_cha
 
 
 def test_feature_distance_is_about_one_between_samples_and_large_for_another_population():
-    from models.estimate.twin import feature_distance
+    from models.estimate.twin_estimator import feature_distance
 
     rng = np.random.default_rng(0)
     cov = rng.normal(size=(16, 16))
@@ -228,7 +229,8 @@ def test_a_twin_the_model_sees_far_from_the_site_is_not_verifiable():
     """Image statistics alike, the model's features apart (a change of content the camera
     statistics miss): not verifiable, and intervals widened by the feature distance."""
     from models.estimate.base import impact
-    from models.estimate.twin import TwinEstimator, TwinFit
+    from models.estimate.twin import TwinFit
+    from models.estimate.twin_estimator import TwinEstimator
 
     imgs = _photos(40, 3)
     labels = np.zeros(40, int)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from bench.twin_estimate import emotion6_split
-from models.estimate.twin import TwinConfig, TwinEstimator, fit_twin
+from models.estimate.twin import TwinConfig, fit_twin
+from models.estimate.twin_estimator import TwinEstimator
 from models.sim.conditions import apply_condition
 
 REPO = Path(__file__).resolve().parents[2]

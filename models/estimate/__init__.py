@@ -4,7 +4,8 @@ Protocol ``Estimator`` (fit on meta-sets of the labelled held-out images, ``esti
 batch -> ``Estimate``); implementations ``MetaGBM`` (the default) and the published
 baselines ``NoChange``, ``AvgConf``, ``DoC``, ``ATCMaxConf``, ``ATCNegEntropy``, registered in
 ``models.catalog.ESTIMATORS``; ``fit_estimator`` fits one for a model version; ``fit_twin``
-fits the camera that makes the held-out images look like a site (the site twin).
+fits the camera that makes the held-out images look like a site (the site twin);
+``TwinEstimator`` measures a version on it.
 
 Names are imported on first use (importing the package costs nothing); inside emowatch,
 import from the module itself (``from models.estimate.base import ...``).
@@ -33,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "TwinConfig": "twin",
     "TwinFit": "twin",
     "fit_twin": "twin",
+    "TwinEstimator": "twin_estimator",
 }
 
 __all__ = sorted(_EXPORTS)
