@@ -12,6 +12,7 @@ drift, whatever its impact (the behaviour before estimates existed).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -93,11 +94,16 @@ def twin_estimate(profile: Any, model: Any, site_paths: list[str],
             last = CameraParams(**previous["params"])
         except (TypeError, ValueError):  # a record from another camera model: search afresh
             last = None
-    est, _ = TwinEstimator(TwinConfig(grid=prep.img_size)).estimate_images(
-        predict, held, labels, site, previous=last,
-        previous_residual=float(previous.get("distance") or 0.0) if last is not None else 0.0,
-        site_features=None if site_features is None or len(site_features) != len(site)
-        else np.asarray(site_features))
+    try:
+        est, _ = TwinEstimator(TwinConfig(grid=prep.img_size)).estimate_images(
+            predict, held, labels, site, previous=last,
+            previous_residual=float(previous.get("distance") or 0.0) if last is not None
+            else 0.0,
+            site_features=None if site_features is None or len(site_features) != len(site)
+            else np.asarray(site_features))
+    except Exception as e:  # noqa: BLE001 -- the check goes on, saying why it has no estimate
+        logging.getLogger(__name__).exception("the site twin failed")
+        return unavailable(f"the site twin failed: {type(e).__name__}: {e}", len(site))
     return est.with_ms(round(1000 * (time.perf_counter() - t0), 1))
 
 

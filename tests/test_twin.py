@@ -248,3 +248,23 @@ def test_a_twin_the_model_sees_far_from_the_site_is_not_verifiable():
     assert near.verifiable and near.twin["feature_distance"] < 3
     assert not far.verifiable and far.twin["feature_distance"] > 12
     assert "the model sees the twin" in far.reason and impact(far, 0.05) == "unknown"
+
+
+def test_a_failing_twin_leaves_the_check_an_unavailable_estimate_with_the_reason(tmp_path):
+    from PIL import Image
+
+    from models.network import Preprocessing
+    from models.profile import ReferenceProfile
+    from tasks.impact import twin_estimate
+
+    class Broken:  # a version whose forward pass fails
+        preprocessing = Preprocessing(img_size=48)
+
+    prof = ReferenceProfile.from_arrays(np.zeros((3, 4)), np.full((3, 2), 0.5), ["a", "b"])
+    prof.set_twin_images(_png_files(_photos(6, 1)), [0, 1, 0, 1, 0, 1])
+    paths = []
+    for i, im in enumerate(_photos(4, 2)):
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    est = twin_estimate(prof, Broken(), paths + [str(tmp_path / "missing.png")])
+    assert not est.available and est.reason.startswith("the site twin failed") and est.n == 4
