@@ -144,15 +144,6 @@ def descriptor_names(n_feats: int) -> list[str]:
     return names + [f"feature {i}" for i in range(n_feats)]
 
 
-def _moments(stats: np.ndarray, feats: np.ndarray | None) -> tuple[np.ndarray, np.ndarray,
-                                                                      np.ndarray]:
-    """Per-image columns (statistics, then features), their mean, std and kurtosis."""
-    x = stats if feats is None else np.hstack([stats, np.asarray(feats, np.float64)])
-    mu, sd = x.mean(0), x.std(0)
-    z = (x - mu) / np.maximum(sd, 1e-12)
-    return mu, sd, np.maximum((z ** 4).mean(0), 1.0)
-
-
 def gap_scale(site: tuple[np.ndarray, np.ndarray, np.ndarray], n_site: int, n_twin: int,
               n_feats: int) -> np.ndarray:
     """The standard error of each descriptor's difference between the twin (``n_twin``
@@ -177,7 +168,9 @@ def set_moments(stats: np.ndarray, feats: np.ndarray | None) -> tuple[np.ndarray
                                                                       np.ndarray]:
     """(descriptors, per-column std, per-column kurtosis) of one set: what :func:`gap_scale`
     and the distance need."""
-    _, sd, kurt = _moments(stats, feats)
+    x = stats if feats is None else np.hstack([stats, np.asarray(feats, np.float64)])
+    sd = x.std(0)
+    kurt = np.maximum((((x - x.mean(0)) / np.maximum(sd, 1e-12)) ** 4).mean(0), 1.0)
     return descriptors(stats, feats), sd, kurt
 
 
@@ -295,18 +288,23 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
     site_m = set_moments(site_stats, None)
     n_stat = 2 * len(TWIN_STATS)
     weights = np.ones_like(site_m[0])
-    fit_idx = rng.choice(len(ref), size=min(cfg.fit_images, len(ref)), replace=False)
     scale = gap_scale(site_m, len(site_g), len(ref), 0)
     full = TwinObjective(ref, site_m, scale, cfg.names, None, weights, cfg.seed + 2)
+
+    def finished(params: CameraParams, r: np.ndarray, evaluations: int,
+                 reused: bool = False) -> TwinFit:
+        """The fit's record from its residuals ``r`` on every held-out image."""
+        dist = float(np.sqrt(np.sum(weights * r ** 2) / np.sum(weights)))
+        neutral_d = dist if params.is_neutral else full.distance_of(CameraParams())
+        per = dict(zip(descriptor_names(0), np.abs(r[:n_stat]).tolist(), strict=True))
+        return TwinFit(params, dist, neutral_d, time.perf_counter() - t0, evaluations, per,
+                       reused=reused)
+
     if previous is not None:
         r = full.residuals(previous)
-        dist = float(np.sqrt(np.sum(weights * r ** 2) / np.sum(weights)))
-        if dist <= max(cfg.reuse_residual, 1.25 * previous_residual):
-            neutral_d = dist if previous.is_neutral else full.distance_of(CameraParams())
-            per = dict(zip(descriptor_names(len(r) - n_stat)[:n_stat],
-                           np.abs(r[:n_stat]).tolist(), strict=True))
-            return TwinFit(previous, dist, neutral_d, time.perf_counter() - t0, 1, per,
-                           reused=True)
+        if float(np.sqrt(np.mean(r ** 2))) <= max(cfg.reuse_residual, 1.25 * previous_residual):
+            return finished(previous, r, 1, reused=True)
+    fit_idx = rng.choice(len(ref), size=min(cfg.fit_images, len(ref)), replace=False)
     subsample = [ref[i] for i in sorted(fit_idx)]
     obj = TwinObjective(subsample, site_m, scale, cfg.names, None, weights, cfg.seed + 1)
     neutral_u = CameraParams().to_vector()[[NAMES.index(n) for n in cfg.names]]
@@ -319,12 +317,7 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
         evaluations += n_eval
     params = CameraParams.from_vector(best_u, cfg.names)
     # the final residual on every held-out image (not only the fit subsample)
-    r = full.residuals(params)
-    dist = float(np.sqrt(np.sum(weights * r ** 2) / np.sum(weights)))
-    neutral_d = full.distance_of(CameraParams())
-    per = dict(zip(descriptor_names(len(r) - n_stat)[:n_stat], np.abs(r[:n_stat]).tolist(),
-                   strict=True))
-    return TwinFit(params, dist, neutral_d, time.perf_counter() - t0, evaluations, per)
+    return finished(params, full.residuals(params), evaluations)
 
 
 def _refine_with_features(u: np.ndarray, neutral_u: np.ndarray, subsample: list[np.ndarray],

@@ -120,7 +120,8 @@ class TwinEstimator:
             for k in range(draws):
                 cls, f = _classes_and_features(predict([apply_camera(im, p, rng) for im in base]))
                 rows.append(cls == y)
-                feats = f if k == 0 else feats
+                if k == 0:  # the twin's features: the first draw's
+                    feats = f
             right = np.stack(rows).astype(np.float64)
         per_image = right.mean(0)
         acc, ref = float(per_image.mean()), float(right0.mean())
