@@ -91,24 +91,28 @@ def transform(name: str, img: np.ndarray, i: int) -> np.ndarray:
 
 
 # --- models, banks, outputs (cached) ----------------------------------------------------------------
+PRECISION = "fp32"  # --precision: the inference precision of the benchmark's models
+
+
 def train_model(name: str, records: list[Any], classes: list[str], seed: int) -> Any:
     import torch
 
+    from emowatch.hardware import resolve_precision
     from models.data import stratified_split
     from models.network import Checkpoint, load_checkpoint, save_checkpoint
     from models.train import TrainConfig, train_source
 
     path = CACHE / f"{name}.pt"
     if path.exists():
-        return load_checkpoint(path)
+        ckpt = load_checkpoint(path)
+        ckpt.config["inference"] = {"precision": resolve_precision(PRECISION)}
+        return ckpt
     tr, va = stratified_split(records, 0.15, seed + 7)
     t0 = time.perf_counter()
     res = train_source([records[i] for i in tr], classes, config=TrainConfig(seed=seed),
                        val=[records[i] for i in va])
     ckpt: Checkpoint = res.checkpoint
-    from emowatch.hardware import resolve_precision
-
-    ckpt.config["inference"] = {"precision": resolve_precision("auto")}
+    ckpt.config["inference"] = {"precision": resolve_precision(PRECISION)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(ckpt, path)
     log(f"trained {name} in {time.perf_counter() - t0:.0f} s (val acc {res.val_metrics.accuracy:.3f})")
@@ -151,7 +155,7 @@ def outputs(name: str, ckpt: Any, images: list[np.ndarray], cond: str) -> Any:
     from models.estimate.fit import stats_matrix
     from models.evaluate import extract_features
 
-    path = CACHE / f"{name}-{cond}.npz"
+    path = CACHE / f"{name}-{cond}{'' if PRECISION == 'auto' else '-' + PRECISION}.npz"
     if path.exists():
         z = np.load(path)
         return Batch(z["z"], z["p"], z["s"])
@@ -222,7 +226,8 @@ def photo_split(seed: int) -> tuple[Any, np.ndarray, list[int], list[int], Any]:
     return e6, y, cal, pool, ckpt
 
 
-def photo_seed(seed: int, trials: int, rows: list[dict[str, Any]], cfg: Any, faces: bool) -> None:
+def photo_seed(seed: int, trials: int, rows: list[dict[str, Any]], cfg: Any, faces: bool,
+               opts: argparse.Namespace) -> None:
     from models.images import load_rgb
 
     e6, y, cal, pool, ckpt = photo_split(seed)
@@ -238,14 +243,23 @@ def photo_seed(seed: int, trials: int, rows: list[dict[str, Any]], cfg: Any, fac
     batches = {c: outputs(f"photo{seed}", ckpt, pool_imgs, c)
                for c in ["clean", *CONDS, *HARMLESS]}
     batches.update({p: batches["clean"] for p in PRIORS})
-    run_sites(ests, batches, y[pool], trials, np.random.default_rng(1000 + seed), rows,
-              {"kind": "site", "seed": seed, "setting": "photos"})
+    if not opts.twin_only:
+        run_sites(ests, batches, y[pool], trials, np.random.default_rng(1000 + seed), rows,
+                  {"kind": "site", "seed": seed, "setting": "photos"})
+    if opts.twin_trials:
+        conds = ["clean", *CONDS, *HARMLESS, *opts.twin_priors.split(",")]
+        from bench.estimate_twin import twin_sites
+
+        twin_sites(ckpt, [imgs[i] for i in cal], y[cal], pool_imgs, batches, y[pool],
+                   [c for c in conds if c], opts.twin_trials, tuple(opts.twin_sizes),
+                   np.random.default_rng(3000 + seed), rows,
+                   {"kind": "site", "seed": seed, "setting": "photos"}, opts.out, transform)
     if faces:
-        face_seed(seed, trials, rows, cfg, e6, imgs)
+        face_seed(seed, trials, rows, cfg, e6, imgs, opts)
 
 
 def face_seed(seed: int, trials: int, rows: list[dict[str, Any]], cfg: Any, e6: Any,
-              photo_imgs: dict[int, np.ndarray]) -> None:
+              photo_imgs: dict[int, np.ndarray], opts: argparse.Namespace) -> None:
     """A face model's estimator on photos (a concept change): must say unverifiable."""
     from models.data import read_image_folder, split_records
     from models.images import load_rgb
@@ -262,14 +276,25 @@ def face_seed(seed: int, trials: int, rows: list[dict[str, Any]], cfg: Any, e6: 
     full = outputs(f"face{seed}", ckpt, [photo_imgs[i] for i in idx], "clean")
     truth = float((full.probs.argmax(1) == y[idx]).mean())
     rng = np.random.default_rng(2000 + seed)
-    for n in SIZES:
-        for t in range(trials):
-            site = full.take(rng.choice(len(idx), n, replace=False))
-            for name, e in ests.items():
-                rows.append({"kind": "site", "seed": seed, "setting": "faces->photos",
-                             "cond": "faces->photos", "n": n, "trial": t, "est": name,
-                             "truth": truth, "true_drop": meta.acc_ref - truth,
-                             **e.estimate(site).to_dict()})
+    extra = {"kind": "site", "seed": seed, "setting": "faces->photos"}
+    if not opts.twin_only:
+        for n in SIZES:
+            for t in range(trials):
+                site = full.take(rng.choice(len(idx), n, replace=False))
+                for name, e in ests.items():
+                    rows.append({**extra, "cond": "faces->photos", "n": n, "trial": t,
+                                 "est": name, "truth": truth,
+                                 "true_drop": meta.acc_ref - truth,
+                                 **e.estimate(site).to_dict()})
+    if opts.twin_trials:
+        from bench.estimate_twin import twin_sites
+
+        before = len(rows)
+        twin_sites(ckpt, cal_imgs, yc[cal], [photo_imgs[i] for i in idx], {"clean": full},
+                   y[idx], ["clean"], opts.twin_trials, tuple(opts.twin_sizes),
+                   np.random.default_rng(4000 + seed), rows, extra, opts.out, transform)
+        for r in rows[before:]:  # the face model's own held-out accuracy is the reference
+            r["cond"], r["true_drop"] = "faces->photos", meta.acc_ref - r["truth"]
 
 
 # --- tables ---------------------------------------------------------------------------------------
@@ -311,23 +336,39 @@ def tables(rows: list[dict[str, Any]]) -> str:
                                         for k in ("harmful", "harmless", "unknown"))
                              + f" (N={len(rs)})")
             out.append(f"| {e} | {n} | " + " | ".join(cells) + " |")
-    out += ["", "### Per condition, default estimator, n = 240", "",
-            "| condition | true drop | est. drop | MAE | covered | harmful | harmless | unknown "
-            "| unverifiable |", "|---|---|---|---|---|---|---|---|---|"]
     default = "meta-gbm"
-    for c in dict.fromkeys(r["cond"] for r in sites):
-        rs = [r for r in sites if r["est"] == default and r["n"] == 240 and r["cond"] == c]
-        if not rs:
-            continue
-        imp = [impact(r, TOL) for r in rs]
-        out.append(
-            f"| {c} | {100 * _mean([r['true_drop'] for r in rs]):.1f} | "
-            f"{100 * _mean([r['drop'] for r in rs]):.1f} | "
-            f"{100 * _mean([abs(r['accuracy'] - r['truth']) for r in rs]):.1f} | "
-            f"{100 * _mean([r['low'] <= r['truth'] <= r['high'] for r in rs]):.0f} | "
-            + " | ".join(f"{100 * _mean([i == k for i in imp]):.0f}"
-                         for k in ("harmful", "harmless", "unknown"))
-            + f" | {100 * _mean([not r['verifiable'] for r in rs]):.0f} |")
+    for e in [x for x in ("meta-gbm", "twin") if x in names]:
+        out += ["", f"### Per condition, {e}, n = 240", "",
+                "| condition | trials | true drop | est. drop | MAE | drop MAE | covered | harmful "
+                "| harmless | unknown | unverifiable |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in dict.fromkeys(r["cond"] for r in sites):
+            rs = [r for r in sites if r["est"] == e and r["n"] == 240 and r["cond"] == c]
+            if not rs:
+                continue
+            imp = [impact(r, TOL) for r in rs]
+            out.append(
+                f"| {c} | {len(rs)} | {100 * _mean([r['true_drop'] for r in rs]):.1f} | "
+                f"{100 * _mean([r['drop'] for r in rs]):.1f} | "
+                f"{100 * _mean([abs(r['accuracy'] - r['truth']) for r in rs]):.1f} | "
+                f"{100 * _mean([abs(r['drop'] - r['true_drop']) for r in rs]):.1f} | "
+                f"{100 * _mean([r['low'] <= r['truth'] <= r['high'] for r in rs]):.0f} | "
+                + " | ".join(f"{100 * _mean([i == k for i in imp]):.0f}"
+                             for k in ("harmful", "harmless", "unknown"))
+                + f" | {100 * _mean([not r['verifiable'] for r in rs]):.0f} |")
+    out += ["", "### Untouched or re-encoded photos (clean + harmless changes), n = 240: "
+            "% of trials not harmless", "",
+            "An e-mail (default `alert_on` harmful) needs a harmful impact, or an unknown one while "
+            "the drift test fires: the share not called harmless bounds the e-mail rate from "
+            "above.", "", "| estimator | trials | harmless | unknown | harmful |",
+            "|---|---|---|---|---|"]
+    quiet = {"clean", *HARMLESS}
+    for e in names:
+        rs = [r for r in photos if r["est"] == e and r["n"] == 240 and r["cond"] in quiet]
+        if rs:
+            imp = [impact(r, TOL) for r in rs]
+            out.append(f"| {e} | {len(rs)} | " + " | ".join(
+                f"{100 * _mean([i == k for i in imp]):.0f}"
+                for k in ("harmless", "unknown", "harmful")) + " |")
     ms = [r["ms"] for r in sites if r["est"] == default and "ms" in r]
     fits = [r for r in rows if r.get("kind") == "fit"]
     if ms:
@@ -350,7 +391,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-faces", action="store_true")
     ap.add_argument("--out", type=Path, default=CACHE / "results.json")
     ap.add_argument("--tables", type=Path, help="only print the tables of a results file")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                    help="inference precision of the benchmark's models (default fp32)")
+    ap.add_argument("--twin-trials", type=int, default=1,
+                    help="trials of the twin estimator per condition and size (0: none; its "
+                         "fit takes 20-130 s a site)")
+    ap.add_argument("--twin-sizes", type=lambda v: [int(x) for x in v.split(",")],
+                    default=[240], help="site sizes the twin is measured at (default 240)")
+    ap.add_argument("--twin-priors", default="prior_x3_0,prior_dirichlet",
+                    help="class-prior sites the twin is measured on (comma-separated)")
+    ap.add_argument("--twin-only", action="store_true",
+                    help="only the twin (append to --out when it exists)")
     args = ap.parse_args(argv)
+    global PRECISION
+    PRECISION = args.precision
     if args.tables:
         print(tables(json.loads(args.tables.read_text())))
         return 0
@@ -358,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EstimatorConfig(interval=args.interval, specs_mild=round(2 * args.specs / 3),
                           specs_severe=args.specs - round(2 * args.specs / 3))
     rows: list[dict[str, Any]] = []
+    if args.twin_only and args.out.exists():
+        rows = [r for r in json.loads(args.out.read_text()) if r.get("est") != "twin"]
     for i, s in enumerate(int(x) for x in args.seeds.split(",")):
-        photo_seed(s, args.trials, rows, cfg, faces=not args.no_faces and i < 2)
+        photo_seed(s, args.trials, rows, cfg, faces=not args.no_faces and i < 2, opts=args)
         args.out.write_text(json.dumps(rows, default=float))
     print(tables(rows))
     return 0

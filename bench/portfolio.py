@@ -7,8 +7,9 @@ Sites (n = 240 unlabelled site photos each, adaptation only):
 * faces -> photos (the paper's setting: a CK+48 model on Emotion6 photos).
 
 Per site the portfolio runs as the flow runs it (proxies from the held-out labelled
-training-domain images under the nearest shifts of the estimator's bank, never a benchmark
-condition; every member applied to the site and to each proxy) and every candidate is then
+training-domain images through the camera fitted to the site, its twin, or with ``--judge
+bank`` under the nearest shifts of the estimator's bank; every member applied to the site and
+to each proxy) and every candidate is then
 scored on labelled site photos NOT used for adaptation (the site's test half under the same
 condition). Printed: champion, each candidate, the selected one and the oracle choice (the
 best of the same candidates by site labels); gap recovered ((selected - champion) / (clean -
@@ -18,9 +19,8 @@ regret (oracle - selected); harm (selected more than 1 point below the champion)
     .venv/bin/python -m bench.portfolio --seeds 0 1 2
     .venv/bin/python -m bench.portfolio --seeds 0 --conditions night --severities 2 --no-faces
 
-Frozen activations computed here run in the machine's inference precision
-(emowatch.hardware.resolve_precision("auto"): bf16 on CPUs with native bf16), as a version
-trained on this machine runs; the source models are bench/common's (cached).
+Frozen activations run in fp32 (``--precision``; auto: bf16 on CPUs with native bf16); the
+source models are bench/common's (cached).
 """
 
 from __future__ import annotations
@@ -97,13 +97,20 @@ class Proxies:
         self.grids = np.stack([prep.to_array(load_rgb(records[i].path)) for i in idx])
         self.labels = np.asarray([records[i].label for i in idx])
 
-    def for_site(self, site_grids: np.ndarray, site_h: torch.Tensor) -> tuple[list[SiteSet], list[dict]]:
-        return build_proxies(self.model, self.prep, self.grids, self.labels, site_grids, site_h,
-                             self.precision, self.cfg)
+    def for_site(self, site_grids: np.ndarray, site_h: torch.Tensor
+                 ) -> tuple[list[SiteSet], list[dict], object | None]:
+        """(proxies, what they are, the twin's fit or None), as tasks.portfolio builds them."""
+        if self.cfg.source == "twin":
+            from models.adapt.proxies import twin_proxies
+
+            return twin_proxies(self.model, self.prep, self.grids, self.labels, site_grids,
+                                self.precision, self.cfg)
+        return (*build_proxies(self.model, self.prep, self.grids, self.labels, site_grids,
+                               site_h, self.precision, self.cfg), None)
 
 
 def verdict_of(chosen, champion: EmotionNet, source_val: tuple[torch.Tensor, torch.Tensor],
-               site_h: torch.Tensor) -> tuple[str, list[str]]:
+               site_h: torch.Tensor) -> tuple[str, list[str], dict]:
     """The flow's verdict on the selected candidate (models.validate.candidate with the site's default
     gates, as tasks.candidate.validate runs them; no explanation gate: no probe images)."""
     from models.adapt.bn import with_bn_stats_of
@@ -115,21 +122,27 @@ def verdict_of(chosen, champion: EmotionNet, source_val: tuple[torch.Tensor, tor
     rep = validate_candidate(res.model, champion, source_val, site_h,
                              site_candidate=chosen.applied.h if res.frozen_changed else None,
                              candidate_source_model=src_model)
-    return rep.verdict, list(rep.reasons)
+    return rep.verdict, list(rep.reasons), dict(rep.gates)
 
 
 def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
              site_grids: np.ndarray, test_grids: np.ndarray, y_test: np.ndarray,
              clean_acc: float | None, source: CachedSet | None, args, rows: list[dict],
              source_val: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    from models.estimate.twin_estimator import MAX_RESIDUAL
+    from tasks.portfolio import unjudged
+
     t0 = time.perf_counter()
     h_site, x_site = frozen(model, prep, site_grids, args.precision)
-    pxs, pinfo = proxies.for_site(site_grids, h_site)
+    pxs, pinfo, twin = proxies.for_site(site_grids, h_site)
     t_prep = time.perf_counter() - t0
-    # the flow's budget covers building the proxies too (tasks.portfolio)
-    res = run_portfolio(model, SiteSet(h=h_site, images=x_site), pxs, source,
-                        members(args.members), max(1.0, args.budget - t_prep), args.precision,
-                        seed, z=args.z)
+    if twin is not None and twin.distance > MAX_RESIDUAL:  # as tasks.portfolio: not judged
+        res = unjudged(twin, pinfo, t_prep, MAX_RESIDUAL)
+    else:  # the members get the whole budget; the proxies are timed apart (tasks.portfolio)
+        res = run_portfolio(model, SiteSet(h=h_site, images=x_site), pxs, source,
+                            members(args.members), args.budget, args.precision, seed, z=args.z,
+                            min_gain=args.min_gain / 100, tolerance=args.tolerance / 100,
+                            shared=twin is not None)
     h_test, x_test = frozen(model, prep, test_grids, args.precision)
     champ_acc = float(correct(model, h_test, y_test).mean())
     cands = []
@@ -143,9 +156,9 @@ def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
             h = frozen_outputs(m, x_test, 32, args.precision) if c.applied.result.frozen_changed else h_test
             acc = float(correct(m, h, y_test).mean())
         cands.append({**c.to_dict(), "test_acc": acc})
-    verdict, why = "no_gain", list(res.reasons)
+    verdict, why, gates = "no_gain", list(res.reasons), {}
     if res.chosen is not None and source_val is not None:
-        verdict, why = verdict_of(res.chosen, model, source_val, h_site)
+        verdict, why, gates = verdict_of(res.chosen, model, source_val, h_site)
     sel = next((c for c in cands if c["selected"]), None)
     sel_acc = sel["test_acc"] if sel else champ_acc
     oracle = max(cands, key=lambda c: c["test_acc"])
@@ -156,10 +169,11 @@ def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
            "gap": ((sel_acc - champ_acc) / (clean_acc - champ_acc)
                    if clean_acc is not None and clean_acc - champ_acc > 0.005 else None),
            "portfolio_s": res.seconds, "prep_s": t_prep, "proxies": pinfo, "candidates": cands,
-           "reasons": res.reasons + [r for r in why if r not in res.reasons], "verdict": verdict}
+           "reasons": res.reasons + [r for r in why if r not in res.reasons], "verdict": verdict,
+           "gates": gates, "twin": None if twin is None else twin.to_dict()}
     rows.append(row)
     gap = "–" if row["gap"] is None else f"{row['gap']:+.2f}"
-    row["proxy_champion_acc"] = res.candidates[0].estimate["champion_acc"]
+    row["proxy_champion_acc"] = (res.candidates[0].estimate or {}).get("champion_acc", float("nan"))
     log(f"{setting} seed {seed}: champion {champ_acc:.3f} -> {row['selected']} {sel_acc:.3f} "
         f"(oracle {oracle['name']} {oracle['test_acc']:.3f}; gap {gap}; verdict {verdict}) "
         f"in {res.seconds:.0f} s; "
@@ -176,15 +190,16 @@ def pct(x: float) -> str:
 
 def print_tables(rows: list[dict]) -> None:
     print("\n| site | seed | champion % | clean % | selected | selected % | oracle | oracle % | "
-          "gap recovered | regret pts | harm | verdict | portfolio s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "gap recovered | regret pts | harm | verdict | proxies s | portfolio s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gap = "–" if r["gap"] is None else f"{r['gap']:+.2f}"
         print(f"| {r['setting']} | {r['seed']} | {pct(r['champion'])} | "
               f"{'–' if r['clean'] is None else pct(r['clean'])} | {r['selected']} | "
               f"{pct(r['selected_acc'])} | {r['oracle']} | {pct(r['oracle_acc'])} | "
               f"{gap} | {100 * r['regret']:.1f} | "
-              f"{'yes' if r['harm'] else 'no'} | {r.get('verdict', '?')} | {r['portfolio_s']:.0f} |")
+              f"{'yes' if r['harm'] else 'no'} | {r.get('verdict', '?')} | {r['prep_s']:.0f} | "
+              f"{r['portfolio_s']:.0f} |")
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["setting"], []).append(r)
@@ -215,6 +230,21 @@ def print_tables(rows: list[dict]) -> None:
               f"{sum(c['selected'] for _, c in cs)} | {np.mean([c['seconds'] for _, c in cs]):.1f} |")
 
 
+def print_gate_table(rows: list[dict]) -> None:
+    """Do the gates predict harm? Per gate, over the selected candidates: how many it failed,
+    and how many of those (and of the passed) were truly more than 1 point below the champion."""
+    sel = [r for r in rows if r.get("gates")]
+    if not sel:
+        return
+    print("\n| gate | selected candidates | failed | failed and harmful | passed and harmful |")
+    print("|---|---|---|---|---|")
+    for g in sorted({g for r in sel for g in r["gates"]}):
+        rs = [r for r in sel if g in r["gates"]]
+        bad = [r for r in rs if not r["gates"][g]["passed"]]
+        print(f"| {g} | {len(rs)} | {len(bad)} | {sum(r['harm'] for r in bad)} | "
+              f"{sum(r['harm'] for r in rs if r not in bad)} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     from emowatch.hardware import resolve_precision
 
@@ -235,13 +265,19 @@ def main(argv: list[str] | None = None) -> None:
                     "adapt.portfolio_budget_s; members not started within it are skipped)")
     ap.add_argument("--k", type=int, default=ProxyConfig.k, help="proxies per site")
     ap.add_argument("--z", type=float, default=Z_ONE_SIDED_95, help="one-sided z of the lower bound")
-    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--precision", default="fp32",
+                    help="inference precision (default fp32, what most CPUs have; auto: bf16 "
+                    "where native)")
+    ap.add_argument("--judge", default=defaults.judge, choices=("twin", "bank"),
+                    help="what candidates are judged on (default: a site's, adapt.judge)")
+    ap.add_argument("--min-gain", type=float, default=defaults.min_gain)
+    ap.add_argument("--tolerance", type=float, default=defaults.tolerance)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
     args.precision = resolve_precision(args.precision)
     torch.set_num_threads(torch.get_num_threads())
-    log(f"precision {args.precision}, members {args.members}")
+    log(f"precision {args.precision}, judge {args.judge}, members {args.members}")
     cache = args.cache_dir
     e6, prep, views = emotion6_views(args.data_dir, cache)
     y6 = e6.labels
@@ -253,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         ad = ad[:args.n_site]
         source = CachedSet(h=views[tr][:, 0].float(), labels=torch.as_tensor(y6[tr]))
         source_val = (views[va][:, 0].float(), torch.as_tensor(y6[va]))  # the gates' split
-        pcfg = ProxyConfig(k=args.k)
+        pcfg = ProxyConfig(k=args.k, source=args.judge, seed=seed)
         px = Proxies(model, prep, e6.records, sorted(va + es), args.precision, pcfg)
         log(f"seed {seed}: {len(px.labels)} held-out photos for proxies")
         clean_test = np.stack([site_array(e6.records[i].path, prep, "clean", i) for i in te])
@@ -287,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.json_out:
                 args.json_out.write_text(json.dumps(rows, indent=1, default=float))
     print_tables(rows)
+    print_gate_table(rows)
 
 
 if __name__ == "__main__":

@@ -72,12 +72,24 @@ class AdaptOptions(BaseModel):
         description="Seconds the portfolio may spend building candidates (site and proxies); "
         "a member not started by then is skipped and says so.")
     proxies: int = Field(4, ge=1, le=10, description="Labelled proxies of the site the "
-                         "portfolio's estimates are measured on.")
+                         "portfolio's estimates are measured on (twin: draws of its camera, each "
+                         "split differently into the half adapted on and the half scored).")
+    judge: Literal["twin", "bank"] = Field(
+        "twin",
+        description="What the portfolio's candidates are judged on: 'twin' (the held-out "
+        "labelled images through the camera fitted to the site, models.estimate.twin; a site "
+        "the twin cannot reproduce ends no_gain) or 'bank' (the simulated shifts of the "
+        "estimator's bank nearest the site, models.adapt.proxies.build_proxies).")
     min_gain: float = Field(
         0.0, ge=-100, le=100,
-        description="Accuracy points the lower bound (one-sided 95%) of a candidate's estimated "
-        "gain over the champion must exceed for the portfolio to propose it (0: any gain it is "
-        "confident of; 2: only a gain of more than 2 points); otherwise verdict no_gain.")
+        description="Accuracy points a candidate's estimated gain over the champion must exceed "
+        "for the portfolio to propose it (0: any gain; 2: more than 2 points); otherwise verdict "
+        "no_gain.")
+    tolerance: float = Field(
+        1.0, ge=0, le=100,
+        description="Accuracy points a proposed candidate may be worse than the champion at "
+        "most, at 95% (its one-sided lower bound must be above -tolerance): non-inferiority, "
+        "not certainty of a gain.")
     source_free: bool = Field(False, description="Training data may not be used at this site.")
     max_images: int = Field(500, ge=10, le=100_000)
     time_budget_s: float = Field(600.0, gt=0)
@@ -130,6 +142,20 @@ class GateTolerances(BaseModel):
     max_faithfulness_drop: float = Field(0.1, ge=0, le=1)
     min_effective_sample_size: float = Field(30.0, ge=1)
     min_prediction_entropy_ratio: float = Field(0.5, ge=0, le=1)
+    evidence_only: list[str] = Field(
+        default_factory=list,
+        description="Gates computed and shown as evidence that do not decide the verdict "
+        "(names of models.catalog.GATES, e.g. dev_risk, residual_drift).")
+
+    @field_validator("evidence_only")
+    @classmethod
+    def _known_gates(cls, v: list[str]) -> list[str]:
+        from models.catalog import GATES
+
+        unknown = [g for g in v if g not in GATES]
+        if unknown:
+            raise ValueError(f"unknown gate(s) {unknown}; known: {', '.join(GATES)}")
+        return v
 
 
 class Site(BaseModel):

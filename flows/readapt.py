@@ -66,7 +66,7 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
                     reasons=portfolio.reasons, candidates=portfolio.table(),
                     proxies=portfolio.proxies, seconds=round(time.perf_counter() - t0, 1),
                     adapt_seconds=round(portfolio.seconds, 1), n_site_images=len(inputs.site_h),
-                    adaptation_run_id=run_id).to_json()
+                    adaptation_run_id=run_id, setup_seconds=portfolio.setup_seconds).to_json()
             result, label = chosen.applied.result, chosen.member.name
         else:
             result, label = t.run_adaptation(inputs, m, cfg, seed), m
@@ -112,4 +112,5 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
         adapt_seconds=round(portfolio.seconds if portfolio else result.seconds, 1),
         candidates=cands, proxies=portfolio.proxies if portfolio else None,
         n_site_images=len(inputs.site_h), plots=reg["plots"], promotion=promotion,
-        approval_alert_id=alert_id, adaptation_run_id=run_id).to_json()
+        approval_alert_id=alert_id, adaptation_run_id=run_id,
+        setup_seconds=portfolio.setup_seconds if portfolio else None).to_json()

@@ -48,7 +48,7 @@ def validation_config(site: Site) -> Any:
     g = site.gates
     return ValidationConfig(
         max_source_drop=g.max_source_acc_drop, min_entropy_ratio=g.min_prediction_entropy_ratio,
-        dev=DEVConfig(min_ess=g.min_effective_sample_size),
+        dev=DEVConfig(min_ess=g.min_effective_sample_size), evidence=tuple(g.evidence_only),
         explanation=GateTolerances(min_rank_correlation=g.min_explanation_rank_corr,
                                    min_topk_overlap=g.min_explanation_topk_overlap,
                                    min_cosine=g.min_explanation_cosine,

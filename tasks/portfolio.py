@@ -2,9 +2,11 @@
 ``models.adapt.portfolio.run_portfolio``.
 
 The proxies are the champion's labelled held-out training-domain images (validation + test)
-under the shifts of a seeded bank (``models.sim.shifts``) whose image statistics come closest to
-the site's; every member is applied to them as to the site, and its estimated gain is what it
-did there (``models.adapt.portfolio``).
+as the site would see them: through the camera fitted to the site (its twin, site option
+``adapt.judge = "twin"``, the default; the site's last check's camera is reused while it still
+fits), or under the bank shifts nearest the site (``"bank"``). Every member is applied to them
+as to the site, and its estimated gain is what it did there (``models.adapt.portfolio``).
+Loading and the proxies are timed apart: the members get the whole ``portfolio_budget_s``.
 """
 
 from __future__ import annotations
@@ -33,29 +35,72 @@ def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
     site_g = decode_grids(inputs, inputs.site_paths)
     x_site = inputs.ckpt.preprocessing.normalize(site_g)
     inputs.site_images = x_site
-    proxies, info = build_proxies(inputs.ckpt.model, inputs.ckpt.preprocessing,
-                                  decode_grids(inputs, inputs.heldout_paths),
-                                  np.asarray(inputs.heldout_labels), site_g, inputs.site_h,
-                                  inputs.ckpt.precision,
-                                  ProxyConfig(k=site.adapt.proxies, seed=seed))
-    log.info("%d labelled proxies of %d held-out images in %.1f s: %s", len(proxies),
-             len(inputs.heldout_paths), time.perf_counter() - t0,
-             "; ".join(f"{p['shift']} (feature MMD2 {p['feature_mmd2']})" for p in info))
+    ref_g, labels = decode_grids(inputs, inputs.heldout_paths), np.asarray(inputs.heldout_labels)
+    cfg = ProxyConfig(k=site.adapt.proxies, seed=seed, source=site.adapt.judge)
+    twin = None
+    if cfg.source == "twin":
+        from models.adapt.proxies import twin_proxies
+        from models.estimate.twin_estimator import MAX_RESIDUAL
+
+        last, last_r = previous_camera(inputs, inputs.ckpt.preprocessing.img_size)
+        proxies, info, twin = twin_proxies(inputs.ckpt.model, inputs.ckpt.preprocessing, ref_g,
+                                           labels, site_g, inputs.ckpt.precision, cfg,
+                                           previous=last, previous_residual=last_r)
+        proxy_s = time.perf_counter() - t0
+        log.info("site twin in %.1f s: %s (residual %.2f%s)", proxy_s, twin.describe(),
+                 twin.distance, ", the last check's camera" if twin.reused else "")
+        if twin.distance > MAX_RESIDUAL:
+            return unjudged(twin, info, proxy_s, MAX_RESIDUAL)
+    else:
+        proxies, info = build_proxies(inputs.ckpt.model, inputs.ckpt.preprocessing, ref_g, labels,
+                                      site_g, inputs.site_h, inputs.ckpt.precision, cfg)
+        proxy_s = time.perf_counter() - t0
+        log.info("%d labelled proxies of %d held-out images in %.1f s: %s", len(proxies),
+                 len(inputs.heldout_paths), proxy_s,
+                 "; ".join(f"{p['shift']} (feature MMD2 {p['feature_mmd2']})" for p in info))
     source = None
     if inputs.src_train is not None or inputs.src_train_loader is not None:
         def source() -> CachedSet:  # computed only if a member that needs it starts
             h, y = inputs.source_train()
             return CachedSet(h=h, labels=y, images=inputs.src_train_images)
-    budget = max(1.0, site.adapt.portfolio_budget_s - (time.perf_counter() - t0))
     res = run_portfolio(inputs.ckpt.model, SiteSet(h=inputs.site_h, images=x_site), proxies,
-                        source, members(site.adapt.portfolio), budget,
+                        source, members(site.adapt.portfolio), site.adapt.portfolio_budget_s,
                         precision=inputs.ckpt.precision, seed=seed,
-                        min_gain=site.adapt.min_gain / 100.0, progress=log.info)
+                        min_gain=site.adapt.min_gain / 100.0, progress=log.info,
+                        tolerance=site.adapt.tolerance / 100.0, shared=twin is not None,
+                        judged_on="twin draws" if twin is not None else "proxies")
     res.proxies = info
+    res.setup_seconds = round(proxy_s, 2)
     res.seconds = time.perf_counter() - t0
     for r in res.reasons:
         log.info("%s", r)
     return res
+
+
+def previous_camera(inputs: AdaptInputs, grid: int) -> tuple[Any, float]:
+    """The camera of the site's twin at the drift check that started this run (None: none
+    recorded, or another grid), and its residual."""
+    from models.sim.camera import CameraParams
+
+    rec = getattr(inputs, "previous_twin", None) or {}
+    if not rec.get("params") or rec.get("grid") != grid:
+        return None, 0.0
+    try:
+        return CameraParams(**rec["params"]), float(rec.get("distance") or 0.0)
+    except (TypeError, ValueError):  # a record of another camera model: fit afresh
+        return None, 0.0
+
+
+def unjudged(twin: Any, info: list[dict[str, Any]], seconds: float, limit: float) -> Any:
+    """The portfolio's result when the twin cannot reproduce the site: no candidate is built,
+    since none could be judged (a change of content, not of camera: faces -> photos)."""
+    from models.adapt.portfolio import CandidateRecord, Member, PortfolioResult
+
+    reason = (f"no_gain: the site twin reproduces the site only to a residual of "
+              f"{twin.distance:.1f} (limit {limit:g}; best camera: {twin.describe()}): the site is "
+              f"not a camera condition of the training domain, so no candidate can be judged")
+    return PortfolioResult([CandidateRecord(Member("champion", "champion"))], None, [reason],
+                           seconds, proxies=info, setup_seconds=round(seconds, 2))
 
 
 __all__ = ["run_portfolio_task"]

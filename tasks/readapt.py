@@ -55,6 +55,9 @@ class AdaptInputs:
     # members that need the training data are often past its budget: their ~20 s of
     # activations are then never spent)
     src_train_loader: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # the site's last twin record (its latest check's Estimate.twin): the portfolio's twin
+    # proxies start from its camera
+    previous_twin: dict[str, Any] | None = None
 
     def source_train(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """src_train, computed now if it was deferred (None: a source-free run)."""
@@ -170,7 +173,7 @@ def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False
     """Champion, its training-domain split (cached activations) and the site's recent images;
     with ``train_backbone`` also the decoded training and site images; with ``lazy_source``
     the training images' activations only when ``AdaptInputs.source_train`` asks for them."""
-    from db import inbox
+    from db import checks, inbox
     from db.session import session_scope
     from tasks.activations import cached_activations, record_items
     from tasks.training import SourceSpec, load_source
@@ -193,6 +196,8 @@ def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False
     with session_scope(ctx.engine) as s:
         rows = inbox.recent_images(s, ctx.site_id, site.adapt.max_images)
         site_items = [(r.sha256, r.store_path) for r in rows]
+        last = checks.latest_check(s, ctx.site_id)
+        previous_twin = (last.estimate or {}).get("twin") if last is not None else None
     if len(site_items) < site.drift.min_samples:
         raise ValueError(f"site {site.name} has {len(site_items)} images; at least "
                          f"{site.drift.min_samples} (drift.min_samples) are needed to adapt")
@@ -225,7 +230,7 @@ def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False
         heldout_paths=val_paths + test_paths, site_h=site_h,
         heldout_labels=[r.label for r in val_recs] + [r.label for r in test_recs],
         site_paths=[p for _, p in site_items], source_paths_val=val_paths,
-        src_train_loader=loader,
+        src_train_loader=loader, previous_twin=previous_twin,
     )
     if train_backbone and src_train is None:
         log.info("train_backbone applies to mmd and coral only (they use the training data); "

@@ -46,15 +46,17 @@ class Validation:
         return {k: getattr(self, k) for k in self.JSON_FIELDS}
 
 
-# The three JSON shapes of a re-adaptation run, in the order the CLI has always printed them.
+# The three JSON shapes of a re-adaptation run, in the order the CLI has always printed them
+# (keys added since go at the end).
 SKIPPED_KEYS = ("site", "method", "version", "gates", "verdict", "skipped")
 NO_GAIN_KEYS = ("site", "method", "version", "model", "base_model", "gates", "verdict",
                 "reasons", "candidates", "proxies", "seconds", "adapt_seconds",
-                "n_site_images", "plots", "promotion", "approval_alert_id", "adaptation_run_id")
+                "n_site_images", "plots", "promotion", "approval_alert_id", "adaptation_run_id",
+                "setup_seconds")
 REGISTERED_KEYS = ("site", "method", "selected", "version", "model", "base_model", "gates",
                    "verdict", "reasons", "dev", "source_acc", "champion_source_acc", "audit",
                    "seconds", "adapt_seconds", "candidates", "proxies", "n_site_images", "plots",
-                   "promotion", "approval_alert_id", "adaptation_run_id")
+                   "promotion", "approval_alert_id", "adaptation_run_id", "setup_seconds")
 
 
 @dataclass
@@ -84,6 +86,8 @@ class ReadaptOutcome:
     promotion: dict[str, Any] | None = None
     approval_alert_id: int | None = None
     adaptation_run_id: int | None = None
+    # the portfolio's proxies (the site twin's fit and images), timed apart from its budget
+    setup_seconds: float | None = None
 
     @classmethod
     def registered(cls, site: str, method: str, selected: str, validation: Validation,

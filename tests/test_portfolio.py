@@ -70,12 +70,38 @@ def test_disagreeing_proxies_widen_the_interval():
     assert split["se"] > same["se"]
 
 
-def test_select_takes_the_highest_lower_bound_above_zero():
-    est = [{"lower": 0.0}, {"lower": 0.02}, {"lower": 0.05}, {"lower": 0.05}, None,
-           {"lower": float("nan")}]
-    assert select(est) == 2  # ties: the earlier, cheaper one
-    assert select([{"lower": 0.0}, {"lower": -0.01}]) is None
-    assert select([{"lower": 0.03}], min_gain=0.05) is None
+def test_select_takes_the_highest_gain_not_worse_than_the_tolerance():
+    est = [{"gain": 0.0, "lower": 0.0}, {"gain": 0.03, "lower": 0.02},
+           {"gain": 0.06, "lower": -0.005}, {"gain": 0.06, "lower": 0.01}, None,
+           {"gain": 0.2, "lower": float("nan")}]
+    assert select(est) == 2  # ties: the earlier, cheaper one; a lower bound of -0.5 pt is fine
+    # a larger gain whose lower bound is more than a point below the champion is not proposed
+    assert select([{"gain": 0.0, "lower": 0.0}, {"gain": 0.08, "lower": -0.02},
+                   {"gain": 0.01, "lower": -0.005}]) == 2
+    assert select([{"gain": 0.08, "lower": -0.02}], tolerance=0.03) == 0
+    assert select([{"gain": 0.0, "lower": 0.0}, {"gain": -0.01, "lower": -0.005}]) is None
+    assert select([{"gain": 0.03, "lower": 0.01}], min_gain=0.05) is None
+    assert select([{"gain": 0.05, "lower": 0.03, "vetoed": "no"}]) is None
+
+
+def test_consensus_vetoes_the_candidate_that_leaves_the_pool():
+    from models.adapt.portfolio import consensus_veto
+
+    eye = np.eye(3)
+    champion = eye[[0, 1, 2, 0, 1, 2]]
+    good = eye[[0, 1, 2, 0, 1, 1]]  # one image changed, as the other good candidate
+    same = eye[[0, 1, 2, 0, 1, 1]]
+    collapsed = eye[[0, 0, 0, 0, 0, 0]]  # everything one class
+    assert consensus_veto([champion, good, same, collapsed]) == [False, False, False, True]
+    assert consensus_veto([champion, collapsed]) == [False, False]  # two models: no consensus
+
+
+def test_shared_proxies_count_their_images_once():
+    r0 = [np.zeros(100, bool)] * 4
+    rc = [np.r_[np.ones(10), np.zeros(90)].astype(bool)] * 4
+    indep, shared = gain_estimate(rc, r0), gain_estimate(rc, r0, shared=True)
+    assert indep["gain"] == shared["gain"] == pytest.approx(0.10)
+    assert shared["se"] == pytest.approx(indep["se"] * math.sqrt(2))  # k = 4 halves: 2 sets
 
 
 def test_proxies_nearest_by_image_statistics():
@@ -166,7 +192,7 @@ def test_portfolio_finds_no_gain_where_nothing_changed(net):
     site = sets(net, False, 11)
     proxies = [sets(net, False, 21), sets(net, False, 22)]
     res = run_portfolio(net, SiteSet(h=site.h), proxies, None,
-                        [Member("bn(N=1000)", "bn", {"prior_n": 1000})], 60.0)
+                        [Member("bn(N=1000)", "bn", {"prior_n": 1000})], 60.0, tolerance=0.0)
     assert res.selected is None
     assert res.reasons[0].startswith("no_gain")
 

@@ -142,3 +142,15 @@ def test_validation_config_is_checked(champion):
         validate_candidate(champion, champion, val, site[0], ValidationConfig(unverifiable_from="x"))
     with pytest.raises(ValueError, match="labels"):
         validate_candidate(champion, champion, val[0], site[0])
+
+
+def test_an_evidence_only_gate_is_reported_but_does_not_decide():
+    from models.validate.candidate import reasons_for
+
+    ok = {"passed": True, "value": 0.0, "threshold": 0.1}
+    shown = {"passed": False, "value": 0.3, "threshold": 0.05, "decides": False}
+    assert verdict({"a": ok, "dev_risk": shown}, False) == "pass"
+    assert verdict({"a": {**ok, "passed": False}, "dev_risk": shown}, False) == "fail"
+    dev = type("D", (), {"unverifiable": False, "reason": ""})()
+    why = reasons_for({"a": ok, "dev_risk": shown}, dev, dev)
+    assert "evidence only" in why[0] and why[1].startswith("every gate that decides passed")

@@ -20,8 +20,16 @@ measurement of what the recipe does to a shift like the site's:
                                                s_b: spread of g_j between the k proxies)
     lower = gain - z se                       (z = 1.645: one-sided 95 %)
 
-:func:`select` proposes the member with the highest lower bound if that bound is above
-``min_gain`` (0); otherwise nothing (the flow's verdict ``no_gain``).
+:func:`select` proposes, among the members whose estimated gain is above ``min_gain`` (0)
+and whose lower bound is above ``-tolerance`` (1 point: never worse than the champion by more
+than that, at 95%), the one with the highest estimated gain; otherwise nothing (the flow's
+verdict ``no_gain``). A consensus check vetoes first (:func:`consensus_veto`, EnsV): a member
+whose predictions on the site disagree with the pool's consensus (champion included) more than
+the champion's do is not proposed.
+
+With twin proxies (``models.adapt.proxies.twin_proxies``) every proxy holds the same held-out
+images (other noise draws, other halves): their per-image variances are not independent, and
+the standard error counts the images once (``shared``).
 
 **Members** (``models.catalog.PORTFOLIO``, in order, cheapest first): a name, a recipe
 (``models.catalog.RECIPES``, :mod:`models.adapt.recipes`) and its parameters.
@@ -98,6 +106,7 @@ class PortfolioResult:
     reasons: list[str]
     seconds: float
     proxies: list[dict[str, Any]] = field(default_factory=list)
+    setup_seconds: float = 0.0  # the proxies (the twin's fit and its images), apart from budget
 
     @property
     def chosen(self) -> CandidateRecord | None:
@@ -109,9 +118,11 @@ class PortfolioResult:
 
 # --- the estimate ----------------------------------------------------------------------------
 def gain_estimate(right_candidate: Sequence[np.ndarray], right_champion: Sequence[np.ndarray],
-                  z: float = Z_ONE_SIDED_95) -> dict[str, Any]:
+                  z: float = Z_ONE_SIDED_95, shared: bool = False) -> dict[str, Any]:
     """Estimated accuracy gain of a recipe from k proxies (module docstring): per proxy the
-    paired per-image correctness (bool arrays of the same images) of candidate and champion."""
+    paired per-image correctness (bool arrays of the same images) of candidate and champion.
+    ``shared``: the proxies are halves of one set of images (twin proxies), so their
+    within-proxy variances average over two halves, not over k independent sets."""
     if len(right_candidate) != len(right_champion) or not right_candidate:
         raise ValueError("need the same number (>= 1) of candidate and champion proxies")
     g, var = [], []
@@ -124,23 +135,39 @@ def gain_estimate(right_candidate: Sequence[np.ndarray], right_champion: Sequenc
     k = len(g)
     gain = float(np.mean(g))
     between = float(np.var(g, ddof=1)) if k > 1 else 0.0
-    se = math.sqrt(float(np.mean(var)) / k + between / k)
+    se = math.sqrt(float(np.mean(var)) / (min(k, 2) if shared else k) + between / k)
     return {"gain": gain, "lower": gain - z * se, "upper": gain + z * se, "se": se,
             "per_proxy": [round(x, 4) for x in g], "k": k,
             "acc": float(np.mean([np.mean(r) for r in right_candidate])),
             "champion_acc": float(np.mean([np.mean(r) for r in right_champion]))}
 
 
-def select(estimates: Sequence[dict[str, Any] | None], min_gain: float = 0.0) -> int | None:
-    """Index of the estimate with the highest lower bound if above ``min_gain``; ties go to
-    the earlier (cheaper) one; None when none clears it."""
-    best, best_lb = None, min_gain
+def select(estimates: Sequence[dict[str, Any] | None], min_gain: float = 0.0,
+           tolerance: float = 0.01) -> int | None:
+    """Index of the estimate with the highest gain among those whose gain is above
+    ``min_gain`` and whose lower bound is above ``-tolerance`` (fractions of accuracy); ties go
+    to the earlier (cheaper) one; None when none qualifies. An estimate marked ``vetoed`` never
+    qualifies."""
+    best, best_gain = None, -math.inf
     for i, e in enumerate(estimates):
-        if e is None or not math.isfinite(e.get("lower", math.nan)):
+        if e is None or e.get("vetoed") or not math.isfinite(e.get("lower", math.nan)):
             continue
-        if e["lower"] > best_lb + 1e-12:
-            best, best_lb = i, e["lower"]
+        if e["gain"] > min_gain + 1e-12 and e["lower"] > -tolerance and e["gain"] > best_gain + 1e-12:
+            best, best_gain = i, e["gain"]
     return best
+
+
+def consensus_veto(site_probs: Sequence[np.ndarray], margin: float = 0.0) -> list[bool]:
+    """EnsV's consensus as a veto: ``site_probs[0]`` the champion's (N, K) probabilities on the
+    site, the rest the candidates'. The consensus is the argmax of their mean; a candidate is
+    vetoed when its predictions disagree with it on a larger share of the site's images than
+    the champion's do (plus ``margin``). Needs the champion and at least two candidates (with
+    one, the consensus of two models says nothing); otherwise nothing is vetoed."""
+    if len(site_probs) < 3:
+        return [False] * len(site_probs)
+    consensus = np.mean([np.asarray(p, np.float64) for p in site_probs], 0).argmax(1)
+    off = [float(np.mean(np.asarray(p).argmax(1) != consensus)) for p in site_probs]
+    return [False] + [o > off[0] + margin for o in off[1:]]
 
 
 # --- applying a member ---------------------------------------------------------------------------
@@ -190,6 +217,7 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
                   portfolio: Sequence[Member], budget_s: float,
                   precision: str = "fp32", seed: int = 0, z: float = Z_ONE_SIDED_95,
                   min_gain: float = 0.0, progress: Callable[[str], None] | None = None,
+                  tolerance: float = 0.01, shared: bool = False, judged_on: str = "proxies",
                   ) -> PortfolioResult:
     """Apply each member (in order) to the site and to every proxy while the time budget
     lasts, estimate each one's gain on the proxies, and select (module docstring).
@@ -209,7 +237,7 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
     split = [halves(p, seed + 7919 * j) for j, p in enumerate(proxies)]
     right0 = [correct(champion, ev.h, ev.labels) for _, ev in split]
     champ = CandidateRecord(Member("champion", "champion"), selected=False)
-    champ.estimate = gain_estimate(right0, right0, z)
+    champ.estimate = gain_estimate(right0, right0, z, shared)
     records = [champ]
     n_images = len(site) + sum(len(p) for p in proxies)
     best_bn: CandidateRecord | None = None
@@ -254,7 +282,7 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
             say(f"{member.name}: {rec.skipped}")
             continue
         rec.seconds = time.perf_counter() - t0
-        rec.estimate = gain_estimate(rights, right0, z)
+        rec.estimate = gain_estimate(rights, right0, z, shared)
         say(f"{member.name}: gain {100 * rec.estimate['gain']:+.1f} pts "
             f"(lower {100 * rec.estimate['lower']:+.1f}) in {rec.seconds:.1f} s")
         # only the best bn member's proxy results are used again (by tent / shot-im): drop
@@ -265,29 +293,43 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
             best_bn = rec
         else:
             rec.proxies = []
-    idx = select([r.estimate if r.applied is not None else None for r in records], min_gain)
+    built = [r for r in records[1:] if r.applied is not None]
+    probs = [cached_outputs(champion, site.h)[1]] + [
+        cached_outputs(r.applied.result.model, r.applied.h)[1] for r in built]
+    consensus = np.mean(probs, 0).argmax(1) if len(probs) >= 3 else None
+    for r, p, veto in zip([champ, *built], probs, consensus_veto(probs), strict=True):
+        if consensus is not None:
+            r.estimate["consensus_disagreement"] = round(float(np.mean(p.argmax(1) != consensus)), 4)
+        if veto:
+            r.estimate["vetoed"] = ("its predictions on the site disagree with the consensus of "
+                                    "the candidates and the champion more than the champion's")
+            say(f"{r.member.name}: vetoed ({r.estimate['vetoed']})")
+    idx = select([r.estimate if r.applied is not None else None for r in records], min_gain,
+                 tolerance)
+    rule = (f"an estimated gain above {100 * min_gain:g} points with a 95% lower bound above "
+            f"{-100 * tolerance:+g}")
     reasons = []
     if idx is None:
         tried = [r for r in records[1:] if r.estimate is not None]
         if tried:
-            top = max(tried, key=lambda r: r.estimate["lower"])
+            top = max(tried, key=lambda r: r.estimate["gain"])
             reasons.append(
-                f"no_gain: no candidate's estimated gain is above {100 * min_gain:g} points "
-                f"with 95% confidence (best "
-                f"{top.member.name}: {100 * top.estimate['gain']:+.1f} points, lower bound "
-                f"{100 * top.estimate['lower']:+.1f}, on {top.estimate['k']} labelled proxies "
-                "of the site)")
+                f"no_gain: no candidate has {rule} (best {top.member.name}: "
+                f"{100 * top.estimate['gain']:+.1f} points, lower bound "
+                f"{100 * top.estimate['lower']:+.1f}"
+                + (", vetoed by the consensus" if top.estimate.get("vetoed") else "")
+                + f", on {top.estimate['k']} labelled {judged_on} of the site)")
         else:
             reasons.append("no_gain: no candidate could be built")
     else:
         records[idx].selected = True
         e = records[idx].estimate
         reasons.append(f"selected {records[idx].member.name}: estimated gain "
-                       f"{100 * e['gain']:+.1f} points (95% lower bound {100 * e['lower']:+.1f}) on "
-                       f"{e['k']} labelled proxies of the site")
+                       f"{100 * e['gain']:+.1f} points (95% lower bound {100 * e['lower']:+.1f}; "
+                       f"rule: {rule}) on {e['k']} labelled {judged_on} of the site")
     return PortfolioResult(records, idx, reasons, time.perf_counter() - t_start)
 
 
 __all__ = ["EXPECTED_PER", "Applied", "CandidateRecord", "Member", "PortfolioResult",
-           "SiteSet", "apply_member", "correct", "expected_seconds", "gain_estimate", "halves", "members",
+           "SiteSet", "apply_member", "consensus_veto", "correct", "expected_seconds", "gain_estimate", "halves", "members",
            "run_portfolio", "score_on", "select"]

@@ -1,6 +1,14 @@
-"""Labelled proxies of a site for the re-adaptation portfolio (``models.adapt.portfolio``): the
-held-out training-domain images under the bank shifts (``models.sim.shifts``) nearest the site,
-first by image statistics, then by the champion's bottleneck features. Pure numpy/torch."""
+"""Labelled proxies of a site for the re-adaptation portfolio (``models.adapt.portfolio``).
+
+* ``twin`` (default, :func:`twin_proxies`): the held-out training-domain images through the
+  camera fitted to the site (``models.estimate.twin``, the site twin): several draws of its
+  sensor noise, each split differently into the half a member adapts on and the half it is
+  scored on (cross-fitting). One condition, the site's own.
+* ``bank`` (:func:`build_proxies`): the held-out images under the bank shifts
+  (``models.sim.shifts``) nearest the site, first by image statistics, then by the champion's
+  bottleneck features: several neighbouring conditions, none of them the site's.
+
+Pure numpy/torch."""
 
 from __future__ import annotations
 
@@ -90,6 +98,7 @@ class ProxyConfig:
     every member slower)."""
 
     k: int = 4
+    source: str = "twin"  # "twin" (twin_proxies) or "bank" (build_proxies)
     max_images: int = 240
     specs: int = 120
     match_images: int = 8
@@ -151,5 +160,44 @@ def build_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: n
 
 
 
-__all__ = ["ProxyConfig", "build_proxies", "choose_proxies", "feature_distance", "proxy_distances",
+def twin_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: np.ndarray,
+                 site_grids: np.ndarray, precision: str, config: ProxyConfig | None = None,
+                 previous: Any = None, previous_residual: float = 0.0,
+                 ) -> tuple[list[SiteSet], list[dict[str, Any]], Any]:
+    """Labelled proxies of the site from its twin (module docstring): the camera fitted to the
+    site's images (``previous``: the site's last camera, kept while it still explains them)
+    applied to the held-out images (at most ``max_images``, class-stratified), ``k`` proxies:
+    one draw of the camera's sensor noise each (a camera without noise is drawn once and
+    shared). Returns the sets, what they are, and the ``TwinFit``."""
+    from models.adapt.bn import frozen_outputs
+    from models.estimate.twin import TwinConfig, fit_twin
+    from models.sim.camera import apply_camera
+
+    cfg = config or ProxyConfig()
+    if len(ref_grids) != len(labels) or len(ref_grids) < 4:
+        raise ValueError(f"need >= 4 labelled held-out images, got {len(ref_grids)} images and "
+                         f"{len(labels)} labels")
+    rng = np.random.default_rng(cfg.seed)
+    labels = np.asarray(labels)
+    if len(ref_grids) > cfg.max_images:
+        keep = stratified_subsample(labels, cfg.max_images, rng)
+        ref_grids, labels = ref_grids[keep], labels[keep]
+    fit = fit_twin(list(ref_grids), list(site_grids), TwinConfig(grid=prep.img_size, seed=cfg.seed),
+                   previous=previous, previous_residual=previous_residual)
+    p = fit.params
+    noisy = p.noise_shot > 0 or p.noise_read > 0
+    out, info, shared = [], [], None
+    for j in range(cfg.k):
+        if shared is None or noisy:
+            g = np.stack([apply_camera(a, p, np.random.default_rng([cfg.seed, j, i]))
+                          for i, a in enumerate(ref_grids)])
+            x = prep.normalize(g)
+            shared = (frozen_outputs(model, x, None, precision), x)
+        out.append(SiteSet(h=shared[0], images=shared[1], labels=labels, name=f"twin {j}"))
+        info.append({"shift": f"twin: {fit.describe()}", "draw": j, "residual":
+                     round(float(fit.distance), 3), "n": len(labels)})
+    return out, info, fit
+
+
+__all__ = ["ProxyConfig", "build_proxies", "twin_proxies", "choose_proxies", "feature_distance", "proxy_distances",
            "stat_features", "stratified_subsample"]

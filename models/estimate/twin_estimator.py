@@ -158,7 +158,8 @@ class TwinEstimator:
                        drop_low=d_low, drop_high=d_high, method=self.name,
                        verifiable=bool(verifiable), reason=reason, n=len(site),
                        twin={**fit.to_dict(), "grid": self.config.grid,
-                             "feature_distance": None if f_dist is None else round(f_dist, 3)})
+                             "feature_distance": None if f_dist is None else round(f_dist, 3),
+                             "widen": round(widen, 3)})
         return est, fit
 
 

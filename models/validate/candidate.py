@@ -47,9 +47,10 @@ class ValidationReport:
 
 def verdict(gates: Mapping[str, GateResult] | Iterable[GateResult],
             dev: DEVResult | bool | None) -> str:
-    """"fail" if any gate failed; else "unverifiable" if DEV flagged it; else "pass"."""
+    """"fail" if any gate that decides failed (a result with ``decides`` false is evidence
+    only); else "unverifiable" if DEV flagged it; else "pass"."""
     gs = list(gates.values()) if isinstance(gates, Mapping) else list(gates)
-    if any(not g["passed"] for g in gs):
+    if any(not g["passed"] and g.get("decides", True) for g in gs):
         return "fail"
     unver = dev.unverifiable if isinstance(dev, DEVResult) else bool(dev)
     return "unverifiable" if unver else "pass"
@@ -62,7 +63,8 @@ def reasons_for(gates: Mapping[str, GateResult], dev: DEVResult, champion_dev: D
     for name, g in gates.items():
         if not g["passed"]:
             out.append(f"gate {name} failed: {_num(g['value'])} against threshold "
-                       f"{_num(g['threshold'])}")
+                       f"{_num(g['threshold'])}"
+                       + ("" if g.get("decides", True) else " (evidence only: does not decide)"))
     if dev.unverifiable:
         out.append(f"unverifiable (candidate's features): {dev.reason}")
     if unverifiable_from == "either" and champion_dev.unverifiable:
@@ -70,6 +72,10 @@ def reasons_for(gates: Mapping[str, GateResult], dev: DEVResult, champion_dev: D
     if not out:
         out.append("every gate passed and the site lies where the source validation set can "
                    "describe it")
+    elif not any(not g["passed"] and g.get("decides", True) for g in gates.values()) and not (
+            dev.unverifiable or (unverifiable_from == "either" and champion_dev.unverifiable)):
+        out.append("every gate that decides passed and the site lies where the source "
+                   "validation set can describe it")
     return out
 
 

@@ -63,6 +63,9 @@ class ValidationConfig:
     explanation: ExplanationTolerances = field(default_factory=ExplanationTolerances)
     # The gates to run, by their names in models.catalog.GATES, in report order.
     gates: tuple[str, ...] = DEFAULT_GATES
+    # Gates run and reported (``decides`` false in their results) that do not decide the
+    # verdict: evidence with what it means, not a veto.
+    evidence: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.dev_loss not in ("ce", "error"):
@@ -74,6 +77,7 @@ class ValidationConfig:
 
 # --- the checks as plain functions -----------------------------------------------------------
 def gate_result(passed: bool, value: float, threshold: float) -> GateResult:
+    """One gate's result (``run_gates`` adds ``decides``: False for an evidence-only gate)."""
     return {"passed": bool(passed), "value": float(value), "threshold": float(threshold)}
 
 
@@ -264,7 +268,9 @@ def run_gates(ev: Evidence, names: tuple[str, ...] | list[str]) -> dict[str, Gat
 
     out: dict[str, GateResult] = {}
     for name in names:
-        out.update(load("gate", name)().evaluate(ev))
+        decides = name not in ev.config.evidence
+        out.update({k: {**v, "decides": decides}
+                    for k, v in load("gate", name)().evaluate(ev).items()})
     return out
 
 

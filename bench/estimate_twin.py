@@ -1,0 +1,78 @@
+"""The ``twin`` estimator in ``bench.estimate``'s protocol (its sites, sizes and truth): the
+twin is given images, not meta-sets, and its fit takes 20-130 s a site, so it runs at
+``--twin-sizes`` (240) with ``--twin-trials`` (1) per condition."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import log
+
+
+def twin_sites(ckpt: Any, cal_imgs: list[np.ndarray], y_cal: np.ndarray,
+               pool_imgs: list[np.ndarray], pool: dict[str, Any], y: np.ndarray, conds: list[str],
+               trials: int, sizes: tuple[int, ...], rng: np.random.Generator,
+               rows: list[dict[str, Any]], extra: dict[str, Any], out: Path,
+               transform: Callable[[str, np.ndarray, int], np.ndarray]) -> None:
+    """The ``twin`` estimator (product defaults: ``TwinEstimator``, the first
+    ``EstimatorConfig.twin_images`` calibration images as its held-out set, as
+    ``tasks.training.keep_twin_images`` keeps them) on the same sites as ``run_sites``: the
+    pool under each condition (``transform``: bench.estimate's), ``sizes`` images drawn at random, the same truth."""
+    from PIL import Image
+
+    from models.estimate.fit import EstimatorConfig
+    from models.estimate.twin import TwinConfig
+    from models.estimate.twin_estimator import TwinEstimator
+    from models.evaluate import extract_features
+
+    prep = ckpt.preprocessing
+    limit = EstimatorConfig().twin_images
+    keep = sorted(np.random.default_rng(0).choice(len(cal_imgs), min(limit, len(cal_imgs)),
+                                                  replace=False))
+    held = [prep.to_array(Image.fromarray(cal_imgs[i])) for i in keep]
+    y_held = y_cal[keep]
+
+    def predict(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        z, p = extract_features(ckpt, np.stack(images))
+        return p.argmax(1), z
+
+    twin = TwinEstimator(TwinConfig(grid=prep.img_size))
+    clean_right = pool["clean"].probs.argmax(1) == y
+    acc_clean = float(clean_right.mean())
+    acc_c = np.array([clean_right[y == c].mean() for c in range(6)])
+    for cname in conds:
+        base = "clean" if cname.startswith("prior") else cname
+        grid = [prep.to_array(Image.fromarray(transform(base, a, i)))
+                for i, a in enumerate(pool_imgs)]
+        truth_all = float((pool[base].probs.argmax(1) == y).mean())
+        for n in sizes:
+            for t in range(trials):
+                if cname.startswith("prior"):
+                    pi = rng.dirichlet(np.full(6, 2.0)) if cname == "prior_dirichlet" else None
+                    if pi is None:
+                        pi = np.ones(6)
+                        pi[int(cname[-1])] = 3.0
+                        pi /= pi.sum()
+                    w = pi[y] / np.bincount(y, minlength=6)[y]
+                    idx = rng.choice(len(y), size=n, replace=True, p=w / w.sum())
+                    truth = float(pi @ acc_c)
+                else:
+                    idx = rng.choice(len(y), size=min(n, len(y)), replace=False)
+                    truth = truth_all
+                site = [grid[i] for i in idx]
+                t0 = time.perf_counter()
+                est, _ = twin.estimate_images(predict, held, y_held, site, seed=t,
+                                              site_features=predict(site)[1])
+                rows.append({**extra, "cond": cname, "n": n, "trial": t, "est": "twin",
+                             "truth": truth, "true_drop": acc_clean - truth,
+                             "ms": 1000 * (time.perf_counter() - t0), **est.to_dict()})
+                log(f"twin {cname} n={n}: est {est.accuracy:.3f} truth {truth:.3f} drop "
+                    f"{est.drop:+.3f} [{est.drop_low:+.3f}, {est.drop_high:+.3f}] true "
+                    f"{acc_clean - truth:+.3f} ({rows[-1]['ms'] / 1000:.0f} s)")
+                out.write_text(json.dumps(rows, default=float))
