@@ -260,3 +260,26 @@ def test_bad_inputs_are_clear_errors(reg, tmp_path):
     with pytest.raises(ValueError, match="class names"):
         registry.log_and_register(ck, model_name="emowatch-x", reference_profile_path=ref)
     assert registry.list_versions("emowatch-x") == []
+
+
+def test_a_cached_model_is_refused_once_its_file_changes_on_disk(reg, tmp_path):
+    """Issue 34: a long-lived worker serves a model from memory, but never one whose file was
+    changed after it was cached: the change is seen, the file verified again and refused."""
+    from models.profile import ReferenceProfile
+
+    registry, _ = reg
+    ref = tmp_path / "profile.npz"
+    ReferenceProfile(np.zeros((4, 3), np.float32), np.full((4, 6), 1 / 6, np.float32),
+                     CLASSES).to_npz(ref)
+    rv = registry.log_and_register(_checkpoint(3), model_name="emowatch-cached",
+                                   reference_profile_path=ref, run_name="cache-test")
+    first = registry.load_model(rv.name, rv.version)
+    assert registry.load_model(rv.name, rv.version)[0] is first[0]  # served from memory
+    path = registry.artifact_folder(rv.name, rv.version) / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the weights file changed after the model was cached
+    path.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match="refusing to load"):
+        registry.load_model(rv.name, rv.version)
+    with pytest.raises(RegistryError, match="refusing to load"):  # and not cached meanwhile
+        registry.load_model(rv.name, rv.version)

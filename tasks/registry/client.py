@@ -70,9 +70,22 @@ _MODEL_NAME_IN_RUN = "model"  # the logged model's name inside its run
 # MLflow's fluent API reads process globals: one fluent operation at a time per process.
 _FLUENT_LOCK = threading.RLock()
 # (tracking uri, name, version) -> (Checkpoint, ReferenceProfile): a version never changes.
-_MODELS: dict[tuple[str, str, str], tuple[Checkpoint, Any]] = {}
+_MODELS: dict[tuple[Any, ...], tuple[Checkpoint, Any, tuple[Any, ...]]] = {}
 _MODELS_LOCK = threading.Lock()
 MODEL_CACHE_SIZE = 4  # a few models in RAM is plenty for one worker
+
+
+def _stamps(files: list[Path]) -> tuple[Any, ...]:
+    """(size, mtime in ns) of each file (None when missing): what a cached model's files were
+    when it was loaded."""
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+            out.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 def _drop_pickle_warning(record: logging.LogRecord) -> bool:
@@ -372,18 +385,28 @@ class Registry:
         return self._verified(self.get_version(name, version), _REFERENCE_FILE)
 
     def load_model(self, name: str, version: str | int) -> tuple[Checkpoint, ReferenceProfile]:
-        """(Checkpoint, ReferenceProfile) of a version, cached per process."""
+        """(Checkpoint, ReferenceProfile) of a version, cached per process (a long-lived worker
+        loads a model once). The cache is keyed by the registry, the version and the sha256
+        its files were registered with; a hit is served only while the local files are
+        unchanged on disk (size and modification time): a file changed after it was cached is
+        verified again, and refused when it no longer matches its registered sha256."""
         from models.profile import ReferenceProfile
 
-        key = (self.tracking_uri, name, str(version))
+        info = self.get_version(name, version)
+        key = (self.tracking_uri, name, str(version),
+               *(info.tags.get(t) for t in SHA_TAGS.values()))
+        folder = self._version_dir(name, str(version))
+        files = [folder / f for f in SHA_TAGS]
         with _MODELS_LOCK:
             hit = _MODELS.get(key)
-        if hit is not None:
-            return hit
-        ckpt, _ = self.load_by_version(name, version)
+        stamps = _stamps(files)  # before the load: a change during it is seen at the next hit
+        if hit is not None and hit[2] == stamps:
+            return hit[0], hit[1]
+        ckpt, _ = self.load_by_version(name, version)  # verified against the sha256 tags
         profile = ReferenceProfile.from_npz(self.load_reference_profile(name, version))
         with _MODELS_LOCK:
-            _MODELS[key] = (ckpt, profile)
+            _MODELS.pop(key, None)
+            _MODELS[key] = (ckpt, profile, stamps)
             while len(_MODELS) > MODEL_CACHE_SIZE:
                 _MODELS.pop(next(iter(_MODELS)))
         return ckpt, profile
