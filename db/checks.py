@@ -31,6 +31,20 @@ def latest_check(session: Session, site_id: int) -> DriftCheck | None:
     ).scalar_one_or_none()
 
 
+def last_check_times(session: Session, site_names: list[str]) -> dict[str, Any]:
+    """name -> when the site's newest check was recorded (None: never checked, or a site not
+    in the database yet)."""
+    from sqlalchemy import func
+
+    from db.models import SiteRow
+
+    q = (select(SiteRow.name, func.max(DriftCheck.created_at))
+         .join(DriftCheck, DriftCheck.site_id == SiteRow.id, isouter=True)
+         .where(SiteRow.name.in_(site_names)).group_by(SiteRow.name))
+    found = dict(session.execute(q).all())
+    return {n: found.get(n) for n in site_names}
+
+
 def recent_checks(session: Session, site_id: int, limit: int = 200) -> list[DriftCheck]:
     """The site's ``limit`` newest checks, oldest first (for history charts)."""
     rows = session.execute(

@@ -229,20 +229,25 @@ def serve(
         "EMOWATCH_SERVE_LIMIT). Runs beyond it wait their turn.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Serve one scheduled monitor deployment per site, the drift-triggered re-adaptation,
-    and on-demand train/promote (needs a running `prefect server` for schedules)."""
+    """Serve the sites' scheduled checks (by default in one warm worker process that keeps
+    models and libraries loaded, deployments.worker; EMOWATCH_CHECK_WORKER=deployments: one
+    scheduled deployment run per check), one monitor deployment per site for "check now",
+    the drift-triggered re-adaptation, the registry sync and on-demand train/promote (needs
+    a running `prefect server` for schedules)."""
 
     def go() -> dict[str, Any]:
-        from deployments.serve import build_deployments, describe, serve_all
+        from deployments.serve import build_deployments, describe, serve_all, worker_command
 
         settings = settings_from_env()
         from emowatch.sites import load_sites
 
-        deps = build_deployments(load_sites(settings.sites_file))
+        sites = load_sites(settings.sites_file)
+        warm = settings.check_worker == "warm"
+        deps = build_deployments(sites, scheduled_checks=not warm)
         if dry_run:
-            return {**describe(deps), "limit": limit or settings.serve_limit}
-        serve_all(deps, limit or settings.serve_limit)
-        return describe(deps)
+            return {**describe(deps, sites, warm), "limit": limit or settings.serve_limit}
+        serve_all(deps, limit or settings.serve_limit, worker_command() if warm else None)
+        return describe(deps, sites, warm)
 
     run(go, as_json)
 

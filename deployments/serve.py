@@ -37,8 +37,10 @@ def drift_trigger():
     )
 
 
-def build_deployments(sites: dict[str, Site]) -> list[Any]:
-    """RunnerDeployments for every site (nothing is sent to a server here)."""
+def build_deployments(sites: dict[str, Site], scheduled_checks: bool = True) -> list[Any]:
+    """RunnerDeployments for every site (nothing is sent to a server here).
+    ``scheduled_checks`` False: the monitor deployments carry no schedule (the warm worker,
+    ``deployments.worker``, runs the scheduled checks; a deployment run is "check now")."""
     from flows.monitor import monitor_site
     from flows.promote import promote
     from flows.readapt import readapt_site
@@ -48,7 +50,7 @@ def build_deployments(sites: dict[str, Site]) -> list[Any]:
     deps = [
         monitor_site.to_deployment(
             name=f"monitor-{s.name}",
-            cron=s.schedule,
+            cron=s.schedule if scheduled_checks else None,
             parameters={"site": s.name},
             tags=["emowatch", "monitor", f"site:{s.name}"],
             description=f"Ingest and drift-test site {s.name} ({s.inbox}).",
@@ -71,7 +73,8 @@ def build_deployments(sites: dict[str, Site]) -> list[Any]:
     return deps
 
 
-def describe(deps: list[Any]) -> dict[str, Any]:
+def describe(deps: list[Any], sites: dict[str, Site] | None = None,
+             warm: bool = False) -> dict[str, Any]:
     out = []
     for d in deps:
         schedules = []
@@ -92,10 +95,14 @@ def describe(deps: list[Any]) -> dict[str, Any]:
             "parameters": d.parameters,
             "tags": d.tags,
         })
-    return {"deployments": out}
+    res: dict[str, Any] = {"deployments": out}
+    if sites is not None:
+        res["checks"] = ({"by": "warm worker", "schedules": {n: s.schedule for n, s in sites.items()}}
+                         if warm else {"by": "deployments"})
+    return res
 
 
-def serve_all(deps: list[Any], limit: int | None = None) -> None:
+def serve_all(deps: list[Any], limit: int | None = None, worker: list[str] | None = None) -> None:
     """Serve the deployments, at most ``limit`` flow runs at once (None: no limit; 100 sites
     on one cron minute would start 100 processes), until SIGINT or SIGTERM (what a service manager sends to stop a
     service; systemd sends it to every process of the service at once); both shut the runner
@@ -104,7 +111,11 @@ def serve_all(deps: list[Any], limit: int | None = None) -> None:
     With a Prefect server (``PREFECT_API_URL``) the schedules are paused on the way out, so no
     runs pile up while nobody serves them. Without one, Prefect's temporary server is a child
     of this process and stops with it: pausing would wait for an API that is already gone (the
-    process hung there), so nothing is paused."""
+    process hung there), so nothing is paused.
+
+    ``worker``: the command of the warm check worker (``deployments.worker``), started beside
+    the runner and started again whenever it exits (a restart it asked for, or a crash: the
+    check it died in is due again at its next tick); stopped with the runner."""
     import signal
 
     from prefect import serve
@@ -117,15 +128,77 @@ def serve_all(deps: list[Any], limit: int | None = None) -> None:
     # Prefect's runner installs its own SIGTERM handler once started; this one covers startup.
     pause = bool(PREFECT_API_URL.value())
     previous = signal.signal(signal.SIGTERM, stop)
+    supervisor = Supervisor(worker) if worker else None
     try:
+        if supervisor:
+            supervisor.start()
         serve(*deps, pause_on_shutdown=pause, limit=limit)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if supervisor:
+            supervisor.stop()
         if pause:
             # The runner pauses only when it had fully started: a SIGTERM between its
             # "Starting runner" and the end of its start-up exits at once (sys.exit in its
             # handler) and left the schedules running with nobody serving them.
             pause_schedules(deps)
+
+
+class Supervisor:
+    """Keeps one worker process running: starts ``cmd`` and starts it again when it exits
+    (after ``backoff_s`` when it exited within ``backoff_s`` of its start: a worker that cannot
+    start does not spin). ``stop``: SIGTERM, then SIGKILL after ``grace_s``."""
+
+    def __init__(self, cmd: list[str], backoff_s: float = 5.0, grace_s: float = 60.0) -> None:
+        import threading
+
+        self.cmd, self.backoff_s, self.grace_s = cmd, backoff_s, grace_s
+        self.proc: Any = None
+        self.starts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="emowatch-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import subprocess
+        import time
+
+        from prefect.logging import get_logger
+
+        log = get_logger("emowatch.serve")
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            self.proc = subprocess.Popen(self.cmd)
+            self.starts += 1
+            code = self.proc.wait()
+            if self._stop.is_set():
+                break
+            log.info("the check worker exited (code %s); starting it again", code)
+            if time.monotonic() - t0 < self.backoff_s:
+                self._stop.wait(self.backoff_s)
+
+    def stop(self) -> None:
+        import subprocess
+
+        self._stop.set()
+        p = self.proc
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(self.grace_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self._thread.join(timeout=5)
+
+
+def worker_command() -> list[str]:
+    """The warm worker's command line (this interpreter)."""
+    import sys
+
+    return [sys.executable, "-m", "deployments.worker"]
 
 
 def pause_schedules(deps: list[Any]) -> list[str]:

@@ -81,6 +81,16 @@ class Settings(BaseSettings):
         "always", description="When a check also writes the Evidently report (HTML, JSON, "
         "workspace snapshot): every check, only checks that found drift, or never. Costs ~10 s "
         "of a check on 2 cores (bench/scale.py).")
+    check_worker: Literal["warm", "deployments"] = Field(
+        "warm", description="`emowatch serve`: who runs the scheduled monitor checks: 'warm' "
+        "(one long-lived worker process checks every due site, deployments.worker; the "
+        "monitor-<site> deployments stay for 'check now') or 'deployments' (each check a "
+        "scheduled deployment run, a new process each).")
+    worker_max_checks: int | None = Field(
+        1000, ge=1, description="`emowatch serve`'s warm check worker starts afresh after this "
+        "many checks (None: never).")
+    worker_max_rss_gib: float | None = Field(
+        2.0, gt=0, description="... or when its resident memory passes this many GiB.")
     serve_limit: int = Field(
         2, ge=1, le=1000, description="`emowatch serve`: most flow runs at once (each a "
         "process; on 2 cores more only contend: bench/scale.py).")

@@ -20,14 +20,17 @@ from tasks.reports.pages import status_page_path
 
 
 @flow(name="monitor_site", task_runner=default_runner(), log_prints=True)
-def monitor_site(site: str, ingest: bool = True, settings: Settings | None = None
-                 ) -> dict[str, Any]:
+def monitor_site(site: str, ingest: bool = True, settings: Settings | None = None,
+                 sync_registry: bool = True, status_page: bool = True) -> dict[str, Any]:
     """One scheduled check of one site. Returns the CLI's JSON contract:
     ``{site, decision, p_value, statistic, n_ref, n_cur, report_html, alert_id, estimate,
     impact}`` (+ details). The e-mail and the drift event (re-adaptation) follow the site's
-    ``drift.alert_on`` rule (``tasks.impact.should_notify``)."""
+    ``drift.alert_on`` rule (``tasks.impact.should_notify``). ``sync_registry`` and
+    ``status_page`` False: the warm worker's checks (``deployments.worker``), which leave the
+    registry sync to its own schedule and draw the status page once per tick."""
     ctx = open_runtime(settings).site_context(site)
-    sync_registry_task(ctx)  # decisions made in the MLflow UI first: they may change the champion
+    if sync_registry:  # decisions made in the MLflow UI first: they may change the champion
+        sync_registry_task(ctx)
     ingested = ingest_inbox_task(ctx) if ingest else None
     ctx = ctx.serving()
     model, profile = ctx.registry.load_model(ctx.model.name, ctx.model.version)
@@ -51,7 +54,7 @@ def monitor_site(site: str, ingest: bool = True, settings: Settings | None = Non
         event_id = t.emit_drift_event(ctx.site, check_id, result, impact)
     deliver_alerts(ctx)  # a mail server that is down never fails the flow
     t.publish_artifact(ctx.site, check_id, result, phrases, reports, estimate, impact)
-    status = t.status_page(ctx)
+    status = t.status_page(ctx) if status_page else None
     return {
         "site": site,
         "decision": result.decision,

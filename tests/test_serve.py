@@ -37,6 +37,42 @@ def test_serve_builds_one_scheduled_monitor_per_site_and_the_drift_trigger(tmp_p
     assert trig["expect"] == [DRIFT_EVENT]
     assert trig["parameters"]["site"] == "{{ event.payload.site }}"
     assert by_name["readapt"]["schedules"] == [] and by_name["train-source"]["schedules"] == []
+    # with the warm worker (emowatch serve's default) the worker runs the scheduled checks:
+    # the monitor deployments stay, unscheduled, for "check now"
+    sites = load_sites(_sites(tmp_path))
+    warm = describe(build_deployments(sites, scheduled_checks=False), sites, warm=True)
+    by_name = {d["name"]: d for d in warm["deployments"]}
+    assert by_name["monitor-store-12"]["schedules"] == [] and set(by_name) == set(
+        d["name"] for d in deps)
+    assert by_name["sync-registry"]["schedules"] == ["every 120 s"]
+    assert warm["checks"] == {"by": "warm worker", "schedules": {"store-12": "0 * * * *",
+                                                                  "kiosk-3": "*/30 * * * *"}}
+
+
+def test_the_supervisor_starts_the_worker_again_when_it_exits(tmp_path):
+    import sys
+    import time
+
+    from deployments.serve import Supervisor
+
+    marker = tmp_path / "starts"
+    # a worker that records its start and exits at once (as after max_checks, or a crash)
+    cmd = [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x')"]
+    sup = Supervisor(cmd, backoff_s=0.2, grace_s=5)
+    sup.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(marker.read_text() if marker.exists() else "") < 3:
+        time.sleep(0.1)
+    sup.stop()
+    assert len(marker.read_text()) >= 3 and sup.starts >= 3
+    # a worker that runs until stopped is terminated by stop()
+    sup = Supervisor([sys.executable, "-c", "import time; time.sleep(600)"], grace_s=5)
+    sup.start()
+    while sup.proc is None:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    sup.stop()
+    assert sup.proc.poll() is not None and time.monotonic() - t0 < 10
 
 
 def test_serve_dry_run_cli(tmp_path, monkeypatch):
@@ -45,8 +81,10 @@ def test_serve_dry_run_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("EMOWATCH_SITES_FILE", str(_sites(tmp_path)))
     r = CliRunner().invoke(app, ["serve", "--dry-run", "--json"])
     assert r.exit_code == 0, r.output
-    names = [d["name"] for d in json.loads(r.stdout)["deployments"]]
+    out = json.loads(r.stdout)
+    names = [d["name"] for d in out["deployments"]]
     assert "monitor-store-12" in names and "readapt" in names
+    assert out["checks"]["by"] == "warm worker"
 
 
 def test_drift_event_renders_the_readapt_parameters():
