@@ -113,6 +113,10 @@ class Worker:
             if not locks.acquire_lock(self.engine, lock, self.owner, LOCK_TTL_S):
                 done.append({"site": name, "skipped": "another worker is checking it"})
                 continue
+            if name not in due_sites({name: self.schedules[name]}, self.last_checks(), now):
+                # another worker checked it between our reading and our lock
+                locks.release_lock(self.engine, lock, self.owner)
+                continue
             t0 = time.perf_counter()
             try:
                 out = self.check(name)

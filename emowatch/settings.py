@@ -78,9 +78,9 @@ class Settings(BaseSettings):
     )
     featurize_batch: int = Field(64, ge=1, le=4096)
     evidently_reports: Literal["always", "drift", "never"] = Field(
-        "always", description="When a check also writes the Evidently report (HTML, JSON, "
-        "workspace snapshot): every check, only checks that found drift, or never. Costs ~10 s "
-        "of a check on 2 cores (bench/scale.py).")
+        "drift", description="When a check also writes the Evidently report (HTML, JSON, "
+        "workspace snapshot): every check, only checks that found drift (default), or never. "
+        "Costs ~10 s of a check on 2 cores (bench/scale.py).")
     check_worker: Literal["warm", "deployments"] = Field(
         "warm", description="`emowatch serve`: who runs the scheduled monitor checks: 'warm' "
         "(one long-lived worker process checks every due site, deployments.worker; the "

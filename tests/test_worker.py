@@ -97,6 +97,20 @@ def test_a_site_another_worker_is_checking_is_left_alone(world):
     assert ran == ["a"]
 
 
+def test_a_site_checked_by_another_worker_meanwhile_is_not_checked_again(world, monkeypatch):
+    """Two workers read "due" at once; the first checks and records, then releases its lock;
+    the second gets the lock after that and must see the record, not check again."""
+    settings, rt = world
+    ran: list[str] = []
+    w = Worker(settings, {"a": "0 * * * *"}, check=ran.append, tick_hook=lambda _s: None)
+    stale = w.last_checks()  # what the second worker read before the first one recorded
+    _record(rt, "a", t(12, 0, 5))
+    reads = iter([stale])
+    real = w.last_checks
+    monkeypatch.setattr(w, "last_checks", lambda: next(reads, None) or real())
+    assert w.tick(t(12, 0, 6)) == [] and ran == []
+
+
 def test_the_worker_asks_for_a_restart_after_its_checks_or_memory(world):
     settings, _ = world
     w = Worker(settings, {}, check=lambda s: None, tick_hook=lambda s: None, max_checks=2)

@@ -1,0 +1,199 @@
+"""What 1, 10 and 100 sites cost with the warm check worker (``emowatch serve``'s default).
+
+    EMOWATCH_DATA_DIR=../shared/data python -m bench.scale_warm [--sites 1 10 100] [--new 20]
+        [--rounds 2] [--big 500] [--json] [--keep]
+
+The setting is bench/scale.py's (its ``Bench``: two fresh PostgreSQL databases, a ``prefect
+server`` started here, a source model trained with ``emowatch train`` on 40 photos per class,
+unique re-encoded Emotion6 photos per site), but the sites are scheduled every minute and
+``emowatch serve`` runs their checks in its warm worker (``deployments.worker``), each check a
+``monitor_site`` flow run recorded by the server. Per level (N sites): a first tick (40 photos
+per site to featurize), then ``--rounds`` minutes with ``--new`` new photos per site dropped
+before each tick. Per steady check, from the flow run the server recorded: end to end from the
+minute its schedule fired to the end of the run (p50, p95: a tick checks its due sites one
+after the other, so the last site of a tick waits for the others), in the flow; the worker's
+CPU seconds per check (serve and its children, psutil), what 100 sites checked hourly would
+take of the 2 cores, checks per hour one worker can do, peak memory of serve + worker and of
+the Prefect server, database rows and bytes per check. Then a site of ``--big`` cached photos
+with 20 new ones per minute (issue 34's steady check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+import zlib
+
+import numpy as np
+
+from bench.scale import FIRST, Bench, Memory, _note
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        total = 0.0
+        for q in [p, *p.children(recursive=True)]:
+            try:
+                t = q.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+class WarmBench(Bench):
+    def write_sites(self, names: list[str]) -> None:
+        lines = []
+        for n in names:
+            lines += [f"[sites.{n}]", f'inbox = "inbox/{n}"', 'schedule = "* * * * *"', "",
+                      f"[sites.{n}.adapt]", "auto = false", ""]
+        (self.tmp / "sites.toml").write_text("\n".join(lines), encoding="utf-8")
+
+    def _checks(self) -> int:
+        import psycopg
+
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{self.db}") as c:
+            try:
+                return int(c.execute("SELECT count(*) FROM drift_checks").fetchone()[0])
+            except psycopg.errors.UndefinedTable:
+                return 0
+
+    def _wait_checks(self, total: int, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while self._checks() < total:
+            if self.serve is not None and self.serve.poll() is not None:
+                raise SystemExit(f"emowatch serve exited: see {self.tmp}/serve.log")
+            if time.time() > deadline:
+                raise SystemExit(f"{total} checks not recorded in {timeout_s:.0f} s: see "
+                                 f"{self.tmp}/serve.log")
+            time.sleep(1)
+
+    def _runs(self, since: dt.datetime) -> list:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowFilter,
+            FlowFilterName,
+            FlowRunFilter,
+            FlowRunFilterStartTime,
+        )
+
+        out: list = []
+        with get_client(sync_client=True) as c:
+            while True:
+                page = c.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["monitor_site"])),
+                    flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)),
+                    limit=200, offset=len(out))
+                out += page
+                if len(page) < 200:
+                    return out
+
+    def level(self, n: int, label: str, new: int, rounds: int, first: int = FIRST) -> dict:
+        assert self.photos is not None
+        names = [f"{label}{i:03d}" for i in range(n)]
+        self.write_sites(names)
+        base = self._checks()
+        for i, s in enumerate(names):
+            self.photos.drop(self.tmp / "inbox" / s, first, zlib.crc32(f"{label}{i}".encode()))
+        self.start_serve([])
+        mem, srv_mem = Memory(self.serve.pid), Memory(self.server.pid)  # type: ignore[union-attr]
+        try:
+            self._wait_checks(base + n, 1800)  # the first tick: everything to featurize
+            _note(self.t0, f"{label} x{n}: first tick done")
+            rows0, size0 = self.db_size()
+            cpu0 = _cpu_seconds(self.serve.pid)  # type: ignore[union-attr]
+            since = dt.datetime.now(dt.UTC)
+            for r in range(rounds):
+                for i, s in enumerate(names):
+                    self.photos.drop(self.tmp / "inbox" / s, new,
+                                     zlib.crc32(f"{label}{i}/{r}".encode()))
+                self._wait_checks(base + n * (r + 2), 1800)
+                _note(self.t0, f"{label} x{n}: steady tick {r + 1} done")
+            cpu = _cpu_seconds(self.serve.pid) - cpu0  # type: ignore[union-attr]
+            rows1, size1 = self.db_size()
+            runs = [fr for fr in self._runs(since) if fr.state and fr.state.is_completed()]
+        finally:
+            self.stop_serve()
+            peak, srv_peak = mem.stop(), srv_mem.stop()
+        e2e, in_flow = [], []
+        fired, prev_end = None, None
+        for fr in sorted(runs, key=lambda r: r.start_time):
+            # a tick checks its due sites one after the other: a run that starts more than
+            # 2 s after the previous one ended begins the next tick, fired at its minute
+            if prev_end is None or (fr.start_time - prev_end).total_seconds() > 2:
+                fired = fr.start_time.replace(second=0, microsecond=0)
+            prev_end = fr.end_time
+            e2e.append((fr.end_time - fired).total_seconds())
+            in_flow.append((fr.end_time - fr.start_time).total_seconds())
+        checks = max(1, len(runs))
+        cpu_per = cpu / checks
+        return {"sites": n, "checks": len(runs), "p50_s": statistics.median(e2e),
+                "p95_s": float(np.percentile(e2e, 95)), "in_flow_p50_s": statistics.median(in_flow),
+                "checks_per_hour": 3600 / max(statistics.mean(in_flow), 1e-9),
+                "cpu_s_per_check": cpu_per,
+                "cpu_share": n * cpu_per / (3600 * (os.cpu_count() or 2)),
+                "rss_gib": peak / 2**30, "server_rss_gib": srv_peak / 2**30,
+                "db_rows_per_check": (rows1 - rows0) / checks,
+                "db_bytes_per_check": (size1 - size0) / checks}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sites", type=int, nargs="+", default=[1, 10, 100])
+    ap.add_argument("--new", type=int, default=20, help="new photos per site per minute")
+    ap.add_argument("--rounds", type=int, default=2, help="steady minutes per level")
+    ap.add_argument("--big", type=int, default=500, help="cached photos of the big site (0: skip)")
+    ap.add_argument("--big-rounds", type=int, default=4)
+    ap.add_argument("--json", action="store_true", help="one JSON row per level")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = ap.parse_args()
+    args.limit = 2  # Bench.start_serve's --limit (the other deployments)
+    if not os.environ.get("EMOWATCH_DATA_DIR"):
+        raise SystemExit("set EMOWATCH_DATA_DIR to the folder with emotion6/")
+    b = WarmBench(args)
+    rows: list[dict] = []
+    try:
+        b.start_server()
+        train_s = b.train()
+        _note(b.t0, f"trained in {train_s:.0f} s")
+        for n in args.sites:
+            rows.append({"level": "sites", **b.level(n, f"w{n}x", args.new, args.rounds)})
+            _note(b.t0, f"level done: {json.dumps(rows[-1])}")
+        if args.big:
+            rows.append({"level": f"{args.big} cached + {args.new} new", **b.level(
+                1, "big", args.new, args.big_rounds, first=args.big)})
+            _note(b.t0, f"level done: {json.dumps(rows[-1])}")
+    finally:
+        b.close()
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    print("\n## Checks by the warm worker through a running Prefect server (2 cores, PostgreSQL "
+          f"for emowatch and Prefect; {args.new} new photos per site per minute)\n")
+    print("| level | sites | steady checks | end to end p50 (s) | p95 (s) | in the flow p50 (s) "
+          "| CPU s/check | 100 sites hourly: share of the cores | checks/hour (one worker) | "
+          "serve + worker peak (GiB) | Prefect server peak (GiB) | DB rows/check | DB bytes/check |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        share100 = 100 * r["cpu_s_per_check"] / (3600 * (os.cpu_count() or 2))
+        print(f"| {r['level']} | {r['sites']} | {r['checks']} | {r['p50_s']:.1f} | "
+              f"{r['p95_s']:.1f} | {r['in_flow_p50_s']:.1f} | {r['cpu_s_per_check']:.2f} | "
+              f"{100 * share100:.1f}% | {r['checks_per_hour']:.0f} | {r['rss_gib']:.2f} | "
+              f"{r['server_rss_gib']:.2f} | {r['db_rows_per_check']:.0f} | "
+              f"{r['db_bytes_per_check'] / 1024:.0f} KiB |")
+    print(f"\nSource model trained for the bench in {train_s:.0f} s.", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
