@@ -60,7 +60,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _note(t0: float, what: str) -> None:
+def note(t0: float, what: str) -> None:
     print(f"[{time.perf_counter() - t0:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
@@ -167,7 +167,7 @@ class Bench:
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.env['PREFECT_API_URL']}/health", timeout=2):
-                    _note(self.t0, f"prefect server up on port {self.port}")
+                    note(self.t0, f"prefect server up on port {self.port}")
                     return
             except OSError:
                 time.sleep(1)
@@ -328,7 +328,7 @@ class Bench:
             for i, s in enumerate(names):
                 self.photos.drop(self.tmp / "inbox" / s, FIRST, zlib.crc32(f'{label}{i}'.encode()))
             first, first_wall = self.round(names)
-            _note(self.t0, f"{label} x{n}: first round {first_wall:.1f} s")
+            note(self.t0, f"{label} x{n}: first round {first_wall:.1f} s")
             steady: list[dict] = []
             wall = 0.0
             rows0, size0 = self.db_size()
@@ -340,7 +340,7 @@ class Bench:
                 res, w = self.round(names)
                 steady += res
                 wall += w
-                _note(self.t0, f"{label} x{n}: round {r + 1} {w:.1f} s")
+                note(self.t0, f"{label} x{n}: round {r + 1} {w:.1f} s")
             rows1, size1 = self.db_size()
         finally:
             self.stop_serve()
@@ -393,19 +393,19 @@ def main() -> None:
     try:
         b.start_server()
         train_s = b.train()
-        _note(b.t0, f"trained in {train_s:.0f} s")
+        note(b.t0, f"trained in {train_s:.0f} s")
         for n in args.sites:
             levels.append(("thread", b.level(n, "s")))
-            _note(b.t0, f"level done: {levels[-1]}")  # survives a run stopped later
+            note(b.t0, f"level done: {levels[-1]}")  # survives a run stopped later
         if args.dask_sites:
             levels.append(("dask", b.level(args.dask_sites, "d",
                                            {"EMOWATCH_TASK_RUNNER": "dask"}, rounds=1)))
-            _note(b.t0, f"level done: {levels[-1]}")
+            note(b.t0, f"level done: {levels[-1]}")
         if args.evidently_drift_sites:
             levels.append(("thread, Evidently on drift only", b.level(
                 args.evidently_drift_sites, "e", {"EMOWATCH_EVIDENTLY_REPORTS": "drift"},
                 rounds=1)))
-            _note(b.t0, f"level done: {levels[-1]}")
+            note(b.t0, f"level done: {levels[-1]}")
         big = b.cached500()
     finally:
         b.close()

@@ -31,7 +31,7 @@ import zlib
 
 import numpy as np
 
-from bench.scale import FIRST, Bench, Memory, _note
+from bench.scale import FIRST, Bench, Memory, note
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -109,7 +109,7 @@ class WarmBench(Bench):
         mem, srv_mem = Memory(self.serve.pid), Memory(self.server.pid)  # type: ignore[union-attr]
         try:
             self._wait_checks(base + n, 1800)  # the first tick: everything to featurize
-            _note(self.t0, f"{label} x{n}: first tick done")
+            note(self.t0, f"{label} x{n}: first tick done")
             rows0, size0 = self.db_size()
             cpu0 = _cpu_seconds(self.serve.pid)  # type: ignore[union-attr]
             since = dt.datetime.now(dt.UTC)
@@ -118,7 +118,7 @@ class WarmBench(Bench):
                     self.photos.drop(self.tmp / "inbox" / s, new,
                                      zlib.crc32(f"{label}{i}/{r}".encode()))
                 self._wait_checks(base + n * (r + 2), 1800)
-                _note(self.t0, f"{label} x{n}: steady tick {r + 1} done")
+                note(self.t0, f"{label} x{n}: steady tick {r + 1} done")
             cpu = _cpu_seconds(self.serve.pid) - cpu0  # type: ignore[union-attr]
             rows1, size1 = self.db_size()
             runs = [fr for fr in self._runs(since) if fr.state and fr.state.is_completed()]
@@ -165,14 +165,14 @@ def main() -> None:
     try:
         b.start_server()
         train_s = b.train()
-        _note(b.t0, f"trained in {train_s:.0f} s")
+        note(b.t0, f"trained in {train_s:.0f} s")
         for n in args.sites:
             rows.append({"level": "sites", **b.level(n, f"w{n}x", args.new, args.rounds)})
-            _note(b.t0, f"level done: {json.dumps(rows[-1])}")
+            note(b.t0, f"level done: {json.dumps(rows[-1])}")
         if args.big:
             rows.append({"level": f"{args.big} cached + {args.new} new", **b.level(
                 1, "big", args.new, args.big_rounds, first=args.big)})
-            _note(b.t0, f"level done: {json.dumps(rows[-1])}")
+            note(b.t0, f"level done: {json.dumps(rows[-1])}")
     finally:
         b.close()
     if args.json:
