@@ -578,3 +578,67 @@ def test_a_source_model_with_the_twin_estimator_fits_no_bank_and_mails_the_twin(
     again = monitor_site(site="night", ingest=False, settings=settings)["estimate"]
     assert again["twin"]["reused"] and again["twin"]["evaluations"] == 1, again["twin"]
     assert again["twin"]["params"] == est["twin"]["params"] and not est["twin"]["reused"]
+
+
+def test_a_worker_killed_in_the_middle_of_a_check_completes_it_at_the_next_tick(world):
+    """Issue 34: `kill -9` of the warm worker (deployments.worker) in the middle of a check;
+    the next worker (as serve's supervisor starts it) checks the site at its next tick: one
+    check recorded, every image of the inbox stored once, the lock given back."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import sqlalchemy as sa
+    from prefect.settings import PREFECT_API_URL
+
+    from db.models import DriftCheck, ImageRow, SiteLock, SiteRow
+    from db.session import session_scope
+    from tasks.context import Runtime
+
+    root, settings = world["root"], world["settings"]
+    inbox = root / "inbox" / "wk"
+    shutil.copytree(root / "inbox" / "clean", inbox)
+    sites = root / "worker-sites.toml"
+    sites.write_text(f'[sites.wk]\ninbox = "{inbox}"\nschedule = "* * * * *"\n'
+                     "[sites.wk.adapt]\nauto = false\n", encoding="utf-8")
+    env = {**os.environ, "EMOWATCH_HOME": str(settings.home), "EMOWATCH_SITES_FILE": str(sites),
+           "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    for k in ("EMOWATCH_DATABASE_URL", "EMOWATCH_MLFLOW_TRACKING_URI", "EMOWATCH_SMTP_HOST"):
+        env.pop(k, None)
+    engine = Runtime.open(settings).engine
+
+    def count(model, *where) -> int:
+        with session_scope(engine) as s:
+            return s.scalar(sa.select(sa.func.count()).select_from(model).where(*where))
+
+    def wk_id():
+        with session_scope(engine) as s:
+            return s.scalar(sa.select(SiteRow.id).where(SiteRow.name == "wk"))
+
+    worker = [sys.executable, "-m", "deployments.worker", "--tick-s", "5"]
+    first = subprocess.Popen(worker, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while count(SiteLock, SiteLock.name == "check:wk",
+                    SiteLock.owner.contains(f":{first.pid}")) == 0:
+            assert first.poll() is None and time.monotonic() < deadline, "the check never started"
+            time.sleep(0.2)
+        time.sleep(1.0)  # ingesting and featurizing the 60 photos
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    sid = wk_id()
+    assert sid is None or count(DriftCheck, DriftCheck.site_id == sid) == 0, \
+        "the check finished before the kill: nothing was interrupted"
+    second = subprocess.run([*worker, "--max-checks", "1"], env=env, timeout=600,
+                            capture_output=True, text=True)
+    assert second.returncode == 3, second.stderr[-3000:]  # restart asked after its one check
+    sid = wk_id()
+    assert count(DriftCheck, DriftCheck.site_id == sid) == 1
+    n_files = len(list(inbox.glob("*.jpg")))
+    assert count(ImageRow, ImageRow.site_id == sid) == n_files == SITE_IMAGES
+    assert count(SiteLock, SiteLock.name == "check:wk") == 0
