@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import os
 import statistics
-import sys
 import time
 import zlib
 
@@ -122,29 +121,33 @@ class WarmBench(Bench):
             cpu = _cpu_seconds(self.serve.pid) - cpu0  # type: ignore[union-attr]
             rows1, size1 = self.db_size()
             runs = [fr for fr in self._runs(since) if fr.state and fr.state.is_completed()]
+            self.task_seconds = {}
+            self._task_times([fr.id for fr in runs])
         finally:
             self.stop_serve()
             peak, srv_peak = mem.stop(), srv_mem.stop()
         e2e, in_flow = [], []
-        fired, prev_end = None, None
-        for fr in sorted(runs, key=lambda r: r.start_time):
+        fired, prev_end = 0.0, None
+        for start, end in sorted((fr.start_time.timestamp(), fr.end_time.timestamp())
+                                 for fr in runs):
             # a tick checks its due sites one after the other: a run that starts more than
             # 2 s after the previous one ended begins the next tick, fired at its minute
-            if prev_end is None or (fr.start_time - prev_end).total_seconds() > 2:
-                fired = fr.start_time.replace(second=0, microsecond=0)
-            prev_end = fr.end_time
-            e2e.append((fr.end_time - fired).total_seconds())
-            in_flow.append((fr.end_time - fr.start_time).total_seconds())
+            if prev_end is None or start - prev_end > 2:
+                fired = start - start % 60
+            prev_end = end
+            e2e.append(end - fired)
+            in_flow.append(end - start)
         checks = max(1, len(runs))
-        cpu_per = cpu / checks
+        cpu_per = cpu / (n * rounds)  # every steady check, counted in the database
         return {"sites": n, "checks": len(runs), "p50_s": statistics.median(e2e),
                 "p95_s": float(np.percentile(e2e, 95)), "in_flow_p50_s": statistics.median(in_flow),
                 "checks_per_hour": 3600 / max(statistics.mean(in_flow), 1e-9),
                 "cpu_s_per_check": cpu_per,
                 "cpu_share": n * cpu_per / (3600 * (os.cpu_count() or 2)),
                 "rss_gib": peak / 2**30, "server_rss_gib": srv_peak / 2**30,
-                "db_rows_per_check": (rows1 - rows0) / checks,
-                "db_bytes_per_check": (size1 - size0) / checks}
+                "db_rows_per_check": (rows1 - rows0) / (n * rounds),
+                "db_bytes_per_check": (size1 - size0) / (n * rounds),
+                "tasks": {k: sum(v) / checks for k, v in self.task_seconds.items()}}
 
 
 def main() -> None:
@@ -192,7 +195,13 @@ def main() -> None:
               f"{100 * share100:.1f}% | {r['checks_per_hour']:.0f} | {r['rss_gib']:.2f} | "
               f"{r['server_rss_gib']:.2f} | {r['db_rows_per_check']:.0f} | "
               f"{r['db_bytes_per_check'] / 1024:.0f} KiB |")
-    print(f"\nSource model trained for the bench in {train_s:.0f} s.", file=sys.stderr)
+    print(f"\nSource model trained for the bench in {train_s:.0f} s.")
+    r = rows[-1]
+    print(f"\n## Where a steady check's time goes ({r['level']}: seconds per check, summed over "
+          "its task runs)\n\n| task | seconds |\n|---|---:|")
+    for k, v in sorted(r["tasks"].items(), key=lambda kv: -kv[1]):
+        print(f"| {k} | {v:.2f} |")
+    print(f"| (in the flow, p50) | {r['in_flow_p50_s']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         1000, ge=1, description="`emowatch serve`'s warm check worker starts afresh after this "
         "many checks (None: never).")
     worker_max_rss_gib: float | None = Field(
-        2.0, gt=0, description="... or when its resident memory passes this many GiB.")
+        2.5, gt=0, description="... or when its resident memory passes this many GiB.")
     serve_limit: int = Field(
         2, ge=1, le=1000, description="`emowatch serve`: most flow runs at once (each a "
         "process; on 2 cores more only contend: bench/scale.py).")

@@ -94,10 +94,15 @@ def test_a_poor_fit_widens_the_interval_by_its_residual():
     twin = TwinEstimator(config=FAST)
     noisy = CameraParams(noise_read=0.08)
     a, _ = twin.estimate_images(predict, imgs, labels, imgs, fit=fit_of(noisy, 1.0), seed=1)
-    b, _ = twin.estimate_images(predict, imgs, labels, imgs, fit=fit_of(noisy, 2.5), seed=1)
+    b, _ = twin.estimate_images(predict, imgs, labels, imgs, fit=fit_of(noisy, 2.9), seed=1)
+    # a residual within what a twin of the training camera reads widens nothing
+    c, _ = twin.estimate_images(predict, imgs, labels, imgs,
+                                fit=fit_of(noisy, twin.null_distance), seed=1)
     assert a.accuracy == b.accuracy and a.verifiable and b.verifiable
-    assert (b.high - b.low) > 2.0 * (a.high - a.low) - 1e-9 or b.low == 0.0 or b.high == 1.0
-    assert (b.drop_high - b.drop_low) > 2.0 * (a.drop_high - a.drop_low) - 1e-9
+    k = 2.9 / twin.null_distance  # beyond it, the interval grows with the residual
+    assert (b.high - b.low) > k * (a.high - a.low) - 1e-9 or b.low == 0.0 or b.high == 1.0
+    assert (b.drop_high - b.drop_low) > k * (a.drop_high - a.drop_low) - 1e-9
+    assert (c.drop_low, c.drop_high) == (a.drop_low, a.drop_high)
     with pytest.raises(ValueError, match="one label per"):
         twin.estimate_images(predict, imgs, labels[:5], imgs, fit=fit_of(noisy, 1.0))
 

@@ -228,6 +228,22 @@ def coordinate_search(f: Callable[[np.ndarray], float], u0: np.ndarray, f0: floa
     return u, best
 
 
+def scan_points(neutral: float, points: int) -> list[float]:
+    """Values a still-neutral parameter is tried at (in [0, 1] units): on each side of
+    ``neutral`` that has room, geometrically closer to it -- the whole way to the edge, half,
+    a quarter, ... (``points - 2`` per side, at least 2). Evenly spaced points missed small
+    real changes: a night camera's sensor noise after the photos were downscaled to the grid
+    (sigma ~0.016) lies below the first even step of the noise range (0.025), and the fit
+    stopped at "darker" with a residual of 9 (bench/results/estimate*.md)."""
+    k = max(2, points - 2)
+    out = []
+    for edge in (0.0, 1.0):
+        span = edge - neutral
+        if abs(span) > 1e-9:
+            out += [neutral + span / 2**i for i in range(k)]
+    return sorted(out)
+
+
 def stepwise_search(f: Callable[[np.ndarray], float], neutral: np.ndarray, points: int,
                     sweeps: int, price: float, max_changes: int) -> tuple[np.ndarray, float]:
     """Forward selection of the camera's changes: scan every still-neutral parameter over its
@@ -244,7 +260,7 @@ def stepwise_search(f: Callable[[np.ndarray], float], neutral: np.ndarray, point
         for j in range(len(u)):
             if j in moved:
                 continue
-            for g in np.linspace(0.0, 1.0, points):
+            for g in scan_points(float(neutral[j]), points):
                 if abs(g - u[j]) < 1e-9:
                     continue
                 v = u.copy()

@@ -56,6 +56,11 @@ MAX_RESIDUAL = 3.0
 # The same for the model's own features (feature_distance): camera conditions 0.8-6.1 (blur 1,
 # fitted as low resolution, the farthest), faces -> photos 40.5 (bench/results/twin_estimate.md).
 MAX_FEATURE_DISTANCE = 12.0
+# How far the twin of a site that IS the training camera reads (other photos, the same camera):
+# residual and feature distance 1.4-1.8 on the clean site and re-encoded photos (bench.estimate
+# protocol, seed 0, 240 vs 240 photos). Intervals are widened by the distance beyond it:
+# widening by the raw distance (1.6-1.8 there) turned every harmless site "unknown".
+NULL_DISTANCE = 1.75
 
 
 @dataclass
@@ -72,6 +77,7 @@ class TwinEstimator:
     level: float = 0.90
     max_residual: float = MAX_RESIDUAL
     max_feature_distance: float = MAX_FEATURE_DISTANCE
+    null_distance: float = NULL_DISTANCE
     boot: int = 400
 
     def estimate_images(self, predict: Callable[[list[np.ndarray]], np.ndarray],
@@ -91,7 +97,7 @@ class TwinEstimator:
         accuracy: mean correctness on the twin over ``draws`` draws; source_accuracy: the same
         images untouched; drop = source - accuracy, paired image by image. Intervals: the
         bootstrap over held-out images (each with its draws' mean), half-widths multiplied by
-        max(1, residual, feature distance)."""
+        max(1, max(residual, feature distance) / ``null_distance``)."""
         y = np.asarray(labels)
         if len(y) != len(held_out) or len(y) < 2:
             raise ValueError(f"need one label per held-out image (>= 2), got {len(y)} for "
@@ -132,9 +138,11 @@ class TwinEstimator:
                   if feats is not None and site_features is not None else None)
         # trusted less the farther the twin is from the site, in the image statistics or in
         # what the model itself sees (a twin the model tells from the site: blur 1 fitted as
-        # "low resolution", feature distance 3.5, drop read 6 points too harmful)
-        widen = max(1.0, float(fit.distance), f_dist if f_dist is not None and
-                    np.isfinite(f_dist) else 1.0)
+        # "low resolution", feature distance 3.5, drop read 6 points too harmful), beyond
+        # how far a twin of the training camera itself reads (NULL_DISTANCE)
+        far = max(float(fit.distance), f_dist if f_dist is not None and np.isfinite(f_dist)
+                  else 0.0)
+        widen = max(1.0, far / self.null_distance)
 
         def interval(x: float, boot: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
             b_lo, b_hi = np.quantile(boot, q)
@@ -163,4 +171,4 @@ class TwinEstimator:
         return est, fit
 
 
-__all__ = ["MAX_FEATURE_DISTANCE", "MAX_RESIDUAL", "TwinEstimator", "feature_distance"]
+__all__ = ["MAX_FEATURE_DISTANCE", "MAX_RESIDUAL", "NULL_DISTANCE", "TwinEstimator", "feature_distance"]
