@@ -30,6 +30,7 @@ def twin_sites(ckpt: Any, cal_imgs: list[np.ndarray], y_cal: np.ndarray,
     from models.estimate.twin import TwinConfig
     from models.estimate.twin_estimator import TwinEstimator
     from models.evaluate import extract_features
+    from models.sim.camera import native_size
 
     prep = ckpt.preprocessing
     limit = EstimatorConfig().twin_images
@@ -42,7 +43,9 @@ def twin_sites(ckpt: Any, cal_imgs: list[np.ndarray], y_cal: np.ndarray,
         z, p = extract_features(ckpt, np.stack(images))
         return p.argmax(1), z
 
-    twin = TwinEstimator(TwinConfig(grid=prep.img_size))
+    # as tasks.impact: the site camera's photo size (its noise and JPEG act there)
+    native = native_size([(a.shape[1], a.shape[0]) for a in pool_imgs], prep.img_size)
+    twin = TwinEstimator(TwinConfig(grid=prep.img_size, native=native))
     clean_right = pool["clean"].probs.argmax(1) == y
     acc_clean = float(clean_right.mean())
     acc_c = np.array([clean_right[y == c].mean() for c in range(6)])

@@ -70,32 +70,37 @@ def twin_estimate(profile: Any, model: Any, site_paths: list[str],
     from models.estimate.twin_estimator import TwinEstimator
     from models.evaluate import extract_features
     from models.images import load_rgb
-    from models.sim.camera import CameraParams
+    from models.sim.camera import CameraParams, native_size
 
     t0 = time.perf_counter()
     prep = model.preprocessing
-    site = []
+    site, sizes = [], []
     for p in site_paths:
         try:
-            site.append(prep.to_array(load_rgb(p)))
+            im = load_rgb(p)
+            sizes.append(im.size)
+            site.append(prep.to_array(im))
         except Exception:  # noqa: BLE001 -- validated at ingestion; a tampered file is skipped
             continue
     if len(site) < 2:
         return unavailable(f"{len(site)} decodable images: too few to estimate", len(site))
     held, labels = profile.twin_images(prep)
+    native = native_size(sizes, prep.img_size)  # the camera's noise and JPEG act at this size
 
     def predict(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         z, probs = extract_features(model, np.stack(images))
         return np.asarray(probs).argmax(1), np.asarray(z)
 
     last = None
-    if previous and previous.get("params") and previous.get("grid") == prep.img_size:
+    if previous and previous.get("params") and previous.get("grid") == prep.img_size \
+            and previous.get("native") == (None if native is None else list(native)):
         try:
             last = CameraParams(**previous["params"])
         except (TypeError, ValueError):  # a record from another camera model: search afresh
             last = None
     try:
-        est, _ = TwinEstimator(TwinConfig(grid=prep.img_size)).estimate_images(
+        cfg = TwinConfig(grid=prep.img_size, native=native)
+        est, _ = TwinEstimator(cfg).estimate_images(
             predict, held, labels, site, previous=last,
             previous_residual=float(previous.get("distance") or 0.0) if last is not None
             else 0.0,

@@ -41,11 +41,15 @@ def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
     if cfg.source == "twin":
         from models.adapt.proxies import twin_proxies
         from models.estimate.twin_estimator import MAX_RESIDUAL
+        from models.sim.camera import native_size
 
-        last, last_r = previous_camera(inputs, inputs.ckpt.preprocessing.img_size)
+        grid = inputs.ckpt.preprocessing.img_size
+        native = native_size(photo_sizes(inputs.site_paths), grid)
+        last, last_r = previous_camera(inputs, grid, native)
         proxies, info, twin = twin_proxies(inputs.ckpt.model, inputs.ckpt.preprocessing, ref_g,
                                            labels, site_g, inputs.ckpt.precision, cfg,
-                                           previous=last, previous_residual=last_r)
+                                           previous=last, previous_residual=last_r,
+                                           native=native)
         proxy_s = time.perf_counter() - t0
         log.info("site twin in %.1f s: %s (residual %.2f%s)", proxy_s, twin.describe(),
                  twin.distance, ", the last check's camera" if twin.reused else "")
@@ -77,13 +81,29 @@ def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
     return res
 
 
-def previous_camera(inputs: AdaptInputs, grid: int) -> tuple[Any, float]:
+def photo_sizes(paths: list[str]) -> list[tuple[int, int]]:
+    """(width, height) of each readable photo (its header only)."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                out.append(im.size)
+        except Exception:  # noqa: BLE001 -- validated at ingestion; an unreadable one is skipped
+            continue
+    return out
+
+
+def previous_camera(inputs: AdaptInputs, grid: int,
+                    native: tuple[int, int] | None = None) -> tuple[Any, float]:
     """The camera of the site's twin at the drift check that started this run (None: none
-    recorded, or another grid), and its residual."""
+    recorded, or for another grid or photo size), and its residual."""
     from models.sim.camera import CameraParams
 
     rec = getattr(inputs, "previous_twin", None) or {}
-    if not rec.get("params") or rec.get("grid") != grid:
+    if not rec.get("params") or rec.get("grid") != grid or rec.get("native") != (
+            None if native is None else list(native)):
         return None, 0.0
     try:
         return CameraParams(**rec["params"]), float(rec.get("distance") or 0.0)

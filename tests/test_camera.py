@@ -105,3 +105,26 @@ def test_the_condition_in_words():
     assert "blue cast" in words and "blurred" in words and "low resolution x0.50" in words
     assert "JPEG quality 30" in words
     assert CameraParams(b_gain=0.63, g_gain=1.09).describe().startswith("yellow (warm) cast")
+
+
+def test_noise_and_jpeg_act_at_the_cameras_own_photo_size():
+    """A camera whose photos are twice the grid: its sensor noise, drawn on its own pixels and
+    then resized to the grid, is smoothed (weaker on the grid than the same sigma drawn there)
+    and still lifts the shadows where it was clipped at black; without noise or JPEG the size
+    changes nothing."""
+    from models.sim.camera import CameraParams, apply_camera, native_size
+
+    dark = np.full((64, 64, 3), 4, np.uint8)
+    p = CameraParams(noise_read=0.05)
+    on_grid = apply_camera(dark, p, 0).astype(float)
+    native = apply_camera(dark, p, 0, native=(128, 128)).astype(float)
+    assert native.shape == on_grid.shape == dark.shape
+    assert native.std() < 0.7 * on_grid.std()
+    assert native.mean() > dark.mean() + 1  # clipped at black before the resize: lifted
+    exposure = CameraParams(gain=0.5)
+    assert np.array_equal(apply_camera(dark, exposure, native=(128, 128)),
+                          apply_camera(dark, exposure))
+    assert np.array_equal(apply_camera(dark, CameraParams(), native=(128, 128)), dark)
+    assert native_size([(320, 240), (300, 225), (640, 480)], 224) == (320, 240)
+    assert native_size([(4000, 3000)], 224) == (896, 672)  # at most 4x the grid
+    assert native_size([], 224) is None

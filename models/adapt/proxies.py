@@ -163,12 +163,14 @@ def build_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: n
 def twin_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: np.ndarray,
                  site_grids: np.ndarray, precision: str, config: ProxyConfig | None = None,
                  previous: Any = None, previous_residual: float = 0.0,
+                 native: tuple[int, int] | None = None,
                  ) -> tuple[list[SiteSet], list[dict[str, Any]], Any]:
     """Labelled proxies of the site from its twin (module docstring): the camera fitted to the
     site's images (``previous``: the site's last camera, kept while it still explains them)
     applied to the held-out images (at most ``max_images``, class-stratified), ``k`` proxies:
     one draw of the camera's sensor noise each (a camera without noise is drawn once and
-    shared). Returns the sets, what they are, and the ``TwinFit``."""
+    shared). ``native``: the size of the site camera's photos (``models.sim.camera.native_size``).
+    Returns the sets, what they are, and the ``TwinFit``."""
     from models.adapt.bn import frozen_outputs
     from models.estimate.twin import TwinConfig, fit_twin
     from models.sim.camera import apply_camera
@@ -182,14 +184,15 @@ def twin_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: np
     if len(ref_grids) > cfg.max_images:
         keep = stratified_subsample(labels, cfg.max_images, rng)
         ref_grids, labels = ref_grids[keep], labels[keep]
-    fit = fit_twin(list(ref_grids), list(site_grids), TwinConfig(grid=prep.img_size, seed=cfg.seed),
+    fit = fit_twin(list(ref_grids), list(site_grids),
+                   TwinConfig(grid=prep.img_size, seed=cfg.seed, native=native),
                    previous=previous, previous_residual=previous_residual)
     p = fit.params
     noisy = p.noise_shot > 0 or p.noise_read > 0
     out, info, shared = [], [], None
     for j in range(cfg.k):
         if shared is None or noisy:
-            g = np.stack([apply_camera(a, p, np.random.default_rng([cfg.seed, j, i]))
+            g = np.stack([apply_camera(a, p, np.random.default_rng([cfg.seed, j, i]), native)
                           for i, a in enumerate(ref_grids)])
             x = prep.normalize(g)
             shared = (frozen_outputs(model, x, None, precision), x)

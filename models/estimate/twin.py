@@ -51,6 +51,9 @@ class TwinConfig:
     # a noise level fitted there means less noise at 224: the night twin under-read the drop
     # by 9 points at 96 px and by 0.5 at 224 (bench/results/twin_estimate.md).
     grid: int = 224
+    # The (width, height) of the site camera's photos (models.sim.camera.native_size of their
+    # sizes): its noise and JPEG act before the photos are resized to the grid. None: the grid.
+    native: tuple[int, int] | None = None
     fit_images: int = 24  # held-out images the fit transforms per evaluation
     names: tuple[str, ...] = NAMES  # the camera parameters fitted (the rest neutral)
     points: int = 7  # values tried per parameter in a scan
@@ -180,14 +183,16 @@ class TwinObjective:
 
     def __init__(self, held_out: Sequence[np.ndarray], site: tuple, scale: np.ndarray,
                  names: Sequence[str], embed: Callable[[list[np.ndarray]], np.ndarray] | None,
-                 weights: np.ndarray, seed: int) -> None:
+                 weights: np.ndarray, seed: int,
+                 native: tuple[int, int] | None = None) -> None:
         self.held_out, self.target, self.scale = list(held_out), site[0], scale
+        self.native = native
         self.names, self.embed, self.weights, self.seed = tuple(names), embed, weights, seed
         self.evaluations = 0
 
     def transform(self, p: CameraParams) -> list[np.ndarray]:
         rng = np.random.default_rng(self.seed)  # the same noise draws for every candidate
-        return [apply_camera(im, p, rng) for im in self.held_out]
+        return [apply_camera(im, p, rng, self.native) for im in self.held_out]
 
     def residuals(self, p: CameraParams) -> np.ndarray:
         imgs = self.transform(p)
@@ -305,7 +310,8 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
     n_stat = 2 * len(TWIN_STATS)
     weights = np.ones_like(site_m[0])
     scale = gap_scale(site_m, len(site_g), len(ref), 0)
-    full = TwinObjective(ref, site_m, scale, cfg.names, None, weights, cfg.seed + 2)
+    full = TwinObjective(ref, site_m, scale, cfg.names, None, weights, cfg.seed + 2,
+                         native=cfg.native)
 
     def finished(params: CameraParams, r: np.ndarray, evaluations: int,
                  reused: bool = False) -> TwinFit:
@@ -322,7 +328,8 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
             return finished(previous, r, 1, reused=True)
     fit_idx = rng.choice(len(ref), size=min(cfg.fit_images, len(ref)), replace=False)
     subsample = [ref[i] for i in sorted(fit_idx)]
-    obj = TwinObjective(subsample, site_m, scale, cfg.names, None, weights, cfg.seed + 1)
+    obj = TwinObjective(subsample, site_m, scale, cfg.names, None, weights, cfg.seed + 1,
+                        native=cfg.native)
     neutral_u = CameraParams().to_vector()[[NAMES.index(n) for n in cfg.names]]
     best_u, _ = stepwise_search(obj, neutral_u, cfg.points, cfg.sweeps, cfg.price,
                                 cfg.max_changes)
@@ -356,7 +363,8 @@ def _refine_with_features(u: np.ndarray, neutral_u: np.ndarray, subsample: list[
     weights = np.ones_like(site_m[0])
     weights[n_stat:] = cfg.feature_weight * n_stat / max(1, len(weights) - n_stat)
     scale = gap_scale(site_m, len(site_g), n_twin, len(weights) - n_stat)
-    obj = TwinObjective(subsample, site_m, scale, cfg.names, embed, weights, cfg.seed + 1)
+    obj = TwinObjective(subsample, site_m, scale, cfg.names, embed, weights, cfg.seed + 1,
+                        native=cfg.native)
     u, _ = coordinate_search(obj, u, obj(u), coords, cfg.refine_sweeps, 5, width=0.4)
     return u, obj.evaluations
 

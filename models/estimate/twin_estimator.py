@@ -124,7 +124,8 @@ class TwinEstimator:
         else:
             rows = []
             for k in range(draws):
-                cls, f = _classes_and_features(predict([apply_camera(im, p, rng) for im in base]))
+                cls, f = _classes_and_features(predict(
+                    [apply_camera(im, p, rng, self.config.native) for im in base]))
                 rows.append(cls == y)
                 if k == 0:  # the twin's features: the first draw's
                     feats = f
@@ -166,6 +167,8 @@ class TwinEstimator:
                        drop_low=d_low, drop_high=d_high, method=self.name,
                        verifiable=bool(verifiable), reason=reason, n=len(site),
                        twin={**fit.to_dict(), "grid": self.config.grid,
+                             "native": None if self.config.native is None
+                             else list(self.config.native),
                              "feature_distance": None if f_dist is None else round(f_dist, 3),
                              "widen": round(widen, 3)})
         return est, fit

@@ -207,9 +207,17 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def apply_camera(img: ImageLike, p: CameraParams,
-                 rng: np.random.Generator | int | None = None) -> np.ndarray:
+                 rng: np.random.Generator | int | None = None,
+                 native: tuple[int, int] | None = None) -> np.ndarray:
     """``img`` (PIL or uint8 array, RGB or grey) through the camera ``p``: an (H, W, 3) uint8
-    array of the same size. The identity when ``p`` is neutral."""
+    array of the same size. The identity when ``p`` is neutral.
+
+    ``native``: the (width, height) of the camera's own photos when ``img`` is on the model's
+    grid (:func:`native_size`). Sensor noise and JPEG act on the camera's pixels, before the
+    photo is resized to the grid (bilinear, as ``models.network.Preprocessing`` does): there
+    the noise is smoothed and lifted where it was clipped at black. A night twin with its noise
+    drawn on the grid matched the site's image statistics with a brighter exposure and less
+    noise, and read half the drop (bench/results/estimate*.md)."""
     a = rgb_array(img)
     if p.is_neutral:
         return a.copy()
@@ -219,15 +227,37 @@ def apply_camera(img: ImageLike, p: CameraParams,
     x = _colour(x, p)
     x = _optics(x, p)
     x = _resolution(x, p)
+    h, w = x.shape[:2]
+    if native is not None and tuple(native) != (w, h) and (
+            p.noise_shot > 0 or p.noise_read > 0 or p.jpeg_quality < 100.0):
+        fine = Image.fromarray(_to_uint8(x), "RGB").resize(tuple(native), Image.BILINEAR)
+        fine = _jpeg(_to_uint8(_noise(np.asarray(fine, np.float32) / 255.0, p, gen)), p)
+        return np.asarray(Image.fromarray(fine, "RGB").resize((w, h), Image.BILINEAR), np.uint8)
     x = _noise(x, p, gen)
     return _jpeg(_to_uint8(x), p)
 
 
+def native_size(sizes: Sequence[tuple[int, int]], grid: int,
+                most: float = 4.0) -> tuple[int, int] | None:
+    """The typical (width, height) of a site's photos (the median of each), scaled down to at
+    most ``most`` x ``grid`` on the longer side (noise finer than that is averaged away
+    anyway); None when there are none."""
+    ws = [int(w) for w, h in sizes if w and h]
+    hs = [int(h) for w, h in sizes if w and h]
+    if not ws or grid <= 0:
+        return None
+    w, h = float(np.median(ws)), float(np.median(hs))
+    k = min(1.0, most * grid / max(w, h))
+    return max(1, round(w * k)), max(1, round(h * k))
+
+
 def apply_camera_batch(images: Sequence[ImageLike], p: CameraParams,
-                       rng: np.random.Generator | int | None = None) -> list[np.ndarray]:
+                       rng: np.random.Generator | int | None = None,
+                       native: tuple[int, int] | None = None) -> list[np.ndarray]:
     """Every image through the same camera, one noise draw each (seeded by ``rng``)."""
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    return [apply_camera(im, p, gen) for im in images]
+    return [apply_camera(im, p, gen, native) for im in images]
 
 
-__all__ = ["BOUNDS", "NAMES", "NEUTRAL", "CameraParams", "apply_camera", "apply_camera_batch"]
+__all__ = ["BOUNDS", "NAMES", "NEUTRAL", "CameraParams", "apply_camera", "apply_camera_batch",
+           "native_size"]

@@ -114,7 +114,9 @@ def twin_pictures(profile: Any, twin: Mapping[str, Any] | None, site_paths: Sequ
     held, _ = profile.twin_images(prep, limit=k)
     out: list[tuple[str, np.ndarray]] = []
     for i, im in enumerate(held):
-        out += [(f"training {i + 1}", im), (f"its twin {i + 1}", apply_camera(im, params, rng))]
+        out += [(f"training {i + 1}", im),
+                (f"its twin {i + 1}", apply_camera(im, params, rng, tuple(twin["native"])
+                                                      if twin.get("native") else None))]
     for i, p in enumerate(list(site_paths)[:k]):
         try:
             out.append((f"site {i + 1}", prep.to_array(load_rgb(p))))
