@@ -97,14 +97,16 @@ class Proxies:
         self.grids = np.stack([prep.to_array(load_rgb(records[i].path)) for i in idx])
         self.labels = np.asarray([records[i].label for i in idx])
 
-    def for_site(self, site_grids: np.ndarray, site_h: torch.Tensor
+    def for_site(self, site_grids: np.ndarray, site_h: torch.Tensor,
+                 native: tuple[int, int] | None = None
                  ) -> tuple[list[SiteSet], list[dict], object | None]:
-        """(proxies, what they are, the twin's fit or None), as tasks.portfolio builds them."""
+        """(proxies, what they are, the twin's fit or None), as tasks.portfolio builds them
+        (``native``: the site photos' size, models.sim.camera.native_size)."""
         if self.cfg.source == "twin":
             from models.adapt.proxies import twin_proxies
 
             return twin_proxies(self.model, self.prep, self.grids, self.labels, site_grids,
-                                self.precision, self.cfg)
+                                self.precision, self.cfg, native=native)
         return (*build_proxies(self.model, self.prep, self.grids, self.labels, site_grids,
                                site_h, self.precision, self.cfg), None)
 
@@ -128,13 +130,18 @@ def verdict_of(chosen, champion: EmotionNet, source_val: tuple[torch.Tensor, tor
 def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
              site_grids: np.ndarray, test_grids: np.ndarray, y_test: np.ndarray,
              clean_acc: float | None, source: CachedSet | None, args, rows: list[dict],
-             source_val: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+             source_val: tuple[torch.Tensor, torch.Tensor] | None = None,
+             site_paths: list | None = None) -> None:
     from models.estimate.twin_estimator import MAX_RESIDUAL
     from tasks.portfolio import unjudged
 
     t0 = time.perf_counter()
     h_site, x_site = frozen(model, prep, site_grids, args.precision)
-    pxs, pinfo, twin = proxies.for_site(site_grids, h_site)
+    from models.sim.camera import native_size
+    from tasks.portfolio import photo_sizes
+
+    native = native_size(photo_sizes([str(p) for p in site_paths or []]), prep.img_size)
+    pxs, pinfo, twin = proxies.for_site(site_grids, h_site, native)
     t_prep = time.perf_counter() - t0
     if twin is not None and twin.distance > MAX_RESIDUAL:  # as tasks.portfolio: not judged
         res = unjudged(twin, pinfo, t_prep, MAX_RESIDUAL)
@@ -299,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             sg = np.stack([site_array(e6.records[i].path, prep, cond, i) for i in ad])
             tg = np.stack([site_array(e6.records[i].path, prep, cond, i) for i in te])
             run_site(f"photos→{cond}", seed, model, prep, px, sg, tg, y6[te], clean_acc,
-                     source, args, rows, source_val)
+                     source, args, rows, source_val, [e6.records[i].path for i in ad])
             if args.json_out:
                 args.json_out.write_text(json.dumps(rows, indent=1, default=float))
         if not args.no_faces:
@@ -319,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
             tg = np.stack([site_array(e6.records[i].path, prep, "clean", i) for i in pte])
             run_site("faces→photos", seed, fm, prep, fpx, sg, tg, y6[pte], None,
                      CachedSet(h=ck_views[ftr][:, 0].float(), labels=torch.as_tensor(yc[ftr])),
-                     args, rows, (ck_views[fva][:, 0].float(), torch.as_tensor(yc[fva])))
+                     args, rows, (ck_views[fva][:, 0].float(), torch.as_tensor(yc[fva])),
+                     [e6.records[i].path for i in pad])
             if args.json_out:
                 args.json_out.write_text(json.dumps(rows, indent=1, default=float))
     print_tables(rows)

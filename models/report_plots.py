@@ -28,16 +28,20 @@ def quality_histograms_figure(ref: Mapping[str, np.ndarray], cur: Mapping[str, n
             continue
         lo, hi = np.percentile(both, [1, 99])
         bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 21)
+        # one filled outline per histogram, not a patch per bar: the figure is drawn for every
+        # check (~1 s less per check on 2 cores)
         ax.hist(np.clip(a, lo, hi), bins=bins, density=True, alpha=0.55, color=REF_COLOUR,
-                label="training domain")
+                label="training domain", histtype="stepfilled")
         ax.hist(np.clip(b, lo, hi), bins=bins, density=True, alpha=0.55, color=CUR_COLOUR,
-                label=site)
+                label=site, histtype="stepfilled")
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=6)
         ax.set_yticks([])
     if names:
         fig.axes[0].legend(fontsize=6, loc="upper right")
-    fig.tight_layout()
+    # fixed margins: tight_layout measured every label of every panel on each check
+    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.12, top=0.88, wspace=0.12,
+                        hspace=0.6 if rows > 1 else 0.2)
     return fig
 
 

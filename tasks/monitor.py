@@ -241,15 +241,18 @@ def check_page(ctx: RunContext, check_id: int, result: DriftResult, phrases: lis
     try:
         by_sha = dict(window.items)
         paths = [by_sha[s] for s in fs.shas]
-        page = pages.write_check_report(ctx, check_id, result, phrases, profile, fs, paths,
-                                        estimate, impact, notified, reports, mlflow_run)
-        out["page"] = str(page.resolve())
-        if len(fs) and profile.quality and fs.quality:
+        fig = None
+        if len(fs) and profile.quality and fs.quality:  # drawn once: the page and the e-mail
             from models.report_plots import quality_histograms_figure
 
+            fig = quality_histograms_figure(profile.quality, fs.quality, site=ctx.site.name)
+        page = pages.write_check_report(ctx, check_id, result, phrases, profile, fs, paths,
+                                        estimate, impact, notified, reports, mlflow_run,
+                                        quality_fig=fig)
+        out["page"] = str(page.resolve())
+        if fig is not None:
             png = page.with_suffix(".png")
-            quality_histograms_figure(profile.quality, fs.quality, site=ctx.site.name).savefig(
-                png, dpi=60)
+            fig.savefig(png, dpi=60)
             out["summary_png"] = str(png.resolve())
         twin = pages.write_twin_picture(page.with_name(page.stem + "-twin.jpg"), profile,
                                         estimate.twin if estimate is not None else None, paths)

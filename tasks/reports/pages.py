@@ -186,7 +186,8 @@ def check_report_html(*, site: Any, check_id: int, model: str, result: Any, phra
                       estimate: Estimate | Mapping[str, Any] | None, impact: str | None,
                       notified: bool,
                       profile: Any, fs: Any, paths: Sequence[str], evidently: str | None,
-                      mlflow_run: str | None, created: str | None = None) -> str:
+                      mlflow_run: str | None, created: str | None = None,
+                      quality_fig: Any = None) -> str:
     from models.estimate.base import as_estimate
     from models.report_plots import class_shares_figure, quality_histograms_figure
     from tasks.impact import explanation, headline
@@ -200,7 +201,8 @@ def check_report_html(*, site: Any, check_id: int, model: str, result: Any, phra
     training: list[dict] = []
     if len(fs):
         if profile.quality and fs.quality:
-            quality_png = png_uri(quality_histograms_figure(profile.quality, fs.quality,
+            quality_png = png_uri(quality_fig if quality_fig is not None else
+                                  quality_histograms_figure(profile.quality, fs.quality,
                                                             site=site.name))
         shares_png = png_uri(class_shares_figure(profile.probs, fs.probs, profile.classes,
                                                  site=site.name))
@@ -230,7 +232,8 @@ def check_report_path(reports_dir: Path, site: str, check_id: int) -> Path:
 def write_check_report(ctx: RunContext, check_id: int, result: Any, phrases: Sequence[str],
                        profile: Any, fs: Any, paths: Sequence[str],
                        estimate: Estimate | None, impact: str | None, notified: bool,
-                       reports: Mapping[str, Any], mlflow_run: str | None) -> Path:
+                       reports: Mapping[str, Any], mlflow_run: str | None,
+                       quality_fig: Any = None) -> Path:
     from tasks.ingest.storage import write_atomic
 
     out = check_report_path(ctx.settings.reports_dir, ctx.site.name, check_id)
@@ -238,7 +241,8 @@ def write_check_report(ctx: RunContext, check_id: int, result: Any, phrases: Seq
     html = check_report_html(site=ctx.site, check_id=check_id, model=ctx.model.key,
                              result=result, phrases=phrases, estimate=estimate, impact=impact,
                              notified=notified, profile=profile, fs=fs, paths=paths,
-                             evidently=reports.get("html"), mlflow_run=mlflow_run)
+                             evidently=reports.get("html"), mlflow_run=mlflow_run,
+                             quality_fig=quality_fig)
     write_atomic(out, html.encode("utf-8"))
     return out
 
