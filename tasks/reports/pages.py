@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import io
 import logging
 from collections.abc import Mapping, Sequence
@@ -56,14 +57,22 @@ def num(v: Any) -> str:
     return str(v)
 
 
-def render(template: str, **values: Any) -> str:
+@functools.cache
+def _environment() -> Any:
+    """The templates' environment, built once per process: it keeps the compiled templates
+    (the warm check worker renders a page per check; the file loader still notices an edited
+    template)."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                              autoescape=jinja2.select_autoescape(["html", "j2"]),
                              undefined=jinja2.StrictUndefined)
     env.globals.update(pct=pct, pts=pts, num=num)
-    return env.get_template(template).render(**values)
+    return env
+
+
+def render(template: str, **values: Any) -> str:
+    return _environment().get_template(template).render(**values)
 
 
 def png_uri(fig: Any, dpi: int = 80) -> str:
