@@ -184,6 +184,8 @@ def run_sites(ests: dict[str, Any], pool: dict[str, Any], y: np.ndarray, trials:
               rng: np.random.Generator, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     from threadpoolctl import threadpool_limits
 
+    from bench.estimate_twin import draw_site
+
     clean_right = pool["clean"].probs.argmax(1) == y
     acc_clean = float(clean_right.mean())
     for cname, full in pool.items():
@@ -191,18 +193,7 @@ def run_sites(ests: dict[str, Any], pool: dict[str, Any], y: np.ndarray, trials:
         acc_c = np.array([right[y == c].mean() for c in range(6)])
         for n in SIZES:
             for t in range(trials):
-                if cname.startswith("prior"):
-                    pi = rng.dirichlet(np.full(6, 2.0)) if cname == "prior_dirichlet" else None
-                    if pi is None:
-                        pi = np.ones(6)
-                        pi[int(cname[-1])] = 3.0
-                        pi /= pi.sum()
-                    w = pi[y] / np.bincount(y, minlength=6)[y]
-                    idx = rng.choice(len(y), size=n, replace=True, p=w / w.sum())
-                    truth = float(pi @ acc_c)
-                else:
-                    idx = rng.choice(len(y), size=min(n, len(y)), replace=False)
-                    truth = float(right.mean())
+                idx, truth = draw_site(cname, y, n, rng, acc_c, float(right.mean()))
                 site = full.take(idx)
                 for name, e in ests.items():
                     t0 = time.perf_counter()

@@ -15,6 +15,23 @@ import numpy as np
 from bench.common import log
 
 
+def draw_site(cname: str, y: np.ndarray, n: int, rng: np.random.Generator, acc_c: np.ndarray,
+              truth_all: float) -> tuple[np.ndarray, float]:
+    """(indices into the pool, truth) of one site of ``bench.estimate``: ``n`` images drawn
+    at random; for a class-prior site ("prior_x3_<c>": class c three times as frequent;
+    "prior_dirichlet") drawn with replacement under the new prior, whose truth is the
+    prior-weighted per-class accuracy ``acc_c``; otherwise the pool's accuracy ``truth_all``."""
+    if not cname.startswith("prior"):
+        return rng.choice(len(y), size=min(n, len(y)), replace=False), truth_all
+    pi = rng.dirichlet(np.full(6, 2.0)) if cname == "prior_dirichlet" else None
+    if pi is None:
+        pi = np.ones(6)
+        pi[int(cname[-1])] = 3.0
+        pi /= pi.sum()
+    w = pi[y] / np.bincount(y, minlength=6)[y]
+    return rng.choice(len(y), size=n, replace=True, p=w / w.sum()), float(pi @ acc_c)
+
+
 def twin_sites(ckpt: Any, cal_imgs: list[np.ndarray], y_cal: np.ndarray,
                pool_imgs: list[np.ndarray], pool: dict[str, Any], y: np.ndarray, conds: list[str],
                trials: int, sizes: tuple[int, ...], rng: np.random.Generator,
@@ -56,18 +73,7 @@ def twin_sites(ckpt: Any, cal_imgs: list[np.ndarray], y_cal: np.ndarray,
         truth_all = float((pool[base].probs.argmax(1) == y).mean())
         for n in sizes:
             for t in range(trials):
-                if cname.startswith("prior"):
-                    pi = rng.dirichlet(np.full(6, 2.0)) if cname == "prior_dirichlet" else None
-                    if pi is None:
-                        pi = np.ones(6)
-                        pi[int(cname[-1])] = 3.0
-                        pi /= pi.sum()
-                    w = pi[y] / np.bincount(y, minlength=6)[y]
-                    idx = rng.choice(len(y), size=n, replace=True, p=w / w.sum())
-                    truth = float(pi @ acc_c)
-                else:
-                    idx = rng.choice(len(y), size=min(n, len(y)), replace=False)
-                    truth = truth_all
+                idx, truth = draw_site(cname, y, n, rng, acc_c, truth_all)
                 site = [grid[i] for i in idx]
                 t0 = time.perf_counter()
                 est, _ = twin.estimate_images(predict, held, y_held, site, seed=t,
