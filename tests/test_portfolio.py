@@ -94,6 +94,13 @@ def test_consensus_vetoes_the_candidate_that_leaves_the_pool():
     collapsed = eye[[0, 0, 0, 0, 0, 0]]  # everything one class
     assert consensus_veto([champion, good, same, collapsed]) == [False, False, False, True]
     assert consensus_veto([champion, collapsed]) == [False, False]  # two models: no consensus
+    # with the portfolio's margin the collapsed one still leaves the pool; a candidate one
+    # image farther from the consensus than the champion does not
+    from models.adapt.portfolio import CONSENSUS_MARGIN
+
+    assert consensus_veto([champion, good, same, collapsed], CONSENSUS_MARGIN)[3]
+    farther = eye[[0, 1, 2, 0, 2, 1]]
+    assert consensus_veto([champion, good, same, farther], 0.2) == [False] * 4
 
 
 def test_shared_proxies_count_their_images_once():
