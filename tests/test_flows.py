@@ -642,3 +642,40 @@ def test_a_worker_killed_in_the_middle_of_a_check_completes_it_at_the_next_tick(
     n_files = len(list(inbox.glob("*.jpg")))
     assert count(ImageRow, ImageRow.site_id == sid) == n_files == SITE_IMAGES
     assert count(SiteLock, SiteLock.name == "check:wk") == 0
+
+
+def test_monitor_and_train_complete_while_both_cores_are_saturated(world, tmp_path):
+    """Issue 34: `emowatch monitor` and `emowatch train` from the command line, each starting
+    Prefect's temporary server in a fresh PREFECT_HOME (no server configured), while twice as
+    many busy processes as cores run beside them: both complete."""
+    import subprocess
+    import sys
+
+    from tests.test_prefect_env import _burners
+
+    settings, root = world["settings"], world["root"]
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("PREFECT_API_URL", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                         "EMOWATCH_DATABASE_URL", "EMOWATCH_MLFLOW_TRACKING_URI")}
+    monitor_env = {**base, "EMOWATCH_HOME": str(settings.home),
+                   "EMOWATCH_SITES_FILE": str(settings.sites_file),
+                   "PREFECT_HOME": str(tmp_path / "prefect-monitor")}
+    train_env = {**base, "EMOWATCH_HOME": str(tmp_path / "train-home"),
+                 "PREFECT_HOME": str(tmp_path / "prefect-train")}
+    cli = [sys.executable, "-m", "deployments.cli"]
+    burners = _burners(2 * (os.cpu_count() or 2))
+    try:
+        mon = subprocess.run([*cli, "monitor", "clean", "--json"], env=monitor_env, text=True,
+                             capture_output=True, timeout=1200)
+        train = subprocess.run([*cli, "train", "--data", str(root / "source"), "--backbone",
+                                "tiny", "--epochs", "1", "--estimator-specs", "0", "--json"],
+                               env=train_env, text=True, capture_output=True, timeout=1200)
+        assert all(p.poll() is None for p in burners)  # still running at the end: it was busy
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
+    assert mon.returncode == 0, mon.stderr[-3000:]
+    assert json.loads(mon.stdout)["decision"] in ("no_drift", "drift", "insufficient_data")
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert json.loads(train.stdout)["version"] == "1"
