@@ -651,7 +651,7 @@ def test_monitor_and_train_complete_while_both_cores_are_saturated(world, tmp_pa
     import subprocess
     import sys
 
-    from tests.test_prefect_env import _burners
+    from tests.test_prefect_env import saturated
 
     settings, root = world["settings"], world["root"]
     base = {k: v for k, v in os.environ.items()
@@ -663,18 +663,12 @@ def test_monitor_and_train_complete_while_both_cores_are_saturated(world, tmp_pa
     train_env = {**base, "EMOWATCH_HOME": str(tmp_path / "train-home"),
                  "PREFECT_HOME": str(tmp_path / "prefect-train")}
     cli = [sys.executable, "-m", "deployments.cli"]
-    burners = _burners(2 * (os.cpu_count() or 2))
-    try:
+    with saturated():
         mon = subprocess.run([*cli, "monitor", "clean", "--json"], env=monitor_env, text=True,
                              capture_output=True, timeout=1200)
         train = subprocess.run([*cli, "train", "--data", str(root / "source"), "--backbone",
                                 "tiny", "--epochs", "1", "--estimator-specs", "0", "--json"],
                                env=train_env, text=True, capture_output=True, timeout=1200)
-        assert all(p.poll() is None for p in burners)  # still running at the end: it was busy
-    finally:
-        for p in burners:
-            p.kill()
-            p.wait()
     assert mon.returncode == 0, mon.stderr[-3000:]
     assert json.loads(mon.stdout)["decision"] in ("no_drift", "drift", "insufficient_data")
     assert train.returncode == 0, train.stderr[-3000:]

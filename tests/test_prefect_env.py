@@ -3,10 +3,12 @@ completes while both cores are saturated."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +59,20 @@ def test_cli_applies_the_allowance_before_prefect_loads(tmp_path):
         assert f"VALUE {want}" in out.stdout
 
 
-def _burners(n: int) -> list[subprocess.Popen]:
-    """``n`` processes that keep a core busy until killed."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+@contextlib.contextmanager
+def saturated() -> Iterator[list[subprocess.Popen]]:
+    """Twice as many processes as cores that keep them busy for the ``with`` block; they must
+    still run at its end (the machine was busy the whole time), and are killed after."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(2 * (os.cpu_count() or 2))]
+    try:
+        assert [p.poll() for p in burners] == [None] * len(burners)  # they are running
+        yield burners
+        assert all(p.poll() is None for p in burners)  # still running at the end: it was busy
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
 
 
 def test_a_flow_command_completes_while_both_cores_are_saturated(tmp_path):
@@ -79,17 +92,9 @@ def test_a_flow_command_completes_while_both_cores_are_saturated(tmp_path):
            if k not in ("PREFECT_API_URL", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
     env.update(EMOWATCH_HOME=str(tmp_path / "home"), EMOWATCH_SITES_FILE=str(sites),
                PREFECT_HOME=str(tmp_path / "prefect"))
-    burners = _burners(2 * (os.cpu_count() or 2))
-    try:
-        load = [p.poll() for p in burners]
-        assert load == [None] * len(burners)  # they are running
+    with saturated():
         r = subprocess.run([sys.executable, "-m", "deployments.cli", "ingest", "busy", "--json"],
                            cwd=REPO, env=env, text=True, capture_output=True, timeout=900)
-        assert all(p.poll() is None for p in burners)  # still running at the end: it was busy
-    finally:
-        for p in burners:
-            p.kill()
-            p.wait()
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["ingested"] == 6 and out["quarantined"] == []
