@@ -66,11 +66,11 @@ def twin_estimate(profile: Any, model: Any, site_paths: list[str],
     for the twin's ``feature_distance``."""
     import numpy as np
 
-    from models.estimate.twin import TwinConfig
+    from models.estimate.twin import TwinConfig, previous_camera
     from models.estimate.twin_estimator import TwinEstimator
     from models.evaluate import extract_features
     from models.images import load_rgb
-    from models.sim.camera import CameraParams, native_size
+    from models.sim.camera import native_size
 
     t0 = time.perf_counter()
     prep = model.preprocessing
@@ -91,19 +91,11 @@ def twin_estimate(profile: Any, model: Any, site_paths: list[str],
         z, probs = extract_features(model, np.stack(images))
         return np.asarray(probs).argmax(1), np.asarray(z)
 
-    last = None
-    if previous and previous.get("params") and previous.get("grid") == prep.img_size \
-            and previous.get("native") == (None if native is None else list(native)):
-        try:
-            last = CameraParams(**previous["params"])
-        except (TypeError, ValueError):  # a record from another camera model: search afresh
-            last = None
+    last, last_residual = previous_camera(previous, prep.img_size, native)
     try:
         cfg = TwinConfig(grid=prep.img_size, native=native)
         est, _ = TwinEstimator(cfg).estimate_images(
-            predict, held, labels, site, previous=last,
-            previous_residual=float(previous.get("distance") or 0.0) if last is not None
-            else 0.0,
+            predict, held, labels, site, previous=last, previous_residual=last_residual,
             site_features=None if site_features is None or len(site_features) != len(site)
             else np.asarray(site_features))
     except Exception as e:  # noqa: BLE001 -- the check goes on, saying why it has no estimate

@@ -40,12 +40,13 @@ def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
     twin = None
     if cfg.source == "twin":
         from models.adapt.proxies import twin_proxies
+        from models.estimate.twin import previous_camera
         from models.estimate.twin_estimator import MAX_RESIDUAL
         from models.sim.camera import native_size
 
         grid = inputs.ckpt.preprocessing.img_size
         native = native_size(photo_sizes(inputs.site_paths), grid)
-        last, last_r = previous_camera(inputs, grid, native)
+        last, last_r = previous_camera(inputs.previous_twin, grid, native)
         proxies, info, twin = twin_proxies(inputs.ckpt.model, inputs.ckpt.preprocessing, ref_g,
                                            labels, site_g, inputs.ckpt.precision, cfg,
                                            previous=last, previous_residual=last_r,
@@ -93,22 +94,6 @@ def photo_sizes(paths: list[str]) -> list[tuple[int, int]]:
         except Exception:  # noqa: BLE001 -- validated at ingestion; an unreadable one is skipped
             continue
     return out
-
-
-def previous_camera(inputs: AdaptInputs, grid: int,
-                    native: tuple[int, int] | None = None) -> tuple[Any, float]:
-    """The camera of the site's twin at the drift check that started this run (None: none
-    recorded, or for another grid or photo size), and its residual."""
-    from models.sim.camera import CameraParams
-
-    rec = getattr(inputs, "previous_twin", None) or {}
-    if not rec.get("params") or rec.get("grid") != grid or rec.get("native") != (
-            None if native is None else list(native)):
-        return None, 0.0
-    try:
-        return CameraParams(**rec["params"]), float(rec.get("distance") or 0.0)
-    except (TypeError, ValueError):  # a record of another camera model: fit afresh
-        return None, 0.0
 
 
 def unjudged(twin: Any, info: list[dict[str, Any]], seconds: float, limit: float) -> Any:

@@ -273,3 +273,16 @@ def test_a_failing_twin_leaves_the_check_an_unavailable_estimate_with_the_reason
         paths.append(str(tmp_path / f"{i}.png"))
     est = twin_estimate(prof, Broken(), paths + [str(tmp_path / "missing.png")])
     assert not est.available and est.reason.startswith("the site twin failed") and est.n == 4
+
+
+def test_a_sites_previous_camera_is_reused_only_for_the_same_grid_and_photo_size():
+    from models.estimate.twin import previous_camera
+
+    rec = {"params": CameraParams(gain=0.5).to_dict(), "grid": 224, "native": [320, 240],
+           "distance": 1.2}
+    cam, residual = previous_camera(rec, 224, (320, 240))
+    assert cam == CameraParams(gain=0.5) and residual == 1.2
+    assert previous_camera(rec, 96, (320, 240)) == (None, 0.0)
+    assert previous_camera(rec, 224, None) == (None, 0.0)
+    assert previous_camera({**rec, "params": {"focus": 3}}, 224, (320, 240)) == (None, 0.0)
+    assert previous_camera(None, 224) == (None, 0.0)

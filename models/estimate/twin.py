@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -281,6 +282,21 @@ def stepwise_search(f: Callable[[np.ndarray], float], neutral: np.ndarray, point
     return u, best
 
 
+def previous_camera(record: Mapping[str, Any] | None, grid: int,
+                    native: tuple[int, int] | None = None) -> tuple[CameraParams | None, float]:
+    """The camera and residual of a site's last twin record (``Estimate.twin``), for
+    :func:`fit_twin`'s ``previous``; (None, 0) when there is none, or it was fitted on another
+    grid or for photos of another size, or by another camera model."""
+    rec = record or {}
+    if not rec.get("params") or rec.get("grid") != grid or rec.get("native") != (
+            None if native is None else list(native)):
+        return None, 0.0
+    try:
+        return CameraParams(**rec["params"]), float(rec.get("distance") or 0.0)
+    except (TypeError, ValueError):  # a record of another camera model: search afresh
+        return None, 0.0
+
+
 def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
              config: TwinConfig | None = None,
              embed: Callable[[list[np.ndarray]], np.ndarray] | None = None,
@@ -372,4 +388,4 @@ def _refine_with_features(u: np.ndarray, neutral_u: np.ndarray, subsample: list[
 # --- the estimate ------------------------------------------------------------------------------
 __all__ = ["LOOK_ALIKES", "NEUTRAL", "TWIN_STATS", "TwinConfig", "TwinFit", "TwinObjective",
            "coordinate_search", "descriptor_names", "descriptors", "fit_twin", "gap_scale",
-           "on_grid", "set_moments", "stat_matrix", "stepwise_search"]
+           "on_grid", "previous_camera", "set_moments", "stat_matrix", "stepwise_search"]
