@@ -156,6 +156,9 @@ class Supervisor:
         self.proc: Any = None
         self.starts = 0
         self._stop = threading.Event()
+        # held while a worker is started and while stop() reads which one runs: a restart
+        # racing the shutdown cannot leave a new worker behind
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="emowatch-worker", daemon=True)
 
     def start(self) -> None:
@@ -168,10 +171,13 @@ class Supervisor:
         from prefect.logging import get_logger
 
         log = get_logger("emowatch.serve")
-        while not self._stop.is_set():
-            t0 = time.monotonic()
-            self.proc = subprocess.Popen(self.cmd)
-            self.starts += 1
+        while True:
+            with self._lock:
+                if self._stop.is_set():
+                    break
+                t0 = time.monotonic()
+                self.proc = subprocess.Popen(self.cmd)
+                self.starts += 1
             code = self.proc.wait()
             if self._stop.is_set():
                 break
@@ -182,8 +188,9 @@ class Supervisor:
     def stop(self) -> None:
         import subprocess
 
-        self._stop.set()
-        p = self.proc
+        with self._lock:
+            self._stop.set()
+            p = self.proc
         if p is not None and p.poll() is None:
             p.terminate()
             try:
