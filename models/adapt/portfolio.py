@@ -165,16 +165,28 @@ def select(estimates: Sequence[dict[str, Any] | None], min_gain: float = 0.0,
     return best
 
 
-def consensus_veto(site_probs: Sequence[np.ndarray], margin: float = 0.0) -> list[bool]:
-    """EnsV's consensus as a veto: ``site_probs[0]`` the champion's (N, K) probabilities on the
-    site, the rest the candidates'. The consensus is the argmax of their mean; a candidate is
-    vetoed when its predictions disagree with it on a larger share of the site's images than
-    the champion's do (plus ``margin``). Needs the champion and at least two candidates (with
-    one, the consensus of two models says nothing); otherwise nothing is vetoed."""
+def disagreements(site_probs: Sequence[np.ndarray]) -> list[float] | None:
+    """EnsV's consensus: ``site_probs[0]`` the champion's (N, K) probabilities on the site, the
+    rest the candidates'; the consensus is the argmax of their mean. Returns each model's share
+    of the site's images on which it disagrees with the consensus; None with fewer than the
+    champion and two candidates (the consensus of two models says nothing)."""
     if len(site_probs) < 3:
-        return [False] * len(site_probs)
+        return None
     consensus = np.mean([np.asarray(p, np.float64) for p in site_probs], 0).argmax(1)
-    off = [float(np.mean(np.asarray(p).argmax(1) != consensus)) for p in site_probs]
+    return [float(np.mean(np.asarray(p).argmax(1) != consensus)) for p in site_probs]
+
+
+def consensus_veto(site_probs: Sequence[np.ndarray], margin: float = 0.0) -> list[bool]:
+    """The consensus as a veto (:func:`disagreements`): a candidate is vetoed when it disagrees
+    with the consensus on a larger share of the site's images than the champion does (plus
+    ``margin``). Nothing is vetoed without a consensus."""
+    return vetoes(disagreements(site_probs), margin, len(site_probs))
+
+
+def vetoes(off: list[float] | None, margin: float, n: int) -> list[bool]:
+    """:func:`consensus_veto` from the disagreements already measured (None: no consensus)."""
+    if off is None:
+        return [False] * n
     return [False] + [o > off[0] + margin for o in off[1:]]
 
 
@@ -304,11 +316,11 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
     built = [r for r in records[1:] if r.applied is not None]
     probs = [cached_outputs(champion, site.h)[1]] + [
         cached_outputs(r.applied.result.model, r.applied.h)[1] for r in built]
-    consensus = np.mean(probs, 0).argmax(1) if len(probs) >= 3 else None
-    for r, p, veto in zip([champ, *built], probs, consensus_veto(probs, consensus_margin),
-                          strict=True):
-        if consensus is not None:
-            r.estimate["consensus_disagreement"] = round(float(np.mean(p.argmax(1) != consensus)), 4)
+    off = disagreements(probs)
+    for i, (r, veto) in enumerate(zip([champ, *built], vetoes(off, consensus_margin, len(probs)),
+                                      strict=True)):
+        if off is not None:
+            r.estimate["consensus_disagreement"] = round(off[i], 4)
         if veto:
             r.estimate["vetoed"] = ("its predictions on the site disagree with the consensus of "
                                     "the candidates and the champion more than the champion's")
@@ -340,5 +352,5 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
 
 
 __all__ = ["EXPECTED_PER", "Applied", "CandidateRecord", "Member", "PortfolioResult",
-           "SiteSet", "apply_member", "consensus_veto", "correct", "expected_seconds", "gain_estimate", "halves", "members",
+           "SiteSet", "apply_member", "consensus_veto", "correct", "disagreements", "expected_seconds", "gain_estimate", "halves", "members",
            "run_portfolio", "score_on", "select"]
