@@ -69,7 +69,8 @@ SHA_TAGS = registry_artifacts.SHA_TAGS
 _MODEL_NAME_IN_RUN = "model"  # the logged model's name inside its run
 # MLflow's fluent API reads process globals: one fluent operation at a time per process.
 _FLUENT_LOCK = threading.RLock()
-# (tracking uri, name, version) -> (Checkpoint, ReferenceProfile): a version never changes.
+# (tracking uri, name, version, registered sha256s) -> (Checkpoint, ReferenceProfile, the local
+# files' (size, mtime) when loaded): served while the files are unchanged (Registry.load_model).
 _MODELS: dict[tuple[Any, ...], tuple[Checkpoint, Any, tuple[Any, ...]]] = {}
 _MODELS_LOCK = threading.Lock()
 MODEL_CACHE_SIZE = 4  # a few models in RAM is plenty for one worker
@@ -369,9 +370,12 @@ class Registry:
 
     def load_by_version(self, name: str, version: str | int) -> tuple[Checkpoint, VersionInfo]:
         info = self.get_version(name, version)
+        return self._checkpoint(info), info
+
+    def _checkpoint(self, info: VersionInfo) -> Checkpoint:
         ckpt = load_checkpoint(self._verified(info, _CHECKPOINT_FILE))
         ckpt.engine, ckpt.engine_cache = self.engine, self.cache_dir.parent / "onnx"
-        return ckpt, info
+        return ckpt
 
     def load_checkpoint_by_alias(self, name: str, alias: str = CHAMPION
                                  ) -> tuple[Checkpoint, VersionInfo]:
@@ -402,8 +406,8 @@ class Registry:
         stamps = _stamps(files)  # before the load: a change during it is seen at the next hit
         if hit is not None and hit[2] == stamps:
             return hit[0], hit[1]
-        ckpt, _ = self.load_by_version(name, version)  # verified against the sha256 tags
-        profile = ReferenceProfile.from_npz(self.load_reference_profile(name, version))
+        ckpt = self._checkpoint(info)  # verified against the sha256 tags
+        profile = ReferenceProfile.from_npz(self._verified(info, _REFERENCE_FILE))
         with _MODELS_LOCK:
             _MODELS.pop(key, None)
             _MODELS[key] = (ckpt, profile, stamps)
