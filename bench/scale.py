@@ -231,10 +231,12 @@ class Bench:
         return self.cli("train", "--data", str(src), "--epochs", "1", "--crops", "0",
                         "--estimator-specs", "8")
 
-    def write_sites(self, names: list[str]) -> None:
+    def write_sites(self, names: list[str], schedule: str = "0 0 1 1 *") -> None:
+        """The sites file (``schedule``: every site's cron; by default once a year: the rounds
+        trigger the checks)."""
         lines = []
         for n in names:
-            lines += [f"[sites.{n}]", f'inbox = "inbox/{n}"', 'schedule = "0 0 1 1 *"', "",
+            lines += [f"[sites.{n}]", f'inbox = "inbox/{n}"', f'schedule = "{schedule}"', "",
                       f"[sites.{n}.adapt]", "auto = false", ""]
         (self.tmp / "sites.toml").write_text("\n".join(lines), encoding="utf-8")
 

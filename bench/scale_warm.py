@@ -51,12 +51,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 class WarmBench(Bench):
-    def write_sites(self, names: list[str]) -> None:
-        lines = []
-        for n in names:
-            lines += [f"[sites.{n}]", f'inbox = "inbox/{n}"', 'schedule = "* * * * *"', "",
-                      f"[sites.{n}.adapt]", "auto = false", ""]
-        (self.tmp / "sites.toml").write_text("\n".join(lines), encoding="utf-8")
+    def write_sites(self, names: list[str], schedule: str = "* * * * *") -> None:
+        super().write_sites(names, schedule)  # every minute: the worker's ticks check them
 
     def _checks(self) -> int:
         import psycopg
