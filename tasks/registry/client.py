@@ -69,8 +69,7 @@ SHA_TAGS = registry_artifacts.SHA_TAGS
 _MODEL_NAME_IN_RUN = "model"  # the logged model's name inside its run
 # MLflow's fluent API reads process globals: one fluent operation at a time per process.
 _FLUENT_LOCK = threading.RLock()
-# (tracking uri, name, version, registered sha256s) -> (Checkpoint, ReferenceProfile, the local
-# files' (size, mtime) when loaded): served while the files are unchanged (Registry.load_model).
+# (uri, name, version, sha256s) -> (Checkpoint, profile, file stamps): Registry.load_model.
 _MODELS: dict[tuple[Any, ...], tuple[Checkpoint, Any, tuple[Any, ...]]] = {}
 _MODELS_LOCK = threading.Lock()
 MODEL_CACHE_SIZE = 4  # a few models in RAM is plenty for one worker
@@ -389,11 +388,9 @@ class Registry:
         return self._verified(self.get_version(name, version), _REFERENCE_FILE)
 
     def load_model(self, name: str, version: str | int) -> tuple[Checkpoint, ReferenceProfile]:
-        """(Checkpoint, ReferenceProfile) of a version, cached per process (a long-lived worker
-        loads a model once). The cache is keyed by the registry, the version and the sha256
-        its files were registered with; a hit is served only while the local files are
-        unchanged on disk (size and modification time): a file changed after it was cached is
-        verified again, and refused when it no longer matches its registered sha256."""
+        """(Checkpoint, ReferenceProfile) of a version, cached per process by its registered
+        sha256s; a hit is served only while the local files are unchanged (size, mtime): a
+        changed file is verified again, and refused when it no longer matches."""
         from models.profile import ReferenceProfile
 
         info = self.get_version(name, version)
