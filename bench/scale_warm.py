@@ -1,7 +1,9 @@
 """What 1, 10 and 100 sites cost with the warm check worker (``emowatch serve``'s default).
 
-    EMOWATCH_DATA_DIR=../shared/data python -m bench.scale_warm [--sites 1 10 100] [--new 20]
-        [--rounds 2] [--big 500] [--json] [--keep]
+    EMOWATCH_DATA_DIR=../shared/data python -m bench.scale_warm [--sites 1,10,100] [--new 20]
+        [--rounds 2] [--big 500] [--dask-sites 0] [--precision fp32] [--json] [--keep]
+
+(``python -m bench.scale`` runs this too: the warm worker is ``emowatch serve``'s default.)
 
 The setting is bench/scale.py's (its ``Bench``: two fresh PostgreSQL databases, a ``prefect
 server`` started here, a source model trained with ``emowatch train`` on 40 photos per class,
@@ -15,7 +17,9 @@ after the other, so the last site of a tick waits for the others), in the flow; 
 CPU seconds per check (serve and its children, psutil), what 100 sites checked hourly would
 take of the 2 cores, checks per hour one worker can do, peak memory of serve + worker and of
 the Prefect server, database rows and bytes per check. Then a site of ``--big`` cached photos
-with 20 new ones per minute (issue 34's steady check).
+with 20 new ones per minute (issue 34's steady check), and ``--dask-sites`` sites with
+``EMOWATCH_TASK_RUNNER=dask`` (the worker's one local Dask cluster). The source model is built
+in ``--precision`` (fp32 by default: what most CPUs run; bf16 where native is a bonus).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import zlib
 
 import numpy as np
 
-from bench.scale import FIRST, Bench, Memory, note
+from bench.scale_base import FIRST, Bench, Memory, note, site_counts
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -93,14 +97,15 @@ class WarmBench(Bench):
                 if len(page) < 200:
                     return out
 
-    def level(self, n: int, label: str, new: int, rounds: int, first: int = FIRST) -> dict:
+    def level(self, n: int, label: str, new: int, rounds: int, first: int = FIRST,
+              extra_env: dict[str, str] | None = None) -> dict:
         assert self.photos is not None
         names = [f"{label}{i:03d}" for i in range(n)]
         self.write_sites(names)
         base = self._checks()
         for i, s in enumerate(names):
             self.photos.drop(self.tmp / "inbox" / s, first, zlib.crc32(f"{label}{i}".encode()))
-        self.start_serve([])
+        self.start_serve([], extra_env)
         mem, srv_mem = Memory(self.serve.pid), Memory(self.server.pid)  # type: ignore[union-attr]
         try:
             self._wait_checks(base + n, 1800)  # the first tick: everything to featurize
@@ -146,19 +151,29 @@ class WarmBench(Bench):
                 "tasks": {k: sum(v) / checks for k, v in self.task_seconds.items()}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sites", type=int, nargs="+", default=[1, 10, 100])
+    ap.add_argument("--sites", nargs="+", default=["1,10,100"],
+                    help="site counts, e.g. 1,10,100")
     ap.add_argument("--new", type=int, default=20, help="new photos per site per minute")
     ap.add_argument("--rounds", type=int, default=2, help="steady minutes per level")
     ap.add_argument("--big", type=int, default=500, help="cached photos of the big site (0: skip)")
     ap.add_argument("--big-rounds", type=int, default=4)
+    ap.add_argument("--dask-sites", type=int, default=0,
+                    help="a level of this many sites with EMOWATCH_TASK_RUNNER=dask (0: skip)")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                    help="the source model's inference precision (EMOWATCH_INFERENCE_PRECISION)")
     ap.add_argument("--json", action="store_true", help="one JSON row per level")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        args.sites = site_counts(args.sites)
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
     args.limit = 2  # Bench.start_serve's --limit (the other deployments)
     if not os.environ.get("EMOWATCH_DATA_DIR"):
         raise SystemExit("set EMOWATCH_DATA_DIR to the folder with emotion6/")
+    os.environ["EMOWATCH_INFERENCE_PRECISION"] = args.precision  # Bench's env copies it
     b = WarmBench(args)
     rows: list[dict] = []
     try:
@@ -172,6 +187,11 @@ def main() -> None:
             rows.append({"level": f"{args.big} cached + {args.new} new", **b.level(
                 1, "big", args.new, args.big_rounds, first=args.big)})
             note(b.t0, f"level done: {json.dumps(rows[-1])}")
+        if args.dask_sites:
+            rows.append({"level": "dask", **b.level(
+                args.dask_sites, "d", args.new, args.rounds,
+                extra_env={"EMOWATCH_TASK_RUNNER": "dask"})})
+            note(b.t0, f"level done: {json.dumps(rows[-1])}")
     finally:
         b.close()
     if args.json:
@@ -179,7 +199,8 @@ def main() -> None:
             print(json.dumps(r))
         return
     print("\n## Checks by the warm worker through a running Prefect server (2 cores, PostgreSQL "
-          f"for emowatch and Prefect; {args.new} new photos per site per minute)\n")
+          f"for emowatch and Prefect; {args.new} new photos per site per minute; source model "
+          f"in {args.precision})\n")
     print("| level | sites | steady checks | end to end p50 (s) | p95 (s) | in the flow p50 (s) "
           "| CPU s/check | 100 sites hourly: share of the cores | checks/hour (one worker) | "
           "serve + worker peak (GiB) | Prefect server peak (GiB) | DB rows/check | DB bytes/check |")

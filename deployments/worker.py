@@ -87,6 +87,9 @@ class Worker:
     def __post_init__(self) -> None:
         from tasks.context import Runtime
 
+        self.cluster: Any = None
+        if self.settings.task_runner == "dask" and not self.settings.dask_address:
+            self.settings = self._local_cluster(self.settings)
         self.runtime = Runtime.open(self.settings)  # migrates the database once
         self.engine = self.runtime.engine
         if self.check is None:
@@ -151,12 +154,27 @@ class Worker:
             stop.wait(tick_s - time.time() % tick_s)
         return "stopped"
 
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+    def _local_cluster(self, settings: Any) -> Any:
+        """``task_runner = "dask"`` without an address: one local cluster (2 worker processes)
+        for the worker's life, not one started and torn down per check."""
+        from distributed import LocalCluster
+
+        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                    dashboard_address=None)
+        return settings.model_copy(update={"dask_address": self.cluster.scheduler_address})
+
     # --- the defaults ---------------------------------------------------------------------------
     def _monitor(self, site: str) -> dict[str, Any]:
         from flows.monitor import monitor_site
+        from flows.runner import configured
 
-        return monitor_site(site=site, settings=self.settings, sync_registry=False,
-                            status_page=False)
+        return configured(monitor_site, self.settings)(
+            site=site, settings=self.settings, sync_registry=False, status_page=False)
 
     def _status_page(self, _sites: Iterable[str]) -> None:
         from tasks.reports.pages import write_status_page
@@ -190,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     w = Worker(settings, {n: s.schedule for n, s in sites.items()},
                max_checks=args.max_checks if args.max_checks is not None else settings.worker_max_checks,
                max_rss_gib=args.max_rss_gib if args.max_rss_gib is not None else settings.worker_max_rss_gib)
-    why = w.run(stop, args.tick_s)
+    try:
+        why = w.run(stop, args.tick_s)
+    finally:
+        w.close()
     log.info("worker %s: %s", w.owner, why)
     return 0 if why == "stopped" else RESTART
 

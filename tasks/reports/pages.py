@@ -257,6 +257,25 @@ def write_check_report(ctx: RunContext, check_id: int, result: Any, phrases: Seq
 
 
 # --- the status page ---------------------------------------------------------------------------------
+_HISTORY: dict[tuple, str] = {}  # (site, check ids, alpha) -> picture: a check never changes
+
+
+def _history_png(site: str, checks: Sequence[Mapping[str, Any]], alpha: float) -> str:
+    """A site's history picture, drawn again only when its checks changed (a warm worker
+    rewrites the status page every tick: 100 sites, one of them checked)."""
+    from models.report_plots import history_figure
+
+    key = (site, tuple(c["id"] for c in checks), alpha)
+    if key not in _HISTORY:
+        if len(_HISTORY) >= 1000:
+            _HISTORY.clear()
+        _HISTORY[key] = png_uri(history_figure(
+            [c["p_value"] for c in checks], [c["accuracy"] for c in checks],
+            [c["low"] for c in checks], [c["high"] for c in checks], alpha=alpha,
+            labels=[c["at"][5:] for c in checks]))
+    return _HISTORY[key]
+
+
 def _site_rows(rt: Runtime) -> tuple[list[dict[str, Any]], dict[str, int]]:
     from db import outbox
     from db.adaptations import latest_run
@@ -266,7 +285,6 @@ def _site_rows(rt: Runtime) -> tuple[list[dict[str, Any]], dict[str, int]]:
     from db.sites import site_ids
     from db.status import status_counts
     from emowatch.sites import load_sites
-    from models.report_plots import history_figure
     from tasks.registry.client import CHALLENGER, site_model_name
 
     try:
@@ -307,12 +325,8 @@ def _site_rows(rt: Runtime) -> tuple[list[dict[str, Any]], dict[str, int]]:
                     "report": f"{name}/{page.name}" if page.is_file() else None})
             if checks:
                 entry["last"] = entry["checks"][-1]
-                entry["history_png"] = png_uri(history_figure(
-                    [c["p_value"] for c in entry["checks"]],
-                    [c["accuracy"] for c in entry["checks"]],
-                    [c["low"] for c in entry["checks"]], [c["high"] for c in entry["checks"]],
-                    alpha=cfg.drift.alpha if cfg else 0.05,
-                    labels=[c["at"][5:] for c in entry["checks"]]))
+                entry["history_png"] = _history_png(
+                    name, entry["checks"], cfg.drift.alpha if cfg else 0.05)
                 entry["checks"] = entry["checks"][::-1][:20]  # newest first in the table
             run = latest_run(s, sid)
             if run is not None and run.candidate_version:
