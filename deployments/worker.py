@@ -69,6 +69,20 @@ def rss_gib() -> float:
         return 0.0
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``): a check's
+    images and frames are freed at its end, but glibc keeps the pages, and the worker's
+    resident memory -- what its restart limit and the operator see -- only grows."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 @dataclass
 class Worker:
     """One warm worker (module docstring). ``check``: runs one site's check (default: the
@@ -133,6 +147,7 @@ class Worker:
                 self.checks_done += 1
         if done:
             self.tick_hook([d["site"] for d in done])
+            release_free_memory()
         return done
 
     def should_restart(self) -> str | None:

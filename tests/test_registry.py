@@ -283,3 +283,27 @@ def test_a_cached_model_is_refused_once_its_file_changes_on_disk(reg, tmp_path):
         registry.load_model(rv.name, rv.version)
     with pytest.raises(RegistryError, match="refusing to load"):  # and not cached meanwhile
         registry.load_model(rv.name, rv.version)
+
+
+def test_site_copies_of_one_model_share_it_in_memory_and_are_each_verified(reg, tmp_path):
+    """Issue 34: 100 sites start from copies of one source version (copy_to_site): the worker
+    holds one model for all of them, and still refuses a copy whose local file changed."""
+    from models.profile import ReferenceProfile
+
+    registry, _ = reg
+    ref = tmp_path / "profile.npz"
+    ReferenceProfile(np.zeros((4, 3), np.float32), np.full((4, 6), 1 / 6, np.float32),
+                     CLASSES).to_npz(ref)
+    src = registry.log_and_register(_checkpoint(3), model_name="emowatch-shared-src",
+                                    reference_profile_path=ref, run_name="share-test")
+    a = registry.copy_to_site(src.name, src.version, "emowatch-shared-a")
+    b = registry.copy_to_site(src.name, src.version, "emowatch-shared-b")
+    first = registry.load_model(a.name, a.version)
+    assert registry.load_model(b.name, b.version)[0] is first[0]  # one model in memory
+    path = registry.artifact_folder(b.name, b.version) / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match="refusing to load"):
+        registry.load_model(b.name, b.version)  # its own copy changed: refused
+    assert registry.load_model(a.name, a.version)[0] is first[0]  # the other copy is intact

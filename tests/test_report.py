@@ -89,6 +89,29 @@ def test_workspace_one_project_per_site(frames, tmp_path):
     assert runs == {"site-a": 2, "site-b": 1}
 
 
+def test_workspace_write_reads_no_snapshots(frames, tmp_path, monkeypatch):
+    """Adding a snapshot never opens a Workspace (which parses every stored snapshot, so a
+    check's cost would grow with the monitor's age); the UI's Workspace still reads them."""
+    from evidently.ui import workspace
+
+    ref, same, shifted, _ = frames
+    ws_dir = tmp_path / "ws"
+    add_to_workspace(ws_dir, "site-a", build_drift_report(ref, same))
+
+    def refuse(*_a, **_k):
+        raise AssertionError("Workspace opened while adding a snapshot")
+
+    with monkeypatch.context() as m:
+        m.setattr(workspace.Workspace, "__init__", refuse)
+        ids = {add_to_workspace(ws_dir, "site-a", build_drift_report(ref, shifted)),
+               add_to_workspace(ws_dir, "site-b", build_drift_report(ref, same))}
+    assert len(ids) == 2
+    ws = workspace.Workspace(str(ws_dir))
+    by_name = {p.name: {str(r) for r in ws.list_runs(p.id)} for p in ws.list_projects()}
+    assert sorted(by_name) == ["site-a", "site-b"] and len(by_name["site-a"]) == 2
+    assert ids <= by_name["site-a"] | by_name["site-b"]
+
+
 def test_embeddings_decision_methods():
     rng = np.random.default_rng(1)
     z_ref, z_cur = rng.normal(size=(120, 8)), rng.normal(size=(60, 8)) + 1.5

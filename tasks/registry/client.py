@@ -37,6 +37,8 @@ from models.network import Checkpoint, load_checkpoint, save_checkpoint
 from tasks import pyfunc
 from tasks.ingest.storage import file_sha256
 from tasks.registry import artifacts as registry_artifacts
+from tasks.registry.model_cache import ModelCache
+from tasks.registry.model_cache import stamps as file_stamps
 from tasks.registry.records import (
     CHALLENGER,
     CHAMPION,
@@ -69,23 +71,7 @@ SHA_TAGS = registry_artifacts.SHA_TAGS
 _MODEL_NAME_IN_RUN = "model"  # the logged model's name inside its run
 # MLflow's fluent API reads process globals: one fluent operation at a time per process.
 _FLUENT_LOCK = threading.RLock()
-# (uri, name, version, sha256s) -> (Checkpoint, profile, file stamps): Registry.load_model.
-_MODELS: dict[tuple[Any, ...], tuple[Checkpoint, Any, tuple[Any, ...]]] = {}
-_MODELS_LOCK = threading.Lock()
-MODEL_CACHE_SIZE = 4  # a few models in RAM is plenty for one worker
-
-
-def _stamps(files: list[Path]) -> tuple[Any, ...]:
-    """(size, mtime in ns) of each file (None when missing): what a cached model's files were
-    when it was loaded."""
-    out = []
-    for f in files:
-        try:
-            st = f.stat()
-            out.append((st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append(None)
-    return tuple(out)
+_MODELS = ModelCache()  # Registry.load_model, per process (tasks/registry/model_cache.py)
 
 
 def _drop_pickle_warning(record: logging.LogRecord) -> bool:
@@ -388,29 +374,26 @@ class Registry:
         return self._verified(self.get_version(name, version), _REFERENCE_FILE)
 
     def load_model(self, name: str, version: str | int) -> tuple[Checkpoint, ReferenceProfile]:
-        """(Checkpoint, ReferenceProfile) of a version, cached per process by its registered
-        sha256s; a hit is served only while the local files are unchanged (size, mtime): a
-        changed file is verified again, and refused when it no longer matches."""
+        """(Checkpoint, ReferenceProfile) of a version, cached per process (``ModelCache``);
+        a hit is served only while the local files are unchanged (size, mtime): a changed
+        file is verified again, and refused when it no longer matches."""
         from models.profile import ReferenceProfile
 
         info = self.get_version(name, version)
-        key = (self.tracking_uri, name, str(version),
-               *(info.tags.get(t) for t in SHA_TAGS.values()))
+        shas = tuple(info.tags.get(t) for t in SHA_TAGS.values())
+        key = (self.tracking_uri, name, str(version), *shas)
+        content = (self.engine, *shas) if all(shas) else None
         folder = self._version_dir(name, str(version))
-        files = [folder / f for f in SHA_TAGS]
-        with _MODELS_LOCK:
-            hit = _MODELS.get(key)
-        stamps = _stamps(files)  # before the load: a change during it is seen at the next hit
-        if hit is not None and hit[2] == stamps:
-            return hit[0], hit[1]
-        ckpt = self._checkpoint(info)  # verified against the sha256 tags
-        profile = ReferenceProfile.from_npz(self._verified(info, _REFERENCE_FILE))
-        with _MODELS_LOCK:
-            _MODELS.pop(key, None)
-            _MODELS[key] = (ckpt, profile, stamps)
-            while len(_MODELS) > MODEL_CACHE_SIZE:
-                _MODELS.pop(next(iter(_MODELS)))
-        return ckpt, profile
+        stamps = file_stamps([folder / f for f in SHA_TAGS])  # a change during the load is
+        hit = _MODELS.get(key, stamps)                        # seen at the next hit
+        if hit is None and (hit := _MODELS.shared(content)) is not None:
+            for f in SHA_TAGS:  # the same model under another name: its copy's bytes checked
+                self._verified(info, f)
+        if hit is None:
+            hit = (self._checkpoint(info),  # verified against the sha256 tags
+                   ReferenceProfile.from_npz(self._verified(info, _REFERENCE_FILE)))
+        _MODELS.put(key, content, hit, stamps)
+        return hit
 
     # --- sites ----------------------------------------------------------------------------------
     def copy_to_site(self, source_name: str, source_version: str | int, site_model: str,
