@@ -54,7 +54,32 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all processes: the worker, serve's
+    deployment runs, PostgreSQL, the Prefect server)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
 class WarmBench(Bench):
+    idle_busy_per_s: float | None = None
+
+    def idle(self, names: list[str], seconds: float) -> float:
+        """Busy CPU seconds per second of the machine with ``emowatch serve`` running for the
+        sites ``names`` (all checked already) and no check due (its other deployments: the
+        registry sync every 2 minutes, the worker's ticks): the fixed cost of serving."""
+        self.write_sites(names, "0 0 1 1 *")  # checked since its last fire: never due
+        self.start_serve([])
+        try:
+            time.sleep(30)  # start-up
+            b0, t0 = _busy_seconds(), time.perf_counter()
+            time.sleep(seconds)
+            return (_busy_seconds() - b0) / (time.perf_counter() - t0)
+        finally:
+            self.stop_serve()
+
     def write_sites(self, names: list[str], schedule: str = "* * * * *") -> None:
         super().write_sites(names, schedule)  # every minute: the worker's ticks check them
 
@@ -125,6 +150,7 @@ class WarmBench(Bench):
             note(self.t0, f"{label} x{n}: first tick done")
             rows0, size0 = self.db_size()
             cpu0 = _cpu_seconds(self.serve.pid)  # type: ignore[union-attr]
+            busy0 = _busy_seconds()
             since = dt.datetime.now(dt.UTC)
             for r in range(rounds):
                 for i, s in enumerate(names):
@@ -135,6 +161,7 @@ class WarmBench(Bench):
             # a check is counted in the database before its flow run ends: wait for the runs
             runs = self._wait_runs(since, n * rounds, 600)
             cpu = _cpu_seconds(self.serve.pid) - cpu0  # type: ignore[union-attr]
+            busy = _busy_seconds() - busy0
             rows1, size1 = self.db_size()
             self.task_seconds = {}
             self._task_times([fr.id for fr in runs])
@@ -158,6 +185,8 @@ class WarmBench(Bench):
                 "p95_s": float(np.percentile(e2e, 95)), "in_flow_p50_s": statistics.median(in_flow),
                 "checks_per_hour": 3600 / max(statistics.mean(in_flow), 1e-9),
                 "cpu_s_per_check": cpu_per,
+                # the whole machine's busy CPU over the steady minutes, per check
+                "machine_cpu_s_per_check": busy / (n * rounds),
                 "cpu_share": n * cpu_per / (3600 * (os.cpu_count() or 2)),
                 "rss_gib": peak / 2**30, "server_rss_gib": srv_peak / 2**30,
                 "db_rows_per_check": (rows1 - rows0) / (n * rounds),
@@ -177,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="a level of this many sites with EMOWATCH_TASK_RUNNER=dask (0: skip)")
     ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
                     help="the source model's inference precision (EMOWATCH_INFERENCE_PRECISION)")
+    ap.add_argument("--idle", type=float, default=120,
+                    help="seconds of serve with no check due, for its fixed CPU cost (0: skip)")
     ap.add_argument("--json", action="store_true", help="one JSON row per level")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args(argv)
@@ -206,6 +237,15 @@ def main(argv: list[str] | None = None) -> None:
                 args.dask_sites, "d", args.new, args.rounds,
                 extra_env={"EMOWATCH_TASK_RUNNER": "dask"})})
             note(b.t0, f"level done: {json.dumps(rows[-1])}")
+        if args.idle:
+            names = [f"w{n}x{i:03d}" for n in args.sites for i in range(n)]
+            idle = b.idle(names, args.idle)
+            note(b.t0, f"idle: the machine busy {idle:.3f} CPU s per s")
+            cores = os.cpu_count() or 2
+            for r in rows:  # 100 sites checked hourly, everything on the machine counted
+                r["idle_cpu_share"] = idle / cores
+                r["machine_cpu_share_100_hourly"] = (
+                    100 * r["machine_cpu_s_per_check"] + 3600 * idle) / (3600 * cores)
     finally:
         b.close()
     if args.json:
@@ -227,6 +267,16 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['server_rss_gib']:.2f} | {r['db_rows_per_check']:.0f} | "
               f"{r['db_bytes_per_check'] / 1024:.0f} KiB |")
     print(f"\nSource model trained for the bench in {train_s:.0f} s.")
+    if args.idle:
+        print("\n## 100 sites checked hourly: the whole machine (worker, serve's other "
+              "deployment runs, PostgreSQL, the Prefect server)\n")
+        print(f"serve with no check due keeps the machine busy {100 * rows[0]['idle_cpu_share']:.1f}% "
+              f"of its cores ({args.idle:.0f} s measured).\n")
+        print("| level | machine CPU s/check | 100 sites hourly + idle: share of the cores |")
+        print("|---|---:|---:|")
+        for r in rows:
+            print(f"| {r['level']} x{r['sites']} | {r['machine_cpu_s_per_check']:.2f} | "
+                  f"{100 * r['machine_cpu_share_100_hourly']:.1f}% |")
     r = next((x for x in rows if x["level"] not in ("sites", "dask")), rows[-1])
     print(f"\n## Where a steady check's time goes ({r['level']}: seconds per check, summed over "
           "its task runs)\n\n| task | seconds |\n|---|---:|")
