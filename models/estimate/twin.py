@@ -24,15 +24,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from models.estimate.search import coordinate_search, stepwise_search
 from models.images import ImageLike, rgb_array
 from models.quality import image_stats
-from models.sim.camera import NAMES, NEUTRAL, CameraParams, apply_camera
+from models.sim.camera import NAMES, NEUTRAL, CameraParams, apply_camera, noise_shape
 
 # (statistic, on a log scale?, smallest spread) -- the statistics the camera can move (sizes
 # and aspect are fixed by the grid, warmth is covered by the illuminant). The smallest spread
@@ -78,6 +80,7 @@ class TwinConfig:
     # changed (or a new batch that reads farther than sampling allows) is searched again.
     reuse_residual: float = 1.5
     seed: int = 0
+    workers: int = 2  # threads a fit spreads the held-out images over (1: none)
 
 
 # Parameters that can stand in for each other in the image statistics but not for the model:
@@ -126,13 +129,15 @@ def on_grid(images: Sequence[ImageLike], grid: int) -> list[np.ndarray]:
     return out
 
 
+def stat_row(image: np.ndarray) -> list[float]:
+    """One image's statistics of :data:`TWIN_STATS` (log ones as log1p)."""
+    s = image_stats(image)
+    return [math.log1p(max(s[n], 0.0)) if log else s[n] for n, log, _ in TWIN_STATS]
+
+
 def stat_matrix(images: Sequence[np.ndarray]) -> np.ndarray:
     """(N, S) per-image statistics of :data:`TWIN_STATS` (log ones as log1p)."""
-    rows = []
-    for im in images:
-        s = image_stats(im)
-        rows.append([math.log1p(max(s[n], 0.0)) if log else s[n] for n, log, _ in TWIN_STATS])
-    return np.asarray(rows, np.float64)
+    return np.asarray([stat_row(im) for im in images], np.float64)
 
 
 def descriptors(stats: np.ndarray, feats: np.ndarray | None) -> np.ndarray:
@@ -179,26 +184,55 @@ def set_moments(stats: np.ndarray, feats: np.ndarray | None) -> tuple[np.ndarray
 
 
 class TwinObjective:
-    """d(u) for u in [0, 1]^len(names): the camera on the fit subsample (fixed noise seed),
-    its descriptors, their difference from the site's in standard errors (:func:`gap_scale`)."""
+    """d(u) for u in [0, 1]^len(names): the camera on the fit subsample (fixed noise draws),
+    its descriptors, their difference from the site's in standard errors (:func:`gap_scale`).
+
+    Each image has its own noise draw, the same for every camera tried (common random
+    numbers: the objective is deterministic and smooth in the noise level); on a subsample
+    (<= :data:`KEEP_DRAWS` images) the draws are made once and kept -- drawing them was a
+    third of a fit's time. ``pool``: an executor the images are spread over (numpy and
+    Pillow release the GIL: ~2x on 2 cores)."""
+
+    KEEP_DRAWS = 64
 
     def __init__(self, held_out: Sequence[np.ndarray], site: tuple, scale: np.ndarray,
                  names: Sequence[str], embed: Callable[[list[np.ndarray]], np.ndarray] | None,
                  weights: np.ndarray, seed: int,
-                 native: tuple[int, int] | None = None) -> None:
+                 native: tuple[int, int] | None = None, pool: Executor | None = None) -> None:
         self.held_out, self.target, self.scale = list(held_out), site[0], scale
-        self.native = native
+        self.native, self.pool = native, pool
         self.names, self.embed, self.weights, self.seed = tuple(names), embed, weights, seed
         self.evaluations = 0
+        self._normals: dict[int, np.ndarray] = {}
+        self._seen: dict[bytes, float] = {}
+
+    def _normal(self, i: int) -> np.ndarray:
+        z = self._normals.get(i)
+        if z is None:
+            z = np.random.default_rng([self.seed, i]).standard_normal(
+                noise_shape(self.held_out[i].shape, self.native), dtype=np.float32)
+            if len(self.held_out) <= self.KEEP_DRAWS:
+                self._normals[i] = z
+        return z
+
+    def _map(self, fn: Callable[[int], Any]) -> list[Any]:
+        idx = range(len(self.held_out))
+        return list(self.pool.map(fn, idx)) if self.pool is not None else [fn(i) for i in idx]
+
+    def _camera(self, p: CameraParams, i: int) -> np.ndarray:
+        noisy = p.noise_shot > 0 or p.noise_read > 0
+        return apply_camera(self.held_out[i], p, None, self.native,
+                            self._normal(i) if noisy else None)
 
     def transform(self, p: CameraParams) -> list[np.ndarray]:
-        rng = np.random.default_rng(self.seed)  # the same noise draws for every candidate
-        return [apply_camera(im, p, rng, self.native) for im in self.held_out]
+        return self._map(lambda i: self._camera(p, i))
 
     def residuals(self, p: CameraParams) -> np.ndarray:
+        if self.embed is None:
+            stats = np.asarray(self._map(lambda i: stat_row(self._camera(p, i))), np.float64)
+            return (descriptors(stats, None) - self.target) / self.scale
         imgs = self.transform(p)
-        feats = self.embed(imgs) if self.embed is not None else None
-        return (descriptors(stat_matrix(imgs), feats) - self.target) / self.scale
+        return (descriptors(stat_matrix(imgs), self.embed(imgs)) - self.target) / self.scale
 
     def distance_of(self, p: CameraParams) -> float:
         self.evaluations += 1
@@ -206,80 +240,14 @@ class TwinObjective:
         return float(np.sqrt(np.sum(self.weights * r ** 2) / np.sum(self.weights)))
 
     def __call__(self, u: np.ndarray) -> float:
-        """The search's objective: d^2 of the camera at u (the parameters scaled to [0, 1])."""
-        d = self.distance_of(CameraParams.from_vector(np.clip(u, 0, 1), self.names))
-        return d * d
-
-
-def coordinate_search(f: Callable[[np.ndarray], float], u0: np.ndarray, f0: float,
-                      coords: Sequence[int], sweeps: int, points: int,
-                      width: float = 1.0) -> tuple[np.ndarray, float]:
-    """Minimise ``f`` over [0, 1]^d along ``coords`` one at a time: each pass tries ``points``
-    values of every coordinate in a window of ``width`` around the current best (3x narrower
-    each pass) and keeps any improvement. Derivative-free and robust to the camera's flat
-    regions and kinks, where Powell and Nelder-Mead wandered into degenerate corners."""
-    u, best = np.array(u0, np.float64), float(f0)
-    for _ in range(sweeps):
-        for j in coords:
-            lo, hi = max(0.0, u[j] - width / 2), min(1.0, u[j] + width / 2)
-            for g in np.linspace(lo, hi, points):
-                if abs(g - u[j]) < 1e-9:
-                    continue
-                v = u.copy()
-                v[j] = g
-                fv = f(v)
-                if fv < best - 1e-9:
-                    u, best = v, fv
-        width /= 3.0
-    return u, best
-
-
-def scan_points(neutral: float, points: int) -> list[float]:
-    """Values a still-neutral parameter is tried at (in [0, 1] units): on each side of
-    ``neutral`` that has room, geometrically closer to it -- the whole way to the edge, half,
-    a quarter, ... (``points - 2`` per side, at least 2). Evenly spaced points missed small
-    real changes: a night camera's sensor noise after the photos were downscaled to the grid
-    (sigma ~0.016) lies below the first even step of the noise range (0.025), and the fit
-    stopped at "darker" with a residual of 9 (bench/results/estimate*.md)."""
-    k = max(2, points - 2)
-    out = []
-    for edge in (0.0, 1.0):
-        span = edge - neutral
-        if abs(span) > 1e-9:
-            out += [neutral + span / 2**i for i in range(k)]
-    return sorted(out)
-
-
-def stepwise_search(f: Callable[[np.ndarray], float], neutral: np.ndarray, points: int,
-                    sweeps: int, price: float, max_changes: int) -> tuple[np.ndarray, float]:
-    """Forward selection of the camera's changes: scan every still-neutral parameter over its
-    whole range (``points`` values) with the others where they are, move the one that lowers
-    ``f`` most if it buys more than ``price``, re-tune the moved ones together (narrowing
-    coordinate passes), and repeat, at most ``max_changes`` times. A real site is a few
-    changes (dark and noisy; blurred and compressed): the fit names them, the rest stay
-    neutral instead of drifting to explain sampling noise. A greedy coordinate search over all
-    twelve parameters at once got lost on JPEG sites (every parameter moved, d 14)."""
-    u, best = np.array(neutral, np.float64), float(f(neutral))
-    moved: list[int] = []
-    while len(moved) < max_changes:
-        cand, cand_f, cand_j = None, best, -1
-        for j in range(len(u)):
-            if j in moved:
-                continue
-            for g in scan_points(float(neutral[j]), points):
-                if abs(g - u[j]) < 1e-9:
-                    continue
-                v = u.copy()
-                v[j] = g
-                fv = f(v)
-                if fv < cand_f:
-                    cand, cand_f, cand_j = v, fv, j
-        if cand is None or cand_f > best - price:
-            break
-        moved.append(cand_j)
-        u, best = coordinate_search(f, cand, cand_f, moved, sweeps, points,
-                                    width=2.0 / (points - 1))
-    return u, best
+        """The search's objective: d^2 of the camera at u (the parameters scaled to [0, 1]);
+        a camera tried before is not evaluated again (the searches revisit points)."""
+        u = np.clip(np.asarray(u, np.float64), 0, 1)
+        key = np.round(u, 9).tobytes()
+        if key not in self._seen:
+            d = self.distance_of(CameraParams.from_vector(u, self.names))
+            self._seen[key] = d * d
+        return self._seen[key]
 
 
 def previous_camera(record: Mapping[str, Any] | None, grid: int,
@@ -317,6 +285,19 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
     unknown = [n for n in cfg.names if n not in NAMES]
     if unknown:
         raise ValueError(f"unknown camera parameter(s) {unknown}; known: {', '.join(NAMES)}")
+    pool = ThreadPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else None
+    try:
+        return _fit_twin(held_out, site, cfg, embed, previous, previous_residual,
+                         site_features, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike], cfg: TwinConfig,
+              embed: Callable[[list[np.ndarray]], np.ndarray] | None,
+              previous: CameraParams | None, previous_residual: float,
+              site_features: np.ndarray | None, pool: Executor | None) -> TwinFit:
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     ref = on_grid(held_out, cfg.grid)
@@ -327,7 +308,7 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
     weights = np.ones_like(site_m[0])
     scale = gap_scale(site_m, len(site_g), len(ref), 0)
     full = TwinObjective(ref, site_m, scale, cfg.names, None, weights, cfg.seed + 2,
-                         native=cfg.native)
+                         native=cfg.native, pool=pool)
 
     def finished(params: CameraParams, r: np.ndarray, evaluations: int,
                  reused: bool = False) -> TwinFit:
@@ -345,14 +326,14 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
     fit_idx = rng.choice(len(ref), size=min(cfg.fit_images, len(ref)), replace=False)
     subsample = [ref[i] for i in sorted(fit_idx)]
     obj = TwinObjective(subsample, site_m, scale, cfg.names, None, weights, cfg.seed + 1,
-                        native=cfg.native)
+                        native=cfg.native, pool=pool)
     neutral_u = CameraParams().to_vector()[[NAMES.index(n) for n in cfg.names]]
     best_u, _ = stepwise_search(obj, neutral_u, cfg.points, cfg.sweeps, cfg.price,
                                 cfg.max_changes)
     evaluations = obj.evaluations
     if embed is not None and cfg.refine_sweeps > 0:
         best_u, n_eval = _refine_with_features(best_u, neutral_u, subsample, site_g, site_stats,
-                                               site_features, len(ref), embed, cfg)
+                                               site_features, len(ref), embed, cfg, pool)
         evaluations += n_eval
     params = CameraParams.from_vector(best_u, cfg.names)
     # the final residual on every held-out image (not only the fit subsample)
@@ -362,8 +343,8 @@ def fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike],
 def _refine_with_features(u: np.ndarray, neutral_u: np.ndarray, subsample: list[np.ndarray],
                           site_g: list[np.ndarray], site_stats: np.ndarray,
                           site_features: np.ndarray | None, n_twin: int,
-                          embed: Callable[[list[np.ndarray]], np.ndarray], cfg: TwinConfig
-                          ) -> tuple[np.ndarray, int]:
+                          embed: Callable[[list[np.ndarray]], np.ndarray], cfg: TwinConfig,
+                          pool: Executor | None = None) -> tuple[np.ndarray, int]:
     """The search's camera refined on image statistics plus the model's feature means (the
     features together weigh ``feature_weight`` x the statistics): narrowing coordinate passes
     over the changed parameters and their look-alikes. (u, evaluations)."""
@@ -380,7 +361,7 @@ def _refine_with_features(u: np.ndarray, neutral_u: np.ndarray, subsample: list[
     weights[n_stat:] = cfg.feature_weight * n_stat / max(1, len(weights) - n_stat)
     scale = gap_scale(site_m, len(site_g), n_twin, len(weights) - n_stat)
     obj = TwinObjective(subsample, site_m, scale, cfg.names, embed, weights, cfg.seed + 1,
-                        native=cfg.native)
+                        native=cfg.native, pool=pool)
     u, _ = coordinate_search(obj, u, obj(u), coords, cfg.refine_sweeps, 5, width=0.4)
     return u, obj.evaluations
 
@@ -388,4 +369,4 @@ def _refine_with_features(u: np.ndarray, neutral_u: np.ndarray, subsample: list[
 # --- the estimate ------------------------------------------------------------------------------
 __all__ = ["LOOK_ALIKES", "NEUTRAL", "TWIN_STATS", "TwinConfig", "TwinFit", "TwinObjective",
            "coordinate_search", "descriptor_names", "descriptors", "fit_twin", "gap_scale",
-           "on_grid", "previous_camera", "set_moments", "stat_matrix", "stepwise_search"]
+           "on_grid", "previous_camera", "set_moments", "stat_matrix", "stat_row", "stepwise_search"]

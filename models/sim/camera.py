@@ -185,11 +185,22 @@ def _resolution(x: np.ndarray, p: CameraParams) -> np.ndarray:
     return np.asarray(im, np.float32) / 255.0
 
 
-def _noise(x: np.ndarray, p: CameraParams, rng: np.random.Generator) -> np.ndarray:
+def _noise(x: np.ndarray, p: CameraParams, rng: np.random.Generator,
+           normal: np.ndarray | None = None) -> np.ndarray:
     if p.noise_shot <= 0.0 and p.noise_read <= 0.0:
         return x
     std = np.sqrt(np.float32(p.noise_shot) * x + np.float32(p.noise_read) ** 2)
-    return np.clip(x + std * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
+    z = normal if normal is not None and normal.shape == x.shape else rng.standard_normal(
+        x.shape, dtype=np.float32)
+    return np.clip(x + std * z, 0.0, 1.0)
+
+
+def noise_shape(shape: tuple[int, ...], native: tuple[int, int] | None) -> tuple[int, int, int]:
+    """The shape of the sensor-noise draw :func:`apply_camera` makes for an image of
+    ``shape`` (the photo's own pixels when ``native`` is given, else the image's)."""
+    if native is not None:
+        return int(native[1]), int(native[0]), 3
+    return int(shape[0]), int(shape[1]), 3
 
 
 def _jpeg(img: np.ndarray, p: CameraParams) -> np.ndarray:
@@ -208,7 +219,8 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 def apply_camera(img: ImageLike, p: CameraParams,
                  rng: np.random.Generator | int | None = None,
-                 native: tuple[int, int] | None = None) -> np.ndarray:
+                 native: tuple[int, int] | None = None,
+                 normal: np.ndarray | None = None) -> np.ndarray:
     """``img`` (PIL or uint8 array, RGB or grey) through the camera ``p``: an (H, W, 3) uint8
     array of the same size. The identity when ``p`` is neutral.
 
@@ -217,7 +229,11 @@ def apply_camera(img: ImageLike, p: CameraParams,
     photo is resized to the grid (bilinear, as ``models.network.Preprocessing`` does): there
     the noise is smoothed and lifted where it was clipped at black. A night twin with its noise
     drawn on the grid matched the site's image statistics with a brighter exposure and less
-    noise, and read half the drop (bench/results/estimate*.md)."""
+    noise, and read half the drop (bench/results/estimate*.md).
+
+    ``normal``: a standard normal draw of :func:`noise_shape` to use for the sensor noise
+    instead of drawing one from ``rng`` (the twin's fit reuses one per image for every
+    camera it tries: common random numbers, and no new draw per try)."""
     a = rgb_array(img)
     if p.is_neutral:
         return a.copy()
@@ -231,9 +247,9 @@ def apply_camera(img: ImageLike, p: CameraParams,
     if native is not None and tuple(native) != (w, h) and (
             p.noise_shot > 0 or p.noise_read > 0 or p.jpeg_quality < 100.0):
         fine = Image.fromarray(_to_uint8(x), "RGB").resize(tuple(native), Image.BILINEAR)
-        fine = _jpeg(_to_uint8(_noise(np.asarray(fine, np.float32) / 255.0, p, gen)), p)
+        fine = _jpeg(_to_uint8(_noise(np.asarray(fine, np.float32) / 255.0, p, gen, normal)), p)
         return np.asarray(Image.fromarray(fine, "RGB").resize((w, h), Image.BILINEAR), np.uint8)
-    x = _noise(x, p, gen)
+    x = _noise(x, p, gen, normal)
     return _jpeg(_to_uint8(x), p)
 
 
@@ -260,4 +276,4 @@ def apply_camera_batch(images: Sequence[ImageLike], p: CameraParams,
 
 
 __all__ = ["BOUNDS", "NAMES", "NEUTRAL", "CameraParams", "apply_camera", "apply_camera_batch",
-           "native_size"]
+           "native_size", "noise_shape"]
