@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any
 
 from emowatch.sites import Site
@@ -97,11 +98,42 @@ def twin_estimate(profile: Any, model: Any, site_paths: list[str],
         est, _ = TwinEstimator(cfg).estimate_images(
             predict, held, labels, site, previous=last, previous_residual=last_residual,
             site_features=None if site_features is None or len(site_features) != len(site)
-            else np.asarray(site_features))
+            else np.asarray(site_features), memo=twin_memo(model, held))
     except Exception as e:  # noqa: BLE001 -- the check goes on, saying why it has no estimate
         logging.getLogger(__name__).exception("the site twin failed")
         return unavailable(f"the site twin failed: {type(e).__name__}: {e}", len(site))
     return est.with_ms(round(1000 * (time.perf_counter() - t0), 1))
+
+
+# id(model) -> (a weak reference to the model: the loaded checkpoint a warm worker keeps, see
+# Registry.load_model; held-out digest -> the twin's passes already run, see
+# TwinEstimator.estimate_images' memo). A checkpoint is a dataclass (unhashable): by identity.
+_TWIN_MEMOS: dict[int, tuple[weakref.ref, dict[str, dict]]] = {}
+
+
+def twin_memo(model: Any, held: list[Any]) -> dict:
+    """The twin's memo for this model object and these held-out images: a warm worker's
+    next check of a site whose camera is kept runs no model pass for the twin."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.blake2b(digest_size=16)
+    for a in held:
+        h.update(np.ascontiguousarray(a))
+    for k in [k for k, (ref, _) in _TWIN_MEMOS.items() if ref() is None]:
+        del _TWIN_MEMOS[k]  # models freed since
+    entry = _TWIN_MEMOS.get(id(model))
+    if entry is None or entry[0]() is not model:
+        try:
+            entry = (weakref.ref(model), {})
+        except TypeError:  # not weak-referenceable: no memo
+            return {}
+        _TWIN_MEMOS[id(model)] = entry
+    per = entry[1]
+    if len(per) > 2:
+        per.clear()
+    return per.setdefault(h.hexdigest(), {})
 
 
 def impact_of(site: Site, estimate: Estimate) -> str:

@@ -334,3 +334,29 @@ def test_the_scans_stop_past_a_minimum_and_still_find_it():
     assert u[1] == pytest.approx(0.8, abs=0.03) and np.allclose(u[[0, 2, 3]], 0.5)
     full_scan = sum(len(scan_points(0.5, 7)) for _ in range(4)) * 2  # two forward steps
     assert len(calls) < full_scan and best < 0.05
+
+
+def test_a_memo_runs_no_model_pass_for_a_kept_camera_and_changes_nothing():
+    """The warm worker's memo (per version and held-out set): the next check of a site whose
+    camera is kept runs the model on nothing, with the same estimate."""
+    from models.estimate.twin_estimator import TwinEstimator
+
+    held = _photos(40, 6)
+    labels = (np.array([im.mean() for im in held]) > np.median([im.mean() for im in held])
+              ).astype(int)
+    thr = float(np.median([im.mean() for im in held]))
+    calls: list[int] = []
+
+    def predict(batch):
+        calls.append(len(batch))
+        return np.array([int(im.mean() > thr) for im in batch])
+
+    twin = TwinEstimator(config=FAST, draws=2)
+    site = [apply_camera(im, CameraParams(gain=0.5, noise_read=0.04), np.random.default_rng(1))
+            for im in _photos(24, 7)]
+    plain, fit = twin.estimate_images(predict, held, labels, site)
+    memo: dict = {}
+    first, _ = twin.estimate_images(predict, held, labels, site, fit=fit, memo=memo)
+    calls.clear()
+    again, _ = twin.estimate_images(predict, held, labels, site, fit=fit, memo=memo)
+    assert calls == [] and again == first == plain
