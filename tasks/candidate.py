@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -25,10 +24,9 @@ from tasks.readapt import GALLERY_IMAGES, PROBE_IMAGES, AdaptInputs, decode_imag
 from tasks.records import Validation
 
 if TYPE_CHECKING:
-    from tasks.context import RunContext
+    import torch
 
-if TYPE_CHECKING:
-    pass
+    from tasks.context import RunContext
 
 
 def site_probe_images(inputs: AdaptInputs, n: int = PROBE_IMAGES, seed: int = 0) -> torch.Tensor:
@@ -240,6 +238,8 @@ def register_challenger(ctx: RunContext, inputs: AdaptInputs, result: Any,
             champ_maps, chall_maps = maps["champion"][pick], maps["challenger"][pick]
             titles = [f"{'training domain' if i < half else site.name} probe {n + 1}"
                       for n, i in enumerate(pick)]
+            import torch
+
             with torch.no_grad():
                 probe = full[pick]
                 champ_p = torch.softmax(inputs.ckpt.model.eval()(probe).float(), 1).numpy()

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from emowatch.sites import Site
 
 if TYPE_CHECKING:
+    import torch
+
     from tasks.context import RunContext
 
 # Probe images for the explanation gate: half from the training domain, half from the site.
@@ -173,6 +174,8 @@ def load_inputs(ctx: RunContext, source_free: bool, train_backbone: bool = False
     """Champion, its training-domain split (cached activations) and the site's recent images;
     with ``train_backbone`` also the decoded training and site images; with ``lazy_source``
     the training images' activations only when ``AdaptInputs.source_train`` asks for them."""
+    import torch  # here, not at import: `emowatch serve` imports this flow without torch
+
     from db import checks, inbox
     from db.session import session_scope
     from tasks.activations import cached_activations, record_items

@@ -18,9 +18,8 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from models.data import LabelledSet
-
 if TYPE_CHECKING:
+    from models.data import LabelledSet
     from tasks.context import Runtime
 
 # Fractions of the labelled training domain held out: validation drives early stopping and is

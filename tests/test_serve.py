@@ -223,3 +223,19 @@ def test_serve_stops_on_sigterm_to_its_process_group(prefect_harness, tmp_path, 
         assert len(ours) == 5 and all(ours.values()), ours
     else:
         assert "paused" not in text.lower(), text[-3000:]
+
+
+def test_serving_the_flows_does_not_import_torch():
+    """`emowatch serve` imports every flow it deploys; torch (~250 MB resident) is imported by
+    the runs and the warm worker that use it, not by the process that only serves them."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from flows.monitor import monitor_site\nfrom flows.promote import promote\n"
+            "from flows.readapt import readapt_site\nfrom flows.sync import sync_registry\n"
+            "from flows.train import train_source\nimport deployments.serve\n"
+            "print(sorted(m for m in ('torch', 'mlflow', 'evidently') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
