@@ -279,3 +279,17 @@ def site_counts(values: list[str]) -> list[int]:
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError("--sites takes positive counts like 1,10,100")
     return out
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``ap``'s arguments plus ``--keep``; ``--sites`` as counts; EMOWATCH_DATA_DIR required."""
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = ap.parse_args(argv)
+    try:
+        args.sites = site_counts(args.sites)
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
+    if not os.environ.get("EMOWATCH_DATA_DIR"):
+        raise SystemExit("set EMOWATCH_DATA_DIR to the folder with emotion6/")
+    return args
+

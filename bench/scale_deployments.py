@@ -29,14 +29,13 @@ of 500 photos, all cached, checked three times: end-to-end through the server, a
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 import zlib
 
 import numpy as np
 
-from bench.scale_base import FIRST, Bench, Memory, note, site_counts
+from bench.scale_base import FIRST, Bench, Memory, note, parse_args
 
 
 class DeploymentBench(Bench):
@@ -138,14 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dask-sites", type=int, default=10, help="0: skip the dask level")
     ap.add_argument("--evidently-drift-sites", type=int, default=10,
                     help="a level with EMOWATCH_EVIDENTLY_REPORTS=drift (0: skip)")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    args = ap.parse_args(argv)
-    try:
-        args.sites = site_counts(args.sites)
-    except argparse.ArgumentTypeError as e:
-        ap.error(str(e))
-    if not os.environ.get("EMOWATCH_DATA_DIR"):
-        raise SystemExit("set EMOWATCH_DATA_DIR to the folder with emotion6/")
+    args = parse_args(ap, argv)
     b = DeploymentBench(args)
     levels: list[tuple[str, dict]] = []
     try:

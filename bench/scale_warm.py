@@ -34,7 +34,7 @@ import zlib
 
 import numpy as np
 
-from bench.scale_base import FIRST, Bench, Memory, note, site_counts
+from bench.scale_base import FIRST, Bench, Memory, note, parse_args
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -209,15 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--idle", type=float, default=120,
                     help="seconds of serve with no check due, for its fixed CPU cost (0: skip)")
     ap.add_argument("--json", action="store_true", help="one JSON row per level")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    args = ap.parse_args(argv)
-    try:
-        args.sites = site_counts(args.sites)
-    except argparse.ArgumentTypeError as e:
-        ap.error(str(e))
+    args = parse_args(ap, argv)
     args.limit = 2  # Bench.start_serve's --limit (the other deployments)
-    if not os.environ.get("EMOWATCH_DATA_DIR"):
-        raise SystemExit("set EMOWATCH_DATA_DIR to the folder with emotion6/")
     os.environ["EMOWATCH_INFERENCE_PRECISION"] = args.precision  # Bench's env copies it
     b = WarmBench(args)
     rows: list[dict] = []

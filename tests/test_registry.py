@@ -262,17 +262,22 @@ def test_bad_inputs_are_clear_errors(reg, tmp_path):
     assert registry.list_versions("emowatch-x") == []
 
 
-def test_a_cached_model_is_refused_once_its_file_changes_on_disk(reg, tmp_path):
-    """Issue 34: a long-lived worker serves a model from memory, but never one whose file was
-    changed after it was cached: the change is seen, the file verified again and refused."""
+def _with_profile(registry, tmp_path, name: str):
+    """A tiny version of ``name`` registered with a reference profile."""
     from models.profile import ReferenceProfile
 
-    registry, _ = reg
     ref = tmp_path / "profile.npz"
     ReferenceProfile(np.zeros((4, 3), np.float32), np.full((4, 6), 1 / 6, np.float32),
                      CLASSES).to_npz(ref)
-    rv = registry.log_and_register(_checkpoint(3), model_name="emowatch-cached",
-                                   reference_profile_path=ref, run_name="cache-test")
+    return registry.log_and_register(_checkpoint(3), model_name=name,
+                                     reference_profile_path=ref, run_name=f"{name}-test")
+
+
+def test_a_cached_model_is_refused_once_its_file_changes_on_disk(reg, tmp_path):
+    """Issue 34: a long-lived worker serves a model from memory, but never one whose file was
+    changed after it was cached: the change is seen, the file verified again and refused."""
+    registry, _ = reg
+    rv = _with_profile(registry, tmp_path, "emowatch-cached")
     first = registry.load_model(rv.name, rv.version)
     assert registry.load_model(rv.name, rv.version)[0] is first[0]  # served from memory
     path = registry.artifact_folder(rv.name, rv.version) / "checkpoint.pt"
@@ -288,14 +293,8 @@ def test_a_cached_model_is_refused_once_its_file_changes_on_disk(reg, tmp_path):
 def test_site_copies_of_one_model_share_it_in_memory_and_are_each_verified(reg, tmp_path):
     """Issue 34: 100 sites start from copies of one source version (copy_to_site): the worker
     holds one model for all of them, and still refuses a copy whose local file changed."""
-    from models.profile import ReferenceProfile
-
     registry, _ = reg
-    ref = tmp_path / "profile.npz"
-    ReferenceProfile(np.zeros((4, 3), np.float32), np.full((4, 6), 1 / 6, np.float32),
-                     CLASSES).to_npz(ref)
-    src = registry.log_and_register(_checkpoint(3), model_name="emowatch-shared-src",
-                                    reference_profile_path=ref, run_name="share-test")
+    src = _with_profile(registry, tmp_path, "emowatch-shared-src")
     a = registry.copy_to_site(src.name, src.version, "emowatch-shared-a")
     b = registry.copy_to_site(src.name, src.version, "emowatch-shared-b")
     first = registry.load_model(a.name, a.version)
