@@ -250,6 +250,42 @@ def test_a_new_recipe_is_one_class_and_one_catalog_line(net, monkeypatch):
     assert res.table()[1]["method"] == "sharpen"
 
 
+class SlowRecipe(SharpenHead):
+    """SharpenHead that records the time budget of each application and uses all of it."""
+
+    budgets: list[float] = []
+
+    def apply(self, member, data, ctx):
+        import time
+
+        SlowRecipe.budgets.append(ctx.time_budget_s)
+        time.sleep(ctx.time_budget_s)
+        return super().apply(member, data, ctx)
+
+
+def test_a_members_applications_share_what_is_left_of_the_budget(net, monkeypatch):
+    """The site's and each proxy's application get an equal part of what is left: a member
+    that uses its whole budget ends within the portfolio's (each had been given all of it)."""
+    import time
+
+    from models import catalog
+    from models.adapt.portfolio import share
+
+    t0 = time.perf_counter()
+    assert share(100.0, t0 - 40.0, 3) == pytest.approx(20.0, abs=0.1)
+    assert share(100.0, t0 - 200.0, 3) == 1.0  # spent: the floor
+    monkeypatch.setitem(catalog.RECIPES, "slow", "tests.test_portfolio:SlowRecipe")
+    monkeypatch.setattr(catalog, "PORTFOLIO", catalog.PORTFOLIO + (("slow", "slow", {}),))
+    SlowRecipe.budgets = []
+    site = sets(net, True, 11)
+    res = run_portfolio(net, SiteSet(h=site.h), [sets(net, True, 21), sets(net, True, 22)],
+                        None, members(["slow"]), 3.0)
+    assert res.candidates[1].skipped is None and len(SlowRecipe.budgets) == 3
+    # site: ~3/3 s; then each proxy an equal part of what the earlier runs left
+    assert SlowRecipe.budgets[0] == pytest.approx(1.0, abs=0.1)
+    assert sum(SlowRecipe.budgets) <= 3.0
+
+
 def test_stratified_subsample_keeps_class_proportions():
     from models.adapt.proxies import stratified_subsample
 

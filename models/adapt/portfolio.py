@@ -232,6 +232,15 @@ def score_on(applied: Applied, data: SiteSet, precision: str) -> np.ndarray:
 
 
 # --- the portfolio ---------------------------------------------------------------------------------
+def share(budget_s: float, t_start: float, runs_left: int, floor_s: float = 1.0) -> float:
+    """The time budget of one of a member's ``runs_left`` remaining applications (the site's,
+    then each proxy's): an equal part of what is left of the portfolio's budget, so that a
+    member whose recipe stops at its budget (the iterative ones) ends within the portfolio's
+    -- each had been given all that was left, and the site plus 4 proxies could take 5x it."""
+    left = budget_s - (time.perf_counter() - t_start)
+    return max(left / max(1, runs_left), floor_s)
+
+
 def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet],
                   source: CachedSet | Callable[[], CachedSet] | None,
                   portfolio: Sequence[Member], budget_s: float,
@@ -286,14 +295,14 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
             rec.applied = apply_member(member, champion, site, source,
                                        base_rec.applied if base_rec else None,
                                        base_rec.member if base_rec else None, seed, precision,
-                                       max(left, 1.0))
+                                       share(budget_s, t_start, 1 + len(split)))
             rec.site_seconds = time.perf_counter() - t0
             rights = []
             for j, (adapt_half, score_half) in enumerate(split):
                 a = apply_member(member, champion, adapt_half, source,
                                  base_rec.proxies[j] if base_rec else None,
                                  base_rec.member if base_rec else None, seed, precision,
-                                 max(left, 1.0), n_site=len(site))
+                                 share(budget_s, t_start, len(split) - j), n_site=len(site))
                 rec.proxies.append(a)
                 rights.append(score_on(a, score_half, precision))
         except (ValueError, RuntimeError) as e:  # one recipe failing does not stop the rest
@@ -352,5 +361,5 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
 
 
 __all__ = ["EXPECTED_PER", "Applied", "CandidateRecord", "Member", "PortfolioResult",
-           "SiteSet", "apply_member", "consensus_veto", "correct", "disagreements", "expected_seconds", "gain_estimate", "halves", "members",
+           "SiteSet", "apply_member", "share", "consensus_veto", "correct", "disagreements", "expected_seconds", "gain_estimate", "halves", "members",
            "run_portfolio", "score_on", "select"]
