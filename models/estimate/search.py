@@ -5,15 +5,33 @@ objective is flat in places and kinked in others. Pure numpy; no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-# A scan walks each side of a parameter outward from neutral and stops once the distance has
-# risen this many times in a row: past the side's minimum (the statistics move monotonically
-# with each camera parameter). Most parameters do not matter at a site and rise at once: a
-# fit's evaluations fell by about half (bench: /work notes, session 14).
+# A scan walks each side of a parameter outward and stops once the distance has risen this
+# many times in a row: past the side's minimum (the statistics move monotonically with each
+# camera parameter). Most parameters do not matter at a site and rise at once: Emotion6
+# night 2's fit went from 413 to 257 evaluations with the same camera (docs/benchmarks.md,
+# "The twin's seconds in a check").
 RISES_TO_STOP = 2
+
+
+def walk(f: Callable[[np.ndarray], float], u: np.ndarray, j: int, side: Sequence[float],
+         start: float) -> Iterator[tuple[np.ndarray, float]]:
+    """``u`` with coordinate ``j`` set to each value of ``side`` in turn (outward), and ``f``
+    there, until ``f`` has risen :data:`RISES_TO_STOP` times in a row (from ``start``, ``f``
+    where the walk begins)."""
+    last, rises = start, 0
+    for g in side:
+        v = np.array(u, np.float64)
+        v[j] = g
+        fv = f(v)
+        yield v, fv
+        rises = rises + 1 if fv > last + 1e-12 else 0
+        last = fv
+        if rises >= RISES_TO_STOP:
+            return
 
 
 def coordinate_search(f: Callable[[np.ndarray], float], u0: np.ndarray, f0: float,
@@ -32,17 +50,9 @@ def coordinate_search(f: Callable[[np.ndarray], float], u0: np.ndarray, f0: floa
             # each side outward from the current value, until past its minimum
             for side in (sorted((g for g in grid if g < at - 1e-9), reverse=True),
                          sorted(g for g in grid if g > at + 1e-9)):
-                last, rises = best, 0
-                for g in side:
-                    v = u.copy()
-                    v[j] = g
-                    fv = f(v)
+                for v, fv in walk(f, u, j, side, best):
                     if fv < best - 1e-9:
                         u, best = v, fv
-                    rises = rises + 1 if fv > last + 1e-12 else 0
-                    last = fv
-                    if rises >= RISES_TO_STOP:
-                        break
         width /= 3.0
     return u, best
 
@@ -84,18 +94,10 @@ def stepwise_search(f: Callable[[np.ndarray], float], neutral: np.ndarray, point
         for j in range(len(u)):
             if j in moved:
                 continue
-            for side in scan_sides(float(neutral[j]), points):
-                last, rises = best, 0
-                for g in side:  # outward from neutral, until past the side's minimum
-                    v = u.copy()
-                    v[j] = g
-                    fv = f(v)
+            for side in scan_sides(float(neutral[j]), points):  # outward from neutral
+                for v, fv in walk(f, u, j, side, best):
                     if fv < cand_f:
                         cand, cand_f, cand_j = v, fv, j
-                    rises = rises + 1 if fv > last + 1e-12 else 0
-                    last = fv
-                    if rises >= RISES_TO_STOP:
-                        break
         if cand is None or cand_f > best - price:
             break
         moved.append(cand_j)
@@ -104,4 +106,5 @@ def stepwise_search(f: Callable[[np.ndarray], float], neutral: np.ndarray, point
     return u, best
 
 
-__all__ = ["RISES_TO_STOP", "coordinate_search", "scan_points", "scan_sides", "stepwise_search"]
+__all__ = ["RISES_TO_STOP", "coordinate_search", "scan_points", "scan_sides", "stepwise_search",
+           "walk"]
