@@ -179,8 +179,9 @@ class Worker:
         for the worker's life, not one started and torn down per check."""
         from distributed import LocalCluster
 
-        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                    dashboard_address=None)
+        from flows.runner import LOCAL_CLUSTER
+
+        self.cluster = LocalCluster(**LOCAL_CLUSTER)
         return settings.model_copy(update={"dask_address": self.cluster.scheduler_address})
 
     # --- the defaults ---------------------------------------------------------------------------

@@ -12,6 +12,9 @@ from tasks.context import Runtime
 
 # 2 threads: on a 2-core machine more would only contend with torch's own threads.
 THREADS = 2
+# A local Dask cluster when no address is set: 2 single-threaded worker processes.
+LOCAL_CLUSTER = {"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                 "dashboard_address": None}
 
 
 def open_runtime(settings: Settings | None) -> Runtime:
@@ -46,8 +49,7 @@ def task_runner(settings: Settings) -> Any:
 
         if settings.dask_address:
             return DaskTaskRunner(address=settings.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+        return DaskTaskRunner(cluster_kwargs=dict(LOCAL_CLUSTER))  # a copy: never shared
     return default_runner()
 
 

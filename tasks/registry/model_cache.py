@@ -75,10 +75,5 @@ class ModelCache:
                 self._versions = {k: v for k, v in self._versions.items()
                                   if v[0] in self._objects}
 
-    def clear(self) -> None:
-        with self._lock:
-            self._objects.clear()
-            self._versions.clear()
-
 
 __all__ = ["MODEL_CACHE_SIZE", "ModelCache", "stamps"]
