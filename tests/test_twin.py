@@ -360,3 +360,37 @@ def test_a_memo_runs_no_model_pass_for_a_kept_camera_and_changes_nothing():
     calls.clear()
     again, _ = twin.estimate_images(predict, held, labels, site, fit=fit, memo=memo)
     assert calls == [] and again == first == plain
+
+
+def test_the_search_runs_on_a_few_images_that_stand_for_all_of_them():
+    from models.estimate.twin import representative
+
+    rng = np.random.default_rng(3)
+    stats = np.column_stack([rng.lognormal(0, 1, 240), rng.normal(5, 2, 240),
+                             rng.uniform(0, 1, 240)])
+    sd = stats.std(0)
+
+    def gap(idx: np.ndarray) -> float:  # the subset's means and spreads against the whole set
+        s = stats[idx]
+        return float(np.sum(((s.mean(0) - stats.mean(0)) / sd) ** 2)
+                     + np.sum((s.std(0) / sd - 1) ** 2))
+
+    chosen = representative(stats, 8, np.random.default_rng(0))
+    assert len(set(chosen.tolist())) == 8 and list(chosen) == sorted(chosen)
+    randoms = [gap(np.random.default_rng(s).choice(240, 8, replace=False)) for s in range(200)]
+    assert gap(chosen) < 0.1 * float(np.median(randoms)), (gap(chosen), np.median(randoms))
+    assert np.array_equal(chosen, representative(stats, 8, np.random.default_rng(0)))
+    assert np.array_equal(representative(stats[:5], 8, rng), np.arange(5))  # too few: all
+
+
+def test_eight_standing_images_recover_the_dark_noisy_camera_as_twenty_four_do():
+    import dataclasses
+
+    held, rest = _photos(60, 0), _photos(30, 1)
+    site = [apply_camera(im, CameraParams(gain=0.45, noise_read=0.06), np.random.default_rng(5))
+            for im in rest]
+    few = fit_twin(held, site, dataclasses.replace(FAST, fit_images=8))
+    many = fit_twin(held, site, FAST)
+    assert few.params.gain == pytest.approx(0.45, abs=0.12)
+    assert few.params.noise_read == pytest.approx(0.06, abs=0.025)
+    assert few.distance < many.distance + 0.3

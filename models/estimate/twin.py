@@ -14,8 +14,9 @@ fit says, in the same unit, how much of the site the twin cannot explain:
 
 The fit is derivative-free (the camera is not differentiable: JPEG, clipping): forward
 selection of the parameters that move away from neutral, each bought at a price in d^2 and
-re-tuned by narrowing coordinate passes (``stepwise_search``), on a subsample of the held-out
-images, with fixed noise draws so the objective is deterministic.
+re-tuned by narrowing coordinate passes (``stepwise_search``), on a few held-out images chosen
+to stand for all of them (``representative``), with fixed noise draws so the objective is
+deterministic.
 Pure numpy / SciPy; no I/O.
 """
 
@@ -57,7 +58,12 @@ class TwinConfig:
     # The (width, height) of the site camera's photos (models.sim.camera.native_size of their
     # sizes): its noise and JPEG act before the photos are resized to the grid. None: the grid.
     native: tuple[int, int] | None = None
-    fit_images: int = 24  # held-out images the fit transforms per evaluation
+    # Held-out images the search transforms per evaluation: chosen to stand for all of them
+    # (:func:`representative`). With 8, 12 or 24 such images the fits named the same cameras at
+    # residuals within 0.05 on 7 Emotion6 sites and 2 held-out draws, where 24 random images
+    # had named casts the sites did not have and fitted 0.4-1.5 farther; 8 costs a third of 24
+    # (docs/benchmarks.md, "The twin's seconds in a check").
+    fit_images: int = 8
     names: tuple[str, ...] = NAMES  # the camera parameters fitted (the rest neutral)
     points: int = 7  # values tried per parameter in a scan
     sweeps: int = 3  # refinement passes over the chosen parameters, each 3x narrower
@@ -250,6 +256,44 @@ class TwinObjective:
         return self._seen[key]
 
 
+def representative(stats: np.ndarray, k: int, rng: np.random.Generator,
+                   tries: int = 2000) -> np.ndarray:
+    """Indices of ``k`` of the rows of ``stats`` (images' statistics) whose descriptors (mean
+    and spread of each column) are nearest the whole set's, in units of the column's spread:
+    the best of ``tries`` random draws, then single swaps while they help. The fit's search
+    runs on these ``k`` images: a random few differ from the whole set by chance (warmer,
+    sharper), and the search explained that difference with camera changes the site did not
+    have (a green cast at a greyscale site), where the final residual on every image then
+    read far."""
+    n = len(stats)
+    if k >= n:
+        return np.arange(n)
+    sd = np.maximum(stats.std(0), 1e-9)
+    z = (stats - stats.mean(0)) / sd  # whole set: mean 0, spread 1 per column
+
+    def gap(idx: np.ndarray) -> float:
+        s = z[idx]
+        return float(np.sum(s.mean(0) ** 2) + np.sum((s.std(0) - 1.0) ** 2))
+
+    draws = np.argsort(rng.random((tries, n)), axis=1)[:, :k]
+    best = draws[int(np.argmin([gap(d) for d in draws]))].copy()
+    g = gap(best)
+    for _ in range(3):
+        improved = False
+        for pos in range(k):
+            for j in rng.permutation(n)[:60]:
+                if j in best:
+                    continue
+                cand = best.copy()
+                cand[pos] = j
+                gc = gap(cand)
+                if gc < g - 1e-12:
+                    best, g, improved = cand, gc, True
+        if not improved:
+            break
+    return np.sort(best)
+
+
 def previous_camera(record: Mapping[str, Any] | None, grid: int,
                     native: tuple[int, int] | None = None) -> tuple[CameraParams | None, float]:
     """The camera and residual of a site's last twin record (``Estimate.twin``), for
@@ -310,21 +354,26 @@ def _fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike], cfg: Twi
     full = TwinObjective(ref, site_m, scale, cfg.names, None, weights, cfg.seed + 2,
                          native=cfg.native, pool=pool)
 
+    def dist(r: np.ndarray) -> float:
+        return float(np.sqrt(np.sum(weights * r ** 2) / np.sum(weights)))
+
     def finished(params: CameraParams, r: np.ndarray, evaluations: int,
-                 reused: bool = False) -> TwinFit:
-        """The fit's record from its residuals ``r`` on every held-out image."""
-        dist = float(np.sqrt(np.sum(weights * r ** 2) / np.sum(weights)))
-        neutral_d = dist if params.is_neutral else full.distance_of(CameraParams())
+                 reused: bool = False, neutral_r: np.ndarray | None = None) -> TwinFit:
+        """The fit's record from its residuals ``r`` on every held-out image (and the
+        untouched images', ``neutral_r``, when known)."""
+        neutral_d = (dist(r) if params.is_neutral else dist(neutral_r) if neutral_r is not None
+                     else full.distance_of(CameraParams()))
         per = dict(zip(descriptor_names(0), np.abs(r[:n_stat]).tolist(), strict=True))
-        return TwinFit(params, dist, neutral_d, time.perf_counter() - t0, evaluations, per,
+        return TwinFit(params, dist(r), neutral_d, time.perf_counter() - t0, evaluations, per,
                        reused=reused)
 
     if previous is not None:
         r = full.residuals(previous)
         if float(np.sqrt(np.mean(r ** 2))) <= max(cfg.reuse_residual, 1.25 * previous_residual):
             return finished(previous, r, 1, reused=True)
-    fit_idx = rng.choice(len(ref), size=min(cfg.fit_images, len(ref)), replace=False)
-    subsample = [ref[i] for i in sorted(fit_idx)]
+    ref_stats = stat_matrix(ref)
+    fit_idx = representative(ref_stats, min(cfg.fit_images, len(ref)), rng)
+    subsample = [ref[i] for i in fit_idx]
     obj = TwinObjective(subsample, site_m, scale, cfg.names, None, weights, cfg.seed + 1,
                         native=cfg.native, pool=pool)
     neutral_u = CameraParams().to_vector()[[NAMES.index(n) for n in cfg.names]]
@@ -337,7 +386,8 @@ def _fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike], cfg: Twi
         evaluations += n_eval
     params = CameraParams.from_vector(best_u, cfg.names)
     # the final residual on every held-out image (not only the fit subsample)
-    return finished(params, full.residuals(params), evaluations)
+    return finished(params, full.residuals(params), evaluations,
+                    neutral_r=(descriptors(ref_stats, None) - site_m[0]) / scale)
 
 
 def _refine_with_features(u: np.ndarray, neutral_u: np.ndarray, subsample: list[np.ndarray],
@@ -369,4 +419,5 @@ def _refine_with_features(u: np.ndarray, neutral_u: np.ndarray, subsample: list[
 # --- the estimate ------------------------------------------------------------------------------
 __all__ = ["LOOK_ALIKES", "NEUTRAL", "TWIN_STATS", "TwinConfig", "TwinFit", "TwinObjective",
            "coordinate_search", "descriptor_names", "descriptors", "fit_twin", "gap_scale",
-           "on_grid", "previous_camera", "set_moments", "stat_matrix", "stat_row", "stepwise_search"]
+           "on_grid", "previous_camera", "representative", "set_moments", "stat_matrix",
+           "stat_row", "stepwise_search"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -82,6 +83,19 @@ class TwinEstimator:
     null_distance: float = NULL_DISTANCE
     boot: int = 400
 
+    def _through(self, images: list[np.ndarray], p: CameraParams,
+                 seed: list[int]) -> list[np.ndarray]:
+        """``images`` through the camera ``p``, each with its own noise draw (seeded by
+        ``seed`` and its index), spread over ``config.workers`` threads."""
+        def one(i: int) -> np.ndarray:
+            return apply_camera(images[i], p, np.random.default_rng([*seed, i]),
+                                self.config.native)
+
+        if self.config.workers <= 1:
+            return [one(i) for i in range(len(images))]
+        with ThreadPoolExecutor(max_workers=self.config.workers) as pool:
+            return list(pool.map(one, range(len(images))))
+
     def estimate_images(self, predict: Callable[[list[np.ndarray]], np.ndarray],
                         held_out: Sequence[np.ndarray], labels: Sequence[int] | np.ndarray,
                         site: Sequence[np.ndarray], fit: TwinFit | None = None,
@@ -138,11 +152,9 @@ class TwinEstimator:
                 if len(memo) > MEMO_ENTRIES:
                     memo.clear()
                     memo[("clean",)] = (cls0, feats)
-                cam_rng = np.random.default_rng([seed, 1])
                 rows, twin_feats = [], None
                 for k in range(draws):
-                    cls, f = _classes_and_features(predict(
-                        [apply_camera(im, p, cam_rng, self.config.native) for im in base]))
+                    cls, f = _classes_and_features(predict(self._through(base, p, [seed, 1, k])))
                     rows.append(cls == y)
                     if k == 0:  # the twin's features: the first draw's
                         twin_feats = f
