@@ -128,3 +128,19 @@ def test_noise_and_jpeg_act_at_the_cameras_own_photo_size():
     assert native_size([(320, 240), (300, 225), (640, 480)], 224) == (320, 240)
     assert native_size([(4000, 3000)], 224) == (896, 672)  # at most 4x the grid
     assert native_size([], 224) is None
+
+
+def test_the_trip_to_the_cameras_size_and_back_does_not_blur_the_twin():
+    """Noise or JPEG at the camera's own size change the grid image by what they do there,
+    not by the resize there and back (a blur the site's photos, resized once, do not have):
+    barely-there JPEG leaves a detailed image's sharpness alone, and more JPEG lowers it
+    step by step."""
+    from models.quality import image_stats
+    from models.sim.camera import CameraParams, apply_camera
+
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(128, 40, (96, 96, 3)), 0, 255).astype(np.uint8)  # fine detail
+    sharp = [image_stats(apply_camera(img, CameraParams(jpeg_quality=q), native=(150, 120)))
+             ["sharpness"] for q in (100, 97, 60, 20)]
+    assert sharp[1] > 0.9 * sharp[0], sharp  # the round trip alone had lowered it a lot
+    assert sharp[1] > sharp[2] > sharp[3], sharp

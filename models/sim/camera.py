@@ -217,6 +217,25 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
+def _at_native(grid: np.ndarray, p: CameraParams, native: tuple[int, int],
+               gen: np.random.Generator, normal: np.ndarray | None) -> np.ndarray:
+    """Sensor noise and JPEG of ``p`` acting at the camera's own size ``native`` on a grid
+    image: the grid image plus what they change there, brought back to the grid. The resize
+    to ``native`` and back is itself a blur, which the twin's photos would have and the
+    site's do not (they are resized once): a twin at JPEG quality 94 read far blurrier than a
+    site at quality 8, and a night twin was blurred by its noise's round trip."""
+    h, w = grid.shape[:2]
+
+    def back(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a, "RGB").resize((w, h), Image.BILINEAR), np.float32)
+
+    fine = Image.fromarray(grid, "RGB").resize(native, Image.BILINEAR)
+    plain = np.asarray(fine, np.uint8)
+    hit = _jpeg(_to_uint8(_noise(plain.astype(np.float32) / 255.0, p, gen, normal)), p)
+    out = grid.astype(np.float32) + (back(hit) - back(plain))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def apply_camera(img: ImageLike, p: CameraParams,
                  rng: np.random.Generator | int | None = None,
                  native: tuple[int, int] | None = None,
@@ -229,7 +248,8 @@ def apply_camera(img: ImageLike, p: CameraParams,
     photo is resized to the grid (bilinear, as ``models.network.Preprocessing`` does): there
     the noise is smoothed and lifted where it was clipped at black. A night twin with its noise
     drawn on the grid matched the site's image statistics with a brighter exposure and less
-    noise, and read half the drop (bench/results/estimate*.md).
+    noise, and read half the drop (bench/results/estimate*.md). Only what they change there is
+    brought back to the grid image (:func:`_at_native`), not the resize's own blur.
 
     ``normal``: a standard normal draw of :func:`noise_shape` to use for the sensor noise
     instead of drawing one from ``rng`` (the twin's fit reuses one per image for every
@@ -246,9 +266,7 @@ def apply_camera(img: ImageLike, p: CameraParams,
     h, w = x.shape[:2]
     if native is not None and tuple(native) != (w, h) and (
             p.noise_shot > 0 or p.noise_read > 0 or p.jpeg_quality < 100.0):
-        fine = Image.fromarray(_to_uint8(x), "RGB").resize(tuple(native), Image.BILINEAR)
-        fine = _jpeg(_to_uint8(_noise(np.asarray(fine, np.float32) / 255.0, p, gen, normal)), p)
-        return np.asarray(Image.fromarray(fine, "RGB").resize((w, h), Image.BILINEAR), np.uint8)
+        return _at_native(_to_uint8(x), p, tuple(native), gen, normal)
     x = _noise(x, p, gen, normal)
     return _jpeg(_to_uint8(x), p)
 
