@@ -54,16 +54,18 @@ ADAPTERS: dict[str, str] = {
 # flow tries them in this order within the site's adapt.portfolio_budget_s; the sites file's
 # adapt.portfolio names a subset. prior_n: the training domain counted as N images in the BN
 # statistics (site weight n / (n + N)); expected_s: seconds per 240 images of each set (the
-# site and every proxy) measured on 2 cores with AVX512-BF16 (bench/results/portfolio.md):
-# a member starts only if what it expects to need fits into what is left of the budget.
+# site and every proxy) measured on 2 cores with AVX512-BF16 (bench/results/portfolio.md);
+# expected_s_fp32: the same with the model in fp32 (bench/results/member_seconds.md, the
+# measured figure rounded up; mmd-backbone not measured): a member starts only if what it
+# expects to need fits into what is left of the budget.
 PORTFOLIO: tuple[tuple[str, str, dict[str, float]], ...] = (
-    ("bn(N=80)", "bn", {"prior_n": 80, "expected_s": 1}),
-    ("bn(N=240)", "bn", {"prior_n": 240, "expected_s": 1}),
-    ("bn(N=720)", "bn", {"prior_n": 720, "expected_s": 1}),
-    ("bn-all(N=480)", "bn-all", {"prior_n": 480, "expected_s": 4}),
-    ("tent", "tent", {"steps": 20, "expected_s": 4}),
-    ("shot-im", "shot-im", {"steps": 20, "expected_s": 4}),
-    ("mmd", "mmd", {"steps": 100, "expected_s": 7}),
+    ("bn(N=80)", "bn", {"prior_n": 80, "expected_s": 1, "expected_s_fp32": 1}),
+    ("bn(N=240)", "bn", {"prior_n": 240, "expected_s": 1, "expected_s_fp32": 1}),
+    ("bn(N=720)", "bn", {"prior_n": 720, "expected_s": 1, "expected_s_fp32": 1}),
+    ("bn-all(N=480)", "bn-all", {"prior_n": 480, "expected_s": 4, "expected_s_fp32": 14}),
+    ("tent", "tent", {"steps": 20, "expected_s": 4, "expected_s_fp32": 6}),
+    ("shot-im", "shot-im", {"steps": 20, "expected_s": 4, "expected_s_fp32": 4}),
+    ("mmd", "mmd", {"steps": 100, "expected_s": 7, "expected_s_fp32": 4}),
     ("mmd-backbone", "mmd-backbone", {"expected_s": 300}),
 )
 DEFAULT_PORTFOLIO: tuple[str, ...] = tuple(n for n, _, _ in PORTFOLIO)

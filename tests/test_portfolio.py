@@ -218,6 +218,21 @@ def test_members_are_skipped_with_reasons(net):
         run_portfolio(net, SiteSet(h=site.h), [], None, FAST, 60.0)
 
 
+def test_a_member_expects_its_fp32_seconds_when_the_model_runs_in_fp32(net):
+    from models.adapt.portfolio import expected_seconds
+
+    m = Member("slow-in-fp32", "bn", {"prior_n": 40, "expected_s": 1, "expected_s_fp32": 100})
+    assert expected_seconds(m, 480, "bf16") == 2 and expected_seconds(m, 480, "fp32") == 200
+    assert expected_seconds(Member("bn", "bn", {"expected_s": 3}), 240, "fp32") == 3  # no fp32 figure
+    site = sets(net, True, 11)
+    proxies = [sets(net, True, 21)]
+    fp32 = run_portfolio(net, SiteSet(h=site.h), proxies, None, [m], 60.0, precision="fp32")
+    assert "needs ~" in fp32.candidates[1].skipped  # 100 s x 2 sets do not fit into 60 s
+    quick = Member("slow-in-fp32", "bn", {"prior_n": 40, "expected_s": 1})  # bf16 figure only
+    res = run_portfolio(net, SiteSet(h=site.h), proxies, None, [quick], 60.0, precision="fp32")
+    assert not res.candidates[1].skipped
+
+
 # --- adding a recipe: one class + one catalog line ----------------------------------------------
 class SharpenHead(Recipe):
     """A new (toy) recipe: the champion with its head's logits scaled by ``factor``; the

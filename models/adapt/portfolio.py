@@ -67,10 +67,13 @@ CONSENSUS_MARGIN = 0.05
 EXPECTED_PER = 240  # images that a member's ``expected_s`` is measured for (models.catalog)
 
 
-def expected_seconds(member: Member, n_images: int) -> float:
+def expected_seconds(member: Member, n_images: int, precision: str = "bf16") -> float:
     """Seconds ``member`` is expected to need for ``n_images`` (the site's and every
-    proxy's), from its catalog ``expected_s`` (0: always starts)."""
-    return float(member.params.get("expected_s", 0.0)) * n_images / EXPECTED_PER
+    proxy's), from its catalog ``expected_s`` (measured with native bf16), or its
+    ``expected_s_fp32`` when the model runs in fp32 (0: always starts)."""
+    key = "expected_s_fp32" if precision == "fp32" and "expected_s_fp32" in member.params \
+        else "expected_s"
+    return float(member.params.get(key, 0.0)) * n_images / EXPECTED_PER
 
 
 def members(names: Sequence[str] | None = None) -> list[Member]:
@@ -275,7 +278,7 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
         records.append(rec)
         elapsed = time.perf_counter() - t_start
         left = budget_s - elapsed
-        need = expected_seconds(member, n_images)
+        need = expected_seconds(member, n_images, precision)
         if member.needs_source and source is None:
             rec.skipped = "needs the labelled training data (source-free site)"
         elif member.needs_images and (site.images is None or any(p.images is None for p in proxies)):
