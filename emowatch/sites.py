@@ -130,6 +130,12 @@ class AdaptOptions(BaseModel):
         return v
 
 
+def _evidence_only() -> list[str]:
+    from models.catalog import EVIDENCE_ONLY
+
+    return list(EVIDENCE_ONLY)
+
+
 class GateTolerances(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_source_acc_drop: float = Field(0.03, ge=0, le=1)
@@ -143,9 +149,10 @@ class GateTolerances(BaseModel):
     min_effective_sample_size: float = Field(30.0, ge=1)
     min_prediction_entropy_ratio: float = Field(0.5, ge=0, le=1)
     evidence_only: list[str] = Field(
-        default_factory=list,
+        default_factory=_evidence_only,
         description="Gates computed and shown as evidence that do not decide the verdict "
-        "(names of models.catalog.GATES, e.g. dev_risk, residual_drift).")
+        "(names of models.catalog.GATES; default dev_risk and residual_drift, which did not "
+        "predict harm in the benchmarks; [] makes every gate decide).")
 
     @field_validator("evidence_only")
     @classmethod

@@ -231,7 +231,9 @@ def test_readapt_registers_a_challenger_records_its_gates_and_asks_for_approval(
             "explanation_rank_correlation"} <= set(out["gates"])
     for g in out["gates"].values():
         assert set(g) >= {"passed", "value", "threshold"}
-    failed = [k for k, g in out["gates"].items() if not g["passed"]]
+    # gates that decide (dev_risk and residual_drift are evidence only by default)
+    failed = [k for k, g in out["gates"].items() if not g["passed"] and g.get("decides", True)]
+    assert out["gates"]["dev_risk"]["decides"] is False
     unverifiable = out["dev"]["unverifiable"]  # the candidate's own DEV flag
     if failed:
         assert out["verdict"] == "fail"

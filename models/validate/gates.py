@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from models.adapt.base import CachedSet, cached_outputs
+from models.catalog import EVIDENCE_ONLY
 from models.adapt.discrepancy import mk_mmd2
 from models.explain.metrics import GateTolerances as ExplanationTolerances
 from models.network import EmotionNet
@@ -65,7 +66,7 @@ class ValidationConfig:
     gates: tuple[str, ...] = DEFAULT_GATES
     # Gates run and reported (``decides`` false in their results) that do not decide the
     # verdict: evidence with what it means, not a veto.
-    evidence: tuple[str, ...] = ()
+    evidence: tuple[str, ...] = EVIDENCE_ONLY
 
     def validate(self) -> None:
         if self.dev_loss not in ("ce", "error"):
