@@ -189,6 +189,11 @@ def set_moments(stats: np.ndarray, feats: np.ndarray | None) -> tuple[np.ndarray
     return descriptors(stats, feats), sd, kurt
 
 
+def weighted_rms(r: np.ndarray, weights: np.ndarray) -> float:
+    """The distance of standardised residuals ``r``: their weighted root mean square."""
+    return float(np.sqrt(np.sum(weights * r ** 2) / np.sum(weights)))
+
+
 class TwinObjective:
     """d(u) for u in [0, 1]^len(names): the camera on the fit subsample (fixed noise draws),
     its descriptors, their difference from the site's in standard errors (:func:`gap_scale`).
@@ -242,8 +247,7 @@ class TwinObjective:
 
     def distance_of(self, p: CameraParams) -> float:
         self.evaluations += 1
-        r = self.residuals(p)
-        return float(np.sqrt(np.sum(self.weights * r ** 2) / np.sum(self.weights)))
+        return weighted_rms(self.residuals(p), self.weights)
 
     def __call__(self, u: np.ndarray) -> float:
         """The search's objective: d^2 of the camera at u (the parameters scaled to [0, 1]);
@@ -354,22 +358,20 @@ def _fit_twin(held_out: Sequence[ImageLike], site: Sequence[ImageLike], cfg: Twi
     full = TwinObjective(ref, site_m, scale, cfg.names, None, weights, cfg.seed + 2,
                          native=cfg.native, pool=pool)
 
-    def dist(r: np.ndarray) -> float:
-        return float(np.sqrt(np.sum(weights * r ** 2) / np.sum(weights)))
-
     def finished(params: CameraParams, r: np.ndarray, evaluations: int,
                  reused: bool = False, neutral_r: np.ndarray | None = None) -> TwinFit:
         """The fit's record from its residuals ``r`` on every held-out image (and the
         untouched images', ``neutral_r``, when known)."""
-        neutral_d = (dist(r) if params.is_neutral else dist(neutral_r) if neutral_r is not None
+        neutral_d = (weighted_rms(r, weights) if params.is_neutral
+                     else weighted_rms(neutral_r, weights) if neutral_r is not None
                      else full.distance_of(CameraParams()))
         per = dict(zip(descriptor_names(0), np.abs(r[:n_stat]).tolist(), strict=True))
-        return TwinFit(params, dist(r), neutral_d, time.perf_counter() - t0, evaluations, per,
-                       reused=reused)
+        return TwinFit(params, weighted_rms(r, weights), neutral_d, time.perf_counter() - t0,
+                       evaluations, per, reused=reused)
 
     if previous is not None:
         r = full.residuals(previous)
-        if float(np.sqrt(np.mean(r ** 2))) <= max(cfg.reuse_residual, 1.25 * previous_residual):
+        if weighted_rms(r, weights) <= max(cfg.reuse_residual, 1.25 * previous_residual):
             return finished(previous, r, 1, reused=True)
     ref_stats = stat_matrix(ref)
     fit_idx = representative(ref_stats, min(cfg.fit_images, len(ref)), rng)
@@ -420,4 +422,4 @@ def _refine_with_features(u: np.ndarray, neutral_u: np.ndarray, subsample: list[
 __all__ = ["LOOK_ALIKES", "NEUTRAL", "TWIN_STATS", "TwinConfig", "TwinFit", "TwinObjective",
            "coordinate_search", "descriptor_names", "descriptors", "fit_twin", "gap_scale",
            "on_grid", "previous_camera", "representative", "set_moments", "stat_matrix",
-           "stat_row", "stepwise_search"]
+           "stat_row", "stepwise_search", "weighted_rms"]
