@@ -31,6 +31,11 @@ from models.views import ImageSource, cache_activations
 
 REPO = Path(__file__).resolve().parents[1]
 E6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
+
+
+def default_data_dir() -> Path:
+    """The real data: ``EMOWATCH_DATA_DIR``, else ``../shared/data`` beside the checkout."""
+    return Path(os.environ.get("EMOWATCH_DATA_DIR", REPO.parent / "shared" / "data"))
 CONDITION_IDS = {"clean": 0, "night": 1, "blur": 2, "jpeg": 3, "colour_cast": 4, "greyscale": 5}
 
 

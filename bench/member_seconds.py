@@ -16,14 +16,13 @@ start from bn(N=80)'s result, as in the portfolio; members that need the trainin
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import E6_CLASSES, REPO, source_net
+from bench.common import E6_CLASSES, REPO, default_data_dir, source_net
 from emowatch.hardware import resolve_precision
 from models.adapt.base import CachedSet
 from models.adapt.bn import frozen_outputs
@@ -36,8 +35,7 @@ from models.network import EmotionNet, preprocessing_for
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", type=Path,
-                    default=Path(os.environ.get("EMOWATCH_DATA_DIR", REPO.parent / "shared" / "data")))
+    ap.add_argument("--data-dir", type=Path, default=default_data_dir())
     ap.add_argument("--n", type=int, default=EXPECTED_PER, help="site images (default 240)")
     ap.add_argument("--n-source", type=int, default=600, help="training images for members "
                     "that need them (default 600)")
@@ -71,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     base = apply_member(base_member, model, site, source, None, None, 0, precision, 600.0)
     rows = [f"# Seconds per portfolio member for {args.n} images (Lite0 224 px, {precision}, "
             f"{torch.get_num_threads()} torch threads; bench.member_seconds)", "",
-            "| member | seconds | per 240 images | catalog expected_s (bf16) | catalog expected_s_fp32 |",
+            "| member | seconds | per 240 images | catalog expected_s (bf16) "
+            "| catalog expected_s_fp32 |",
             "|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
     for name in args.members:

@@ -6,9 +6,9 @@
 In a temporary folder (the photos linked, never copied into the repository): ``train_source``
 on the Emotion6 photos not used for the site (the default recipe; the models run in
 ``--precision``, fp32 by default; ``--estimator twin`` fits no shift bank), ``ingest_site`` of
-``--n-site`` other photos under the condition (applied at their own size, saved as JPEG q95, as a camera
-would), then ``readapt_site`` with the site's defaults (the portfolio judged on the twin):
-re-adapt, validate, register the challenger. Each step's wall-clock seconds, and the
+``--n-site`` other photos under the condition (applied at their own size, saved as JPEG q95,
+as a camera would), then ``readapt_site`` with the site's defaults (the portfolio judged on
+the twin): re-adapt, validate, register the challenger. Each step's wall-clock seconds, and the
 ``readapt_site`` record's own split (loading and twin/proxies apart from the members). One
 temporary Prefect server (``prefect_test_harness``) is started first and not counted. Run it
 alone.
@@ -17,7 +17,6 @@ alone.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import E6_CLASSES, REPO
+from bench.common import E6_CLASSES, REPO, default_data_dir
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", type=Path,
-                    default=Path(os.environ.get("EMOWATCH_DATA_DIR", REPO.parent / "shared" / "data")))
+    ap.add_argument("--data-dir", type=Path, default=default_data_dir())
     ap.add_argument("--condition", default="night")
     ap.add_argument("--severity", type=int, default=2)
     ap.add_argument("--n-site", type=int, default=240)
@@ -93,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(("readapt_site", wall,
                          f"verdict {out.get('verdict')}, version {out.get('version')}"))
     lines = [f"# One site re-adapted end to end (bench.readapt_site: {args.condition} "
-             f"{args.severity}, {args.n_site} photos, estimator {args.estimator}, seed {args.seed})",
+             f"{args.severity}, {args.n_site} photos, estimator {args.estimator}, "
+             f"seed {args.seed})",
              "", "| step | seconds | what |", "|---|---|---|"]
     lines += [f"| {name} | {s:.1f} | {what} |" for name, s, what in rows]
     lines += ["", "readapt_site's own split: the portfolio "
@@ -101,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{out.get('setup_seconds')} s and the rest the members; the run "
               f"{out.get('seconds')} s (loading, the portfolio, validation, registration); "
               f"the flow {wall:.1f} s.", "",
-              "| candidate | est. gain | lower bound | seconds | skipped |", "|---|---|---|---|---|"]
+              "| candidate | est. gain | lower bound | seconds | skipped |",
+              "|---|---|---|---|---|"]
     for c in out.get("candidates") or []:
         e = c.get("estimate") or {}
         gain, low = e.get("gain"), e.get("lower")

@@ -15,7 +15,6 @@ evaluation), and the fit's and the estimate's shares. Torch uses the machine's c
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import E6_CLASSES, REPO
+from bench.common import E6_CLASSES, REPO, default_data_dir
 from models.network import Checkpoint, EmotionNet, NetConfig, Preprocessing
 from models.profile import ReferenceProfile
 from models.sim.conditions import apply_condition
@@ -35,8 +34,7 @@ SITES = [("clean", None, 0), ("night 2", "night", 2), ("blur 2", "blur", 2), ("j
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data-dir", type=Path,
-                    default=Path(os.environ.get("EMOWATCH_DATA_DIR", REPO.parent / "shared" / "data")))
+    ap.add_argument("--data-dir", type=Path, default=default_data_dir())
     ap.add_argument("--n", type=int, default=240)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "twin_check.md")

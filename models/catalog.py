@@ -89,12 +89,12 @@ GATES: dict[str, str] = {
     "explanation": "models.validate.gates:ExplanationGate",
 }
 
-# The promotion gates a site shows as evidence without a veto by default (``evidence_only`` in the sites
-# file; [] restores their veto). Neither predicted harm in the benchmarks: of 40 adapted
-# candidates (bench/results/adapt.md, 3 seeds) DEV failed 23, of which 2 were worse than the
-# champion, and passed 17, of which 2 were (residual drift: 2 of 18 and 2 of 22); on the twin
-# (bench/results/portfolio_twin.md) DEV failed the one selected candidate at night 2, +7.0
-# points.
+# The promotion gates a site shows as evidence without a veto by default (``evidence_only``
+# in the sites file; [] restores their veto). Neither predicted harm in the benchmarks: of
+# 40 adapted candidates (bench/results/adapt.md, 3 seeds) DEV failed 23, of which 2 were
+# worse than the champion, and passed 17, of which 2 were (residual drift: 2 of 18 and 2 of
+# 22); on the twin (bench/results/portfolio_twin.md) DEV failed the one selected candidate
+# at night 2, +7.0 points.
 EVIDENCE_ONLY = ("dev_risk", "residual_drift")
 
 # Explainers (protocol: models.explain.base.Explainer): attribution maps of one image batch.

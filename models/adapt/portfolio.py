@@ -364,5 +364,6 @@ def run_portfolio(champion: EmotionNet, site: SiteSet, proxies: Sequence[SiteSet
 
 
 __all__ = ["EXPECTED_PER", "Applied", "CandidateRecord", "Member", "PortfolioResult",
-           "SiteSet", "apply_member", "share", "consensus_veto", "correct", "disagreements", "expected_seconds", "gain_estimate", "halves", "members",
-           "run_portfolio", "score_on", "select"]
+           "SiteSet", "apply_member", "consensus_veto", "correct", "disagreements",
+           "expected_seconds", "gain_estimate", "halves", "members", "run_portfolio", "score_on",
+           "select", "share"]

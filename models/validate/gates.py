@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from models.adapt.base import CachedSet, cached_outputs
-from models.catalog import EVIDENCE_ONLY
 from models.adapt.discrepancy import mk_mmd2
+from models.catalog import EVIDENCE_ONLY
 from models.explain.metrics import GateTolerances as ExplanationTolerances
 from models.network import EmotionNet
 from models.validate.dev import DEVConfig, DEVResult, deep_embedded_validation, per_sample_ce
