@@ -70,7 +70,7 @@ def readapt_site(site: str, method: str | None = None, drift_check_id: int | Non
             result, label = chosen.applied.result, chosen.member.name
         else:
             result, label = t.run_adaptation(inputs, m, cfg, seed), m
-        validation = c.validate(inputs, result, cfg)
+        validation = c.validate(inputs, result, cfg, portfolio.vouched if portfolio else "")
         reasons = (portfolio.reasons if portfolio else []) + validation.reasons
         validation.reasons = reasons
         cands = portfolio.table() if portfolio else None

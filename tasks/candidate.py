@@ -54,7 +54,7 @@ def validation_config(site: Site) -> Any:
 
 
 @task(name="validate-candidate", cache_policy=NO_CACHE)
-def validate(inputs: AdaptInputs, result: Any, site: Site) -> Validation:
+def validate(inputs: AdaptInputs, result: Any, site: Site, vouched: str = "") -> Validation:
     """The gates of ``models.validate.candidate`` (source accuracy, DEV, residual drift, prediction
     sanity, explanation stability on probe images), and the audit set when the site has one.
 
@@ -63,7 +63,9 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> Validation:
     (``AdaptResult.source_normalisation``): as it runs, or -- for a candidate that only
     re-normalised or tuned itself for the site (adabn, tent, shot-im) -- its weights with the
     champion's BN statistics, the training domain's: scoring it on training-domain images
-    normalised with the site's statistics would ask a question no site image ever poses."""
+    normalised with the site's statistics would ask a question no site image ever poses.
+    ``vouched``: what judged the candidate on images that reproduce the site (the portfolio's
+    twin, ``PortfolioResult.vouched``); DEV's "unverifiable" is then evidence only."""
     from models.validate.candidate import validate_candidate
 
     log = get_run_logger()
@@ -79,7 +81,8 @@ def validate(inputs: AdaptInputs, result: Any, site: Site) -> Validation:
     rep = validate_candidate(result.model, inputs.ckpt.model, inputs.src_val, inputs.site_h,
                              validation_config(site), site_candidate=site_cand,
                              source_candidate=src_cand, probe=probe,
-                             candidate_source_model=None if src_model is result.model else src_model)
+                             candidate_source_model=None if src_model is result.model else src_model,
+                             vouched=vouched)
     log.info("gates (with the explanation gate on %d probe images): %.1f s", len(probe),
              time.perf_counter() - t0)
     audit = audit_accuracy(inputs, result, site) if site.audit is not None else None

@@ -76,6 +76,10 @@ def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
                         judged_on="twin draws" if twin is not None else "proxies")
     res.proxies = info
     res.setup_seconds = round(proxy_s, 2)
+    if twin is not None:
+        res.vouched = (f"the site's twin ({twin.describe()}) reproduces the site to a residual "
+                       f"of {twin.distance:.2f} (limit {MAX_RESIDUAL:g}) and judged the gain on "
+                       "its labelled images")
     res.seconds = time.perf_counter() - t0
     for r in res.reasons:
         log.info("%s", r)

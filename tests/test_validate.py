@@ -154,3 +154,24 @@ def test_an_evidence_only_gate_is_reported_but_does_not_decide():
     dev = type("D", (), {"unverifiable": False, "reason": ""})()
     why = reasons_for({"a": ok, "dev_risk": shown}, dev, dev)
     assert "evidence only" in why[0] and why[1].startswith("every gate that decides passed")
+
+
+def test_a_twin_judged_candidate_is_not_unverifiable_on_dev_alone():
+    """DEV's flag (site features unlike the source's) decides "unverifiable" unless the
+    candidate's gain was judged on labelled images that reproduce the site (its twin): then it is
+    shown as evidence with what vouched instead. A failed gate that decides still fails."""
+    from models.validate.candidate import reasons_for
+
+    ok = {"passed": True, "value": 0.0, "threshold": 0.1}
+    assert verdict({"a": ok}, True, vouched=True) == "pass"
+    assert verdict({"a": ok}, True, vouched=False) == "unverifiable"
+    assert verdict({"a": {**ok, "passed": False}}, True, vouched=True) == "fail"
+    flagged = type("D", (), {"unverifiable": True, "reason": "weights collapsed"})()
+    fine = type("D", (), {"unverifiable": False, "reason": ""})()
+    why = reasons_for({"a": ok}, fine, flagged, "either", vouched="the twin judged it")
+    assert why[0] == ("unverifiable (champion's features): weights collapsed "
+                      "(evidence only: the twin judged it)")
+    assert why[-1] == "every gate that decides passed and the twin judged it"
+    plain = reasons_for({"a": ok}, fine, flagged, "either")
+    assert len(plain) == 1 and "evidence only" not in plain[0]
+    assert reasons_for({"a": ok}, fine, fine)[-1].startswith("every gate passed and the site lies")

@@ -118,6 +118,9 @@ class PortfolioResult:
     seconds: float
     proxies: list[dict[str, Any]] = field(default_factory=list)
     setup_seconds: float = 0.0  # the proxies (the twin's fit and its images), apart from budget
+    # in words, when the proxies reproduce the site (its twin, within the residual limit): what
+    # vouches for the selected candidate's gain, so DEV's "unverifiable" is evidence only
+    vouched: str = ""
 
     @property
     def chosen(self) -> CandidateRecord | None:

@@ -6,8 +6,9 @@ residual drift reduced, site predictions not collapsed, explanations stable), ru
 configured list, and Deep Embedded Validation's flag that the site is unlike anything the
 source validation set can describe (:mod:`models.validate.dev`).
 
-``verdict``: "fail" if any gate failed, else "unverifiable" if DEV says so, else "pass"; the
-report carries the reasons in words.
+``verdict``: "fail" if any gate that decides failed, else "unverifiable" if DEV says so and the
+candidate was not judged on the site's twin, else "pass"; the report carries the reasons in
+words.
 """
 
 from __future__ import annotations
@@ -46,36 +47,38 @@ class ValidationReport:
 
 
 def verdict(gates: Mapping[str, GateResult] | Iterable[GateResult],
-            dev: DEVResult | bool | None) -> str:
+            dev: DEVResult | bool | None, vouched: bool = False) -> str:
     """"fail" if any gate that decides failed (a result with ``decides`` false is evidence
-    only); else "unverifiable" if DEV flagged it; else "pass"."""
+    only); else "unverifiable" if DEV flagged it and nothing else vouches for the site (``vouched``:
+    the candidate's gain was judged on labelled images shown to reproduce the site, its twin);
+    else "pass"."""
     gs = list(gates.values()) if isinstance(gates, Mapping) else list(gates)
     if any(not g["passed"] and g.get("decides", True) for g in gs):
         return "fail"
     unver = dev.unverifiable if isinstance(dev, DEVResult) else bool(dev)
-    return "unverifiable" if unver else "pass"
+    return "unverifiable" if unver and not vouched else "pass"
 
 
 def reasons_for(gates: Mapping[str, GateResult], dev: DEVResult, champion_dev: DEVResult,
-                unverifiable_from: str = "either") -> list[str]:
-    """The verdict's reasons: every failed gate by how much, and why DEV cannot vouch."""
+                unverifiable_from: str = "either", vouched: str = "") -> list[str]:
+    """The verdict's reasons: every failed gate by how much, and why DEV cannot vouch (evidence
+    only when ``vouched`` says what does: the site's twin)."""
     out = []
     for name, g in gates.items():
         if not g["passed"]:
             out.append(f"gate {name} failed: {_num(g['value'])} against threshold "
                        f"{_num(g['threshold'])}"
                        + ("" if g.get("decides", True) else " (evidence only: does not decide)"))
+    shown = f" (evidence only: {vouched})" if vouched else ""
     if dev.unverifiable:
-        out.append(f"unverifiable (candidate's features): {dev.reason}")
+        out.append(f"unverifiable (candidate's features): {dev.reason}{shown}")
     if unverifiable_from == "either" and champion_dev.unverifiable:
-        out.append(f"unverifiable (champion's features): {champion_dev.reason}")
-    if not out:
-        out.append("every gate passed and the site lies where the source validation set can "
-                   "describe it")
-    elif not any(not g["passed"] and g.get("decides", True) for g in gates.values()) and not (
-            dev.unverifiable or (unverifiable_from == "either" and champion_dev.unverifiable)):
-        out.append("every gate that decides passed and the site lies where the source "
-                   "validation set can describe it")
+        out.append(f"unverifiable (champion's features): {champion_dev.reason}{shown}")
+    unver = dev.unverifiable or (unverifiable_from == "either" and champion_dev.unverifiable)
+    if verdict(gates, unver, bool(vouched)) == "pass":
+        out.append(("every gate passed" if not out else "every gate that decides passed")
+                   + (f" and {vouched}" if vouched else " and the site lies where the source "
+                      "validation set can describe it"))
     return out
 
 
@@ -87,7 +90,8 @@ def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: 
                        site: Any, config: ValidationConfig | None = None,
                        site_candidate: Any = None, source_candidate: Any = None,
                        probe: torch.Tensor | None = None,
-                       candidate_source_model: EmotionNet | None = None) -> ValidationReport:
+                       candidate_source_model: EmotionNet | None = None,
+                       vouched: str = "") -> ValidationReport:
     """Run the configured gates and DEV for both models.
 
     source_val: labelled source validation activations ``(h, labels)`` or CachedSet (never
@@ -99,6 +103,8 @@ def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: 
     for the explanation gate (skipped without). ``candidate_source_model``: the network
     that reads the source images for the candidate (default the candidate itself; e.g. its
     weights with the champion's BN statistics, ``tasks.candidate.source_model``).
+    ``vouched``: in words, what judged the candidate on labelled images that reproduce the site
+    (the portfolio on the site's twin); DEV's "unverifiable" is then evidence, not the verdict.
     """
     cfg = config or ValidationConfig()
     cfg.validate()
@@ -116,10 +122,10 @@ def validate_candidate(candidate: EmotionNet, champion: EmotionNet, source_val: 
     dev1, dev0 = ev.candidate_dev, ev.champion_dev
     unverifiable = dev1.unverifiable or (cfg.unverifiable_from == "either" and dev0.unverifiable)
     return ValidationReport(
-        verdict=verdict(gates, unverifiable), gates=gates, dev=dev1, champion_dev=dev0,
+        verdict=verdict(gates, unverifiable, bool(vouched)), gates=gates, dev=dev1, champion_dev=dev0,
         source_acc=ev.candidate_view.source_acc, champion_source_acc=ev.champion_view.source_acc,
         mmd2_before=ev.mmd2_before, mmd2_after=ev.mmd2_after,
-        reasons=reasons_for(gates, dev1, dev0, cfg.unverifiable_from),
+        reasons=reasons_for(gates, dev1, dev0, cfg.unverifiable_from, vouched),
         attributions=dict(ev.attributions),
     )
 
