@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     def frozen(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         grids = np.stack([prep.to_array(load_rgb(e6.records[i].path)) for i in idx])
         x = prep.normalize(grids)
-        return frozen_outputs(model, x, 32, precision), x
+        return frozen_outputs(model, x, None, precision), x
 
     h_site, x_site = frozen(site_idx)
     site = SiteSet(h=h_site, images=x_site)

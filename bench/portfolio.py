@@ -86,7 +86,7 @@ def site_array(path: Path, prep, condition: str, index: int) -> np.ndarray:
 
 def frozen(model: EmotionNet, prep, grids: np.ndarray, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     x = prep.normalize(grids)
-    return frozen_outputs(model, x, 32, precision), x
+    return frozen_outputs(model, x, None, precision), x
 
 
 class Proxies:
@@ -160,7 +160,7 @@ def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
             continue
         else:
             m = c.applied.result.model
-            h = frozen_outputs(m, x_test, 32, args.precision) if c.applied.result.frozen_changed else h_test
+            h = frozen_outputs(m, x_test, None, args.precision) if c.applied.result.frozen_changed else h_test
             acc = float(correct(m, h, y_test).mean())
         cands.append({**c.to_dict(), "test_acc": acc})
     verdict, why, gates = "no_gain", list(res.reasons), {}

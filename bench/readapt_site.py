@@ -17,6 +17,9 @@ alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +42,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="the models' inference precision (Settings.inference_precision; "
                          "default fp32, what most machines have)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "readapt_site.md")
+    ap.add_argument("--check", action="store_true",
+                    help="run the scheduled check (monitor_site) before re-adapting, timed")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the folder here; a second run reuses its model and site")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="write a cProfile of the readapt_site step to this file")
     args = ap.parse_args(argv)
 
     from prefect.testing.utilities import prefect_test_harness
@@ -46,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     from emowatch.prefect_env import startup_timeout_s
     from emowatch.settings import Settings
     from flows.ingest import ingest_site
+    from flows.monitor import monitor_site
     from flows.readapt import readapt_site
     from flows.train import train_source
     from models.sim.conditions import apply_condition
@@ -55,16 +65,22 @@ def main(argv: list[str] | None = None) -> None:
     site_files = [files[i] for i in order[:args.n_site]]
     source_files = [files[i] for i in order[args.n_site:]]
     rows: list[tuple[str, float, str]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for f in source_files:  # linked, not copied
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        else:
+            root = args.workdir.resolve()
+            root.mkdir(parents=True, exist_ok=True)
+        done = root / "trained.json"
+        reuse = done.exists()
+        for f in [] if reuse else source_files:  # linked, not copied
             d = root / "source" / f.parent.name
             d.mkdir(parents=True, exist_ok=True)
             (d / f.name).symlink_to(f)
         inbox = root / "inbox" / "site"
-        inbox.mkdir(parents=True)
+        inbox.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([args.seed, 1])
-        for i, f in enumerate(site_files):
+        for i, f in enumerate([] if reuse else site_files):
             with Image.open(f) as im:
                 img = apply_condition(im.convert("RGB"), args.condition, args.severity, rng)
             img.save(inbox / f"site-{i:04d}.jpg", quality=95)
@@ -75,19 +91,33 @@ def main(argv: list[str] | None = None) -> None:
                             mlflow_tracking_uri=None, smtp_host=None, task_runner="thread",
                             inference_precision=args.precision)
         with prefect_test_harness(server_startup_timeout=startup_timeout_s()):
+            if not reuse:
+                t0 = time.perf_counter()
+                trained = train_source(data=str(root / "source"), classes=list(E6_CLASSES),
+                                       seed=args.seed, estimator=args.estimator,
+                                       settings=settings)
+                rows.append(("train_source", time.perf_counter() - t0,
+                             f"{len(source_files)} photos, {trained.get('precision')}, test "
+                             f"accuracy {trained.get('test_accuracy', float('nan')):.3f}"))
+                t0 = time.perf_counter()
+                got = ingest_site(site="site", settings=settings)
+                rows.append(("ingest_site", time.perf_counter() - t0,
+                             f"{got.get('ingested')} photos ({args.condition} {args.severity})"))
+                done.write_text(json.dumps({"rows": rows}), encoding="utf-8")
+            if args.check:
+                t0 = time.perf_counter()
+                chk = monitor_site(site="site", ingest=False, settings=settings)
+                est = chk.get("estimate") or {}
+                rows.append(("monitor_site", time.perf_counter() - t0,
+                             f"decision {chk.get('decision')}, impact {chk.get('impact')}, "
+                             f"estimate {est.get('accuracy')}"))
+            prof = cProfile.Profile() if args.profile else None
             t0 = time.perf_counter()
-            trained = train_source(data=str(root / "source"), classes=list(E6_CLASSES),
-                                   seed=args.seed, estimator=args.estimator, settings=settings)
-            rows.append(("train_source", time.perf_counter() - t0,
-                         f"{len(source_files)} photos, {trained.get('precision')}, test accuracy "
-                         f"{trained.get('test_accuracy', float('nan')):.3f}"))
-            t0 = time.perf_counter()
-            got = ingest_site(site="site", settings=settings)
-            rows.append(("ingest_site", time.perf_counter() - t0,
-                         f"{got.get('ingested')} photos ({args.condition} {args.severity})"))
-            t0 = time.perf_counter()
-            out = readapt_site(site="site", settings=settings)
+            with prof or contextlib.nullcontext():
+                out = readapt_site(site="site", settings=settings)
             wall = time.perf_counter() - t0
+            if prof is not None:
+                prof.dump_stats(str(args.profile))
             rows.append(("readapt_site", wall,
                          f"verdict {out.get('verdict')}, version {out.get('version')}"))
     lines = [f"# One site re-adapted end to end (bench.readapt_site: {args.condition} "

@@ -97,3 +97,34 @@ def test_overlapped_features_skip_what_does_not_decode_and_stay_aligned(ckpt, en
     z_ref, p_ref = extract_features(ckpt, x[kept], engine="torch")
     assert z.shape == z_ref.shape and np.abs(p - p_ref).max() < 1e-5
     assert extract_features_overlapped(ckpt, [], load)[0] == []
+
+
+def test_channels_last_passes_give_torch_numbers_and_put_the_layout_back(ckpt):
+    """The eval passes that run channels-last in small batches (frozen activations, the
+    explanations' logits) give the NCHW numbers; the model's weights come back in the layout
+    they had, and as ordinary tensors even when the pass ran under inference mode (a model
+    laid out there could not be adapted or differentiated afterwards)."""
+    from models.adapt.bn import frozen_outputs
+
+    net = ckpt.model
+    x = torch.randn(10, 3, 32, 32)
+    with torch.no_grad():
+        want_h, want_logits = net.frozen_forward(x), net(x)
+    with torch.inference_mode():
+        got = engine.channels_last_pass(net.frozen, net.frozen_forward, x, 4)
+        logits = engine.logits_runner(net, "fp32")(x)
+    assert got.shape == want_h.shape and got.is_contiguous()
+    assert torch.allclose(got, want_h, atol=1e-5)
+    assert torch.allclose(logits, want_logits, atol=1e-4)  # ONNX Runtime where installed
+    assert torch.allclose(frozen_outputs(net, x), want_h, atol=1e-4)
+    assert torch.allclose(frozen_outputs(net, x, 3, "fp32"), want_h, atol=1e-5)
+    conv = next(p for p in net.parameters() if p.dim() == 4)
+    assert conv.is_contiguous() and not conv.is_inference()
+    net.train()
+    net(torch.randn(4, 3, 32, 32)).sum().backward()  # still trainable
+    with engine.channels_last(net):
+        assert next(p for p in net.parameters() if p.dim() == 4).is_contiguous(
+            memory_format=torch.channels_last)
+    assert next(p for p in net.parameters() if p.dim() == 4).is_contiguous()
+    with pytest.raises(ValueError, match="batch"):
+        engine.channels_last_pass(net, net, x, 0)

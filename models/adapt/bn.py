@@ -120,15 +120,13 @@ def check_prior(prior_n: float | None) -> None:
 
 
 def _frozen_forward_in(model: EmotionNet, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The frozen part's forward (float32 out) in ``precision``: bf16 runs channels-last
-    under autocast, as the version runs (the caller puts the weights in that format)."""
+    """The frozen part's forward (float32 out) in ``precision``, channels-last (bf16 under
+    autocast), as the version runs (the caller puts the weights in that format)."""
     from models.evaluate import inference_context
-
-    fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
 
     def fwd(x: torch.Tensor) -> torch.Tensor:
         with inference_context(precision):
-            return model.frozen_forward(x.contiguous(memory_format=fmt)).float()
+            return model.frozen_forward(x.contiguous(memory_format=torch.channels_last)).float()
 
     return fwd
 
@@ -139,30 +137,34 @@ def reestimate_frozen(model: EmotionNet, images: torch.Tensor, precision: str = 
     """AdaBN on the frozen part's BN layers from normalised ``images``: one train-mode pass in
     batches of ``stats_batch``; the running statistics are then the images'."""
     fbns = bn_modules(model.frozen)
-    model.frozen.to(memory_format=torch.channels_last if precision == "bf16"
-                    else torch.contiguous_format)
+    model.frozen.to(memory_format=torch.channels_last)
     model.eval()
-    reestimate_bn(fbns, _frozen_forward_in(model, precision), batches(images, stats_batch))
-    for b in fbns:
-        b.eval()
-    model.frozen.to(memory_format=torch.contiguous_format)
+    try:
+        reestimate_bn(fbns, _frozen_forward_in(model, precision), batches(images, stats_batch))
+    finally:
+        for b in fbns:
+            b.eval()
+        model.frozen.to(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
 def frozen_outputs(model: EmotionNet, images: torch.Tensor, batch_size: int | None = None,
-                   precision: str = "fp32") -> torch.Tensor:
-    """The frozen part's outputs (float32) of normalised ``images``, in eval mode, in small
-    batches (``batch_size`` None: 8 in bf16, 32 in fp32; measured fastest,
-    bench/throughput.py)."""
-    if batch_size is None:
-        batch_size = 8 if precision == "bf16" else 32
-    model.frozen.to(memory_format=torch.channels_last if precision == "bf16"
-                    else torch.contiguous_format)
+                   precision: str = "fp32", engine: str = "auto") -> torch.Tensor:
+    """The frozen part's outputs (float32) of normalised ``images``, in eval mode. fp32: ONNX
+    Runtime where installed (``models.engine.frozen_runner``: exported once per content of the
+    frozen part, for enough images), else PyTorch; bf16: PyTorch's autocast. PyTorch runs
+    channels-last in batches of ``batch_size`` (None: ``models.engine.TORCH_BATCH``, measured
+    fastest)."""
+    from models.engine import TORCH_BATCH, channels_last_pass, frozen_runner
+    from models.evaluate import inference_context
+
     model.eval()
-    fwd = _frozen_forward_in(model, precision)
-    out = torch.cat([fwd(b) for b in batches(images, batch_size)])
-    model.frozen.to(memory_format=torch.contiguous_format)
-    return out
+    if precision == "fp32" and batch_size is None:
+        run = frozen_runner(model, model.config.img_size, engine, None, n_images=len(images))
+        return torch.cat([run(b) for b in batches(images, 32)])
+    with inference_context(precision):
+        return channels_last_pass(model.frozen, model.frozen_forward, images,
+                                  batch_size or TORCH_BATCH[precision])
 
 
 @dataclass

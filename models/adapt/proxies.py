@@ -145,7 +145,7 @@ def build_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: n
     def shifted_h(j: int, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         g = np.stack([shift(int(i), j) for i in idx])
         x = prep.normalize(g)
-        return frozen_outputs(model, x, 8, precision), x
+        return frozen_outputs(model, x, None, precision), x
 
     d_feat = {j: feature_distance(z_site, cached_outputs(model, shifted_h(j, fsub)[0])[0])
               for j in short}

@@ -195,7 +195,7 @@ class MMDTop(Recipe):
         if res.frozen_changed:
             from models.adapt.bn import frozen_outputs
 
-            h = frozen_outputs(res.model, data.images, 64, ctx.precision)
+            h = frozen_outputs(res.model, data.images, None, ctx.precision)
             res.site_h = h
             return Applied(res, h)
         return Applied(res, data.h)

@@ -238,6 +238,10 @@ class Explainer:
         parts = image_partition(x.shape[2], x.shape[3], self.depth, self.partition)
         base = make_baseline(x, baseline, self.blur_sigma)
         with eval_mode(self.model):
+            from models.engine import TORCH_BATCH, logits_runner
+
+            self._run = logits_runner(self.model, self.precision,
+                                      min(self.batch_size, TORCH_BATCH[self.precision]))
             logits = self._forward(x)  # (N, K)
             k = logits.shape[1]
             if target is None:
@@ -262,13 +266,9 @@ class Explainer:
         """Logits of every image, in batches. EVERY score of an explanation (image, baseline,
         masked images) comes through here, so they share one precision and efficiency holds
         exactly for the scores reported."""
-        out = []
         bf16 = self.precision == "bf16"
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for i in range(0, x.shape[0], self.batch_size):
-                xb = x[i:i + self.batch_size].contiguous(memory_format=torch.channels_last)
-                out.append(self.model(xb).float())
-        return torch.cat(out)
+            return self._run(x)
 
     def _probs(self, x: torch.Tensor, target: int) -> np.ndarray:
         logits = self._forward(x)
@@ -419,17 +419,25 @@ def make_explainer(name: str, model: Callable[[torch.Tensor], torch.Tensor],
 
 
 class eval_mode:
-    """Puts an nn.Module in eval mode for the duration (masked batches must not touch BN)."""
+    """Puts an nn.Module in eval mode, its weights channels-last, for the duration (masked
+    batches must not touch BN; every batch runs channels-last, ``models.engine``)."""
 
     def __init__(self, model: object) -> None:
         self.model = model if isinstance(model, nn.Module) else None
         self.was_training = False
+        self.layout = None
 
     def __enter__(self) -> None:
+        from models.engine import channels_last
+
         if self.model is not None:
             self.was_training = self.model.training
             self.model.eval()
+            self.layout = channels_last(self.model)
+            self.layout.__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        if self.model is not None and self.was_training:
-            self.model.train()
+        if self.model is not None:
+            self.layout.__exit__(*exc)
+            if self.was_training:
+                self.model.train()

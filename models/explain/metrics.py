@@ -101,11 +101,14 @@ def deletion_insertion(
     dele = np.zeros((n, len(cut)))
     ins = np.zeros((n, len(cut)))
     with eval_mode(model):
+        from models.engine import TORCH_BATCH, logits_runner
+
+        run = logits_runner(model, "fp32", min(batch_size, TORCH_BATCH["fp32"]))
         for i in range(n):
             removed = torch.as_tensor(pix_rank[i][None] < cut[:, None, None])  # (T+1, H, W)
             m = removed.unsqueeze(1).to(x.dtype)
-            dele[i] = _probs(model, x[i] + m * (base[i] - x[i]), int(targets[i]), batch_size)
-            ins[i] = _probs(model, base[i] + m * (x[i] - base[i]), int(targets[i]), batch_size)
+            dele[i] = _probs(run, x[i] + m * (base[i] - x[i]), int(targets[i]))
+            ins[i] = _probs(run, base[i] + m * (x[i] - base[i]), int(targets[i]))
     xs = cut / cut[-1]
     return Faithfulness(np.trapezoid(dele, xs, axis=1), np.trapezoid(ins, xs, axis=1), dele, ins,
                         int(2 * n * len(cut)))
@@ -373,12 +376,12 @@ def gate_passed(result: dict[str, dict[str, float | bool]]) -> bool:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _probs(model: Model, x: torch.Tensor, target: int, batch_size: int) -> np.ndarray:
-    out = []
+def _probs(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+           target: int) -> np.ndarray:
+    """p_target of every image through ``run`` (``models.engine.logits_runner``)."""
     with torch.inference_mode():
-        for i in range(0, x.shape[0], batch_size):
-            out.append(torch.softmax(model(x[i:i + batch_size]).double(), 1)[:, target])
-    return torch.cat(out).numpy()
+        logits = run(x)
+    return torch.softmax(logits.double(), 1)[:, target].numpy()
 
 
 def _check_images(images) -> torch.Tensor:
