@@ -144,3 +144,17 @@ def test_the_trip_to_the_cameras_size_and_back_does_not_blur_the_twin():
              ["sharpness"] for q in (100, 97, 60, 20)]
     assert sharp[1] > 0.9 * sharp[0], sharp  # the round trip alone had lowered it a lot
     assert sharp[1] > sharp[2] > sharp[3], sharp
+
+
+def test_seeded_camera_is_the_same_on_any_number_of_threads():
+    """Each image's noise draw is seeded by its index, so spreading the images over threads
+    changes nothing (the twin's proxies and the estimate's draws are reproducible)."""
+    from models.sim.camera import apply_camera_seeded
+
+    p = CameraParams(gain=0.5, noise_shot=0.01, noise_read=0.02, jpeg_quality=60)
+    imgs = [_flat(v, 64, 64) for v in (60, 120, 200)]
+    one = apply_camera_seeded(imgs, p, [3, 1], workers=1)
+    two = apply_camera_seeded(imgs, p, [3, 1], workers=2)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two, strict=True))
+    assert not np.array_equal(one[0], apply_camera_seeded(imgs, p, [3, 2])[0])  # another draw
+    assert np.array_equal(one[1], apply_camera(imgs[1], p, np.random.default_rng([3, 1, 1])))

@@ -105,6 +105,7 @@ class ProxyConfig:
     shortlist: int = 10
     feature_images: int = 48
     seed: int = 0
+    workers: int = 2  # threads the twin's camera spreads the held-out images over
 
 
 def build_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: np.ndarray,
@@ -173,7 +174,7 @@ def twin_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: np
     Returns the sets, what they are, and the ``TwinFit``."""
     from models.adapt.bn import frozen_outputs
     from models.estimate.twin import TwinConfig, fit_twin
-    from models.sim.camera import apply_camera
+    from models.sim.camera import apply_camera_seeded
 
     cfg = config or ProxyConfig()
     if len(ref_grids) != len(labels) or len(ref_grids) < 4:
@@ -192,8 +193,8 @@ def twin_proxies(model: EmotionNet, prep: Any, ref_grids: np.ndarray, labels: np
     out, info, shared = [], [], None
     for j in range(cfg.k):
         if shared is None or noisy:
-            g = np.stack([apply_camera(a, p, np.random.default_rng([cfg.seed, j, i]), native)
-                          for i, a in enumerate(ref_grids)])
+            g = np.stack(apply_camera_seeded(list(ref_grids), p, [cfg.seed, j], native,
+                                             cfg.workers))
             x = prep.normalize(g)
             shared = (frozen_outputs(model, x, None, precision), x)
         out.append(SiteSet(h=shared[0], images=shared[1], labels=labels, name=f"twin {j}"))

