@@ -112,9 +112,10 @@ class Proxies:
 
 
 def verdict_of(chosen, champion: EmotionNet, source_val: tuple[torch.Tensor, torch.Tensor],
-               site_h: torch.Tensor) -> tuple[str, list[str], dict]:
+               site_h: torch.Tensor, vouched: str = "") -> tuple[str, list[str], dict]:
     """The flow's verdict on the selected candidate (models.validate.candidate with the site's default
-    gates, as tasks.candidate.validate runs them; no explanation gate: no probe images)."""
+    gates, as tasks.candidate.validate runs them; no explanation gate: no probe images;
+    ``vouched``: as the flow passes it for a candidate judged on the site's twin)."""
     from models.adapt.bn import with_bn_stats_of
     from models.validate.candidate import validate_candidate
 
@@ -123,7 +124,7 @@ def verdict_of(chosen, champion: EmotionNet, source_val: tuple[torch.Tensor, tor
                  if res.source_normalisation == "champion" else None)
     rep = validate_candidate(res.model, champion, source_val, site_h,
                              site_candidate=chosen.applied.h if res.frozen_changed else None,
-                             candidate_source_model=src_model)
+                             candidate_source_model=src_model, vouched=vouched)
     return rep.verdict, list(rep.reasons), dict(rep.gates)
 
 
@@ -133,7 +134,7 @@ def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
              source_val: tuple[torch.Tensor, torch.Tensor] | None = None,
              site_paths: list | None = None) -> None:
     from models.estimate.twin_estimator import MAX_RESIDUAL
-    from tasks.portfolio import unjudged
+    from tasks.portfolio import unjudged, vouched_by
 
     t0 = time.perf_counter()
     h_site, x_site = frozen(model, prep, site_grids, args.precision)
@@ -165,7 +166,8 @@ def run_site(setting: str, seed: int, model: EmotionNet, prep, proxies: Proxies,
         cands.append({**c.to_dict(), "test_acc": acc})
     verdict, why, gates = "no_gain", list(res.reasons), {}
     if res.chosen is not None and source_val is not None:
-        verdict, why, gates = verdict_of(res.chosen, model, source_val, h_site)
+        verdict, why, gates = verdict_of(res.chosen, model, source_val, h_site,
+                                         vouched_by(twin, MAX_RESIDUAL) if twin is not None else "")
     sel = next((c for c in cands if c["selected"]), None)
     sel_acc = sel["test_acc"] if sel else champ_acc
     oracle = max(cands, key=lambda c: c["test_acc"])

@@ -67,10 +67,15 @@ class AdaptOptions(BaseModel):
         default_factory=lambda: list(_default_portfolio()),
         description="The portfolio's members, by their names in models.catalog.PORTFOLIO "
         "(tried in the catalog's order, cheapest first).")
+    # 50 s (was 75): on 2 fp32 AVX2 cores loading, the twin's proxies, validation and
+    # registration take ~70 s of a 240-image re-adaptation, so 50 s keeps it near 120 s
+    # (bench.readapt_site); bench.portfolio (seed 0, night 2, blur 2) selected the same
+    # candidates at 50 and 75 s there (docs/benchmarks.md, session 16).
     portfolio_budget_s: float = Field(
-        75.0, gt=0,
-        description="Seconds the portfolio may spend building candidates (site and proxies); "
-        "a member not started by then is skipped and says so.")
+        50.0, gt=0,
+        description="Seconds the portfolio may spend building candidates (site and proxies; "
+        "loading and the twin are timed apart); a member not started by then, or whose "
+        "measured seconds do not fit what is left, is skipped and says so.")
     proxies: int = Field(4, ge=1, le=10, description="Labelled proxies of the site the "
                          "portfolio's estimates are measured on (twin: draws of its camera, each "
                          "split differently into the half adapted on and the half scored).")

@@ -77,9 +77,7 @@ def run_portfolio_task(inputs: AdaptInputs, site: Site, seed: int = 0) -> Any:
     res.proxies = info
     res.setup_seconds = round(proxy_s, 2)
     if twin is not None:
-        res.vouched = (f"the site's twin ({twin.describe()}) reproduces the site to a residual "
-                       f"of {twin.distance:.2f} (limit {MAX_RESIDUAL:g}) and judged the gain on "
-                       "its labelled images")
+        res.vouched = vouched_by(twin, MAX_RESIDUAL)
     res.seconds = time.perf_counter() - t0
     for r in res.reasons:
         log.info("%s", r)
@@ -100,6 +98,13 @@ def photo_sizes(paths: list[str]) -> list[tuple[int, int]]:
     return out
 
 
+def vouched_by(twin: Any, limit: float) -> str:
+    """What vouches for a candidate selected on the site's twin, in words (the verdict's
+    reason when DEV alone would call the site unverifiable)."""
+    return (f"the site's twin ({twin.describe()}) reproduces the site to a residual of "
+            f"{twin.distance:.2f} (limit {limit:g}) and judged the gain on its labelled images")
+
+
 def unjudged(twin: Any, info: list[dict[str, Any]], seconds: float, limit: float) -> Any:
     """The portfolio's result when the twin cannot reproduce the site: no candidate is built,
     since none could be judged (a change of content, not of camera: faces -> photos)."""
@@ -112,4 +117,4 @@ def unjudged(twin: Any, info: list[dict[str, Any]], seconds: float, limit: float
                            seconds, proxies=info, setup_seconds=round(seconds, 2))
 
 
-__all__ = ["run_portfolio_task"]
+__all__ = ["run_portfolio_task", "unjudged", "vouched_by"]

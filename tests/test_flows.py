@@ -270,8 +270,8 @@ def test_auto_site_asks_a_person_when_the_audit_says_worse(world, smtp, monkeypa
 
     real = candidate.validate.fn
 
-    def worse_on_audit(inputs, result, site):
-        v = real(inputs, result, site)
+    def worse_on_audit(inputs, result, site, vouched=""):
+        v = real(inputs, result, site, vouched)
         v.verdict = "pass"
         v.gates = {k: {**g, "passed": True} for k, g in v.gates.items()}
         v.audit = {"n": 40, "challenger": 0.40, "champion": 0.70, "champion_only": 13,
