@@ -238,27 +238,27 @@ class Explainer:
         parts = image_partition(x.shape[2], x.shape[3], self.depth, self.partition)
         base = make_baseline(x, baseline, self.blur_sigma)
         with eval_mode(self.model):
-            from models.engine import TORCH_BATCH, logits_runner
-
-            self._run = logits_runner(self.model, self.precision,
-                                      min(self.batch_size, TORCH_BATCH[self.precision]))
-            logits = self._forward(x)  # (N, K)
-            k = logits.shape[1]
-            if target is None:
-                targets = logits.argmax(1).numpy().astype(np.int64)
-            else:
-                targets = np.asarray(target, np.int64).reshape(-1)
-                if targets.size == 1:
-                    targets = np.repeat(targets, x.shape[0])
-                if targets.shape[0] != x.shape[0]:
-                    raise ValueError(f"target: one class or one per image ({x.shape[0]}), "
-                                     f"got {targets.shape[0]}")
-                if ((targets < 0) | (targets >= k)).any():
-                    raise ValueError(f"target must be in [0, {k}), got {np.unique(targets)}")
-            p_img = torch.softmax(logits.double(), 1)[torch.arange(x.shape[0]), targets].numpy()
-            t0 = time.perf_counter()
-            att = self._attribute(x, torch.as_tensor(targets), base, parts, p_img)
-            att.seconds = time.perf_counter() - t0
+            self._run = self._runner()  # once per call: the weights do not change within it
+            try:
+                logits = self._forward(x)  # (N, K)
+                k = logits.shape[1]
+                if target is None:
+                    targets = logits.argmax(1).numpy().astype(np.int64)
+                else:
+                    targets = np.asarray(target, np.int64).reshape(-1)
+                    if targets.size == 1:
+                        targets = np.repeat(targets, x.shape[0])
+                    if targets.shape[0] != x.shape[0]:
+                        raise ValueError(f"target: one class or one per image ({x.shape[0]}), "
+                                         f"got {targets.shape[0]}")
+                    if ((targets < 0) | (targets >= k)).any():
+                        raise ValueError(f"target must be in [0, {k}), got {np.unique(targets)}")
+                p_img = torch.softmax(logits.double(), 1)[torch.arange(x.shape[0]), targets].numpy()
+                t0 = time.perf_counter()
+                att = self._attribute(x, torch.as_tensor(targets), base, parts, p_img)
+                att.seconds = time.perf_counter() - t0
+            finally:
+                self._run = None
         return att
 
     # --- helpers for subclasses -------------------------------------------------------------
@@ -267,8 +267,16 @@ class Explainer:
         masked images) comes through here, so they share one precision and efficiency holds
         exactly for the scores reported."""
         bf16 = self.precision == "bf16"
+        run = getattr(self, "_run", None) or self._runner()  # set per ``attribute`` call
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return self._run(x)
+            return run(x)
+
+    def _runner(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The logits of the model in its fastest engine (``models.engine.logits_runner``)."""
+        from models.engine import TORCH_BATCH, logits_runner
+
+        return logits_runner(self.model, self.precision,
+                             min(self.batch_size, TORCH_BATCH[self.precision]))
 
     def _probs(self, x: torch.Tensor, target: int) -> np.ndarray:
         logits = self._forward(x)
@@ -433,8 +441,7 @@ class eval_mode:
         if self.model is not None:
             self.was_training = self.model.training
             self.model.eval()
-            self.layout = channels_last(self.model)
-            self.layout.__enter__()
+            self.layout = channels_last(self.model).__enter__()
 
     def __exit__(self, *exc: object) -> None:
         if self.model is not None:
