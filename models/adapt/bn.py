@@ -136,15 +136,16 @@ def reestimate_frozen(model: EmotionNet, images: torch.Tensor, precision: str = 
                       stats_batch: int = 32) -> None:
     """AdaBN on the frozen part's BN layers from normalised ``images``: one train-mode pass in
     batches of ``stats_batch``; the running statistics are then the images'."""
+    from models.engine import channels_last
+
     fbns = bn_modules(model.frozen)
-    model.frozen.to(memory_format=torch.channels_last)
     model.eval()
     try:
-        reestimate_bn(fbns, _frozen_forward_in(model, precision), batches(images, stats_batch))
+        with channels_last(model.frozen):
+            reestimate_bn(fbns, _frozen_forward_in(model, precision), batches(images, stats_batch))
     finally:
         for b in fbns:
             b.eval()
-        model.frozen.to(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()

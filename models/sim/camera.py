@@ -298,7 +298,8 @@ def apply_camera_seeded(images: Sequence[ImageLike], p: CameraParams, seed: Sequ
                         workers: int = 1) -> list[np.ndarray]:
     """Every image through the same camera, image ``i`` with its own noise draw seeded by
     ``[*seed, i]`` (the same whatever the number of threads), spread over ``workers`` threads
-    (PIL's resizes and JPEG and numpy's noise release the GIL: on 2 cores ~1.9x faster)."""
+    (PIL's resizes and JPEG and numpy's noise release the GIL; on 2 AVX2 cores the night-2
+    twin proxies, camera plus forward, went from 25.5 s to 18.9 s)."""
     def one(i: int) -> np.ndarray:
         return apply_camera(images[i], p, np.random.default_rng([*seed, i]), native)
 
